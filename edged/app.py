@@ -1,0 +1,200 @@
+"""Composition root: builds the daemon's parts and runs them in one TaskGroup.
+
+Shutdown (SIGTERM/SIGINT) is ordered so nothing built is lost: pollers finish
+the read in flight, the recorder commits what they handed over, the publisher
+sends the offline status, and only then is the store closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from edged import __version__
+from edged.clock import BoundaryWaiter, Clock, SystemClock
+from edged.config import Settings, config_hash
+from edged.modbus import TcpEndpoint
+from edged.payloads import DEVICE_STATUS_SCHEMA, GATEWAY_STATUS_SCHEMA, Topics, encode, iso_utc
+from edged.poller import DeviceHealth, DevicePoller, Recorder
+from edged.publish import Publisher
+from edged.store import Store
+
+log = structlog.get_logger("edged.app")
+
+# How long a shutdown waits for the publisher to send the offline status.
+PUBLISHER_STOP_GRACE_S = 5.0
+# A poller that crashes (a bug, not a failed read) is restarted after this.
+POLLER_RESTART_S = 5.0
+
+
+class App:
+    def __init__(self, settings: Settings, config_path: Path | None, clock: Clock | None = None):
+        self.settings = settings
+        self.config_path = config_path
+        self.clock: Clock = clock or SystemClock()
+        self.topics = Topics(settings.mqtt.topic_prefix, settings.site)
+        self._stop = asyncio.Event()
+        self._started_mono = self.clock.monotonic()
+        self._started_at = self.clock.now()
+        self._config_hash = config_hash(config_path) if config_path else None
+        self._device_health: dict[str, DeviceHealth] = {}
+        self.store: Store | None = None
+        self.publisher: Publisher | None = None
+        self.ready = asyncio.Event()
+
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("shutdown requested")
+        self._stop.set()
+
+    # -- status payloads --------------------------------------------------------
+
+    def gateway_status(self, state: str) -> dict[str, Any]:
+        return {
+            "schema": GATEWAY_STATUS_SCHEMA,
+            "site": self.settings.site,
+            "state": state,
+            "version": __version__,
+            "config_hash": self._config_hash,
+            "started_at": iso_utc(self._started_at),
+            "uptime_s": round(self.clock.monotonic() - self._started_mono, 1),
+            "time_state": str(self.clock.time_state),
+            "devices": len(self.settings.devices),
+            "devices_online": sum(1 for h in self._device_health.values() if h.comms == "online"),
+            "updated_at": iso_utc(self.clock.now()),
+        }
+
+    def _device_status(self, device_id: str, health: DeviceHealth) -> dict[str, Any]:
+        return {
+            "schema": DEVICE_STATUS_SCHEMA,
+            "site": self.settings.site,
+            "device": device_id,
+            "comms": health.comms,
+            "last_good_read": iso_utc(health.last_good_read) if health.last_good_read else None,
+            "consecutive_errors": health.consecutive_errors,
+            "last_error": health.last_error,
+            "reads": health.reads,
+            "errors": health.errors,
+        }
+
+    def _on_health(self, device_id: str, health: DeviceHealth) -> None:
+        previous = self._device_health.get(device_id)
+        was = previous.comms if previous else None
+        self._device_health[device_id] = health
+        if self.publisher is not None:
+            self.publisher.set_retained(
+                self.topics.device_status(device_id), self._device_status(device_id, health)
+            )
+            if was != health.comms:
+                self.publisher.set_retained(
+                    self.topics.gateway_status, self.gateway_status("online")
+                )
+
+    # -- running ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        settings = self.settings
+        store = await Store.open(settings.storage.path)
+        self.store = store
+        log.info("store open", path=str(settings.storage.path))
+        publisher = Publisher(
+            settings.mqtt,
+            store,
+            client_id=settings.mqtt.client_id or f"edged-{settings.site}-{socket.gethostname()}",
+            will_topic=self.topics.gateway_status,
+            will_payload=encode({"schema": GATEWAY_STATUS_SCHEMA, "site": settings.site,
+                                "state": "offline", "version": __version__}),
+        )  # fmt: skip
+        self.publisher = publisher
+        publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+        recorder = Recorder(store, on_committed=publisher.wake)
+        waiter = BoundaryWaiter(self.clock)
+        states = await store.channel_states()
+        endpoints: dict[tuple[str, int], TcpEndpoint] = {}
+        pollers: list[DevicePoller] = []
+        for device in settings.devices:
+            transport = device.transport
+            key = (transport.host, transport.port)
+            if key not in endpoints:
+                endpoints[key] = TcpEndpoint(transport.host, transport.port, transport.timeout)
+            pollers.append(
+                DevicePoller(
+                    site=settings.site,
+                    device=device,
+                    zone=settings.zone,
+                    endpoint=endpoints[key],
+                    clock=self.clock,
+                    waiter=waiter,
+                    store=store,
+                    recorder=recorder,
+                    topics=self.topics,
+                    states={ch: s for (dev, ch), s in states.items() if dev == device.id},
+                    on_health=self._on_health,
+                )
+            )
+        try:
+            async with asyncio.TaskGroup() as group:
+                recorder_task = group.create_task(recorder.run(), name="recorder")
+                publisher_task = group.create_task(publisher.run(), name="publisher")
+                poller_tasks = [
+                    group.create_task(_supervised(p.run, f"poller:{p.device.id}", self._stop),
+                                      name=f"poller:{p.device.id}")
+                    for p in pollers
+                ]  # fmt: skip
+                status_task = group.create_task(self._status_loop(publisher), name="status")
+                log.info("edged running", site=settings.site, devices=len(pollers),
+                         version=__version__)  # fmt: skip
+                self.ready.set()
+                await self._stop.wait()
+                for poller in pollers:
+                    poller.stop()
+                await asyncio.gather(*poller_tasks)
+                status_task.cancel()
+                await recorder.close()
+                await recorder_task
+                await publisher.stop({self.topics.gateway_status: self.gateway_status("offline")})
+                try:
+                    await asyncio.wait_for(asyncio.shield(publisher_task), PUBLISHER_STOP_GRACE_S)
+                except TimeoutError:
+                    log.warning("mqtt not reachable at shutdown; offline status left to last will")
+                    publisher_task.cancel()
+        finally:
+            for endpoint in endpoints.values():
+                endpoint.close()
+            await store.close()
+            log.info("edged stopped")
+
+    async def _status_loop(self, publisher: Publisher) -> None:
+        while True:
+            await asyncio.sleep(self.settings.status_every)
+            publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+
+
+async def _supervised(run: Callable[[], Awaitable[None]], name: str, stop: asyncio.Event) -> None:
+    """Restart a crashed task after a pause instead of losing it silently."""
+    while not stop.is_set():
+        try:
+            await run()
+            return
+        except Exception:
+            log.exception("task crashed; restarting", task=name, restart_in_s=POLLER_RESTART_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), POLLER_RESTART_S)
+
+
+async def run_until_signal(app: App) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.request_stop)
+    try:
+        await app.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,106 @@
+"""Topic names and JSON payloads: the MQTT contract in one place (pure)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from edged import flags as flag_table
+from edged.model import Event, Interval
+
+INTERVAL_SCHEMA = "edged.interval/1"
+EVENT_SCHEMA = "edged.event/1"
+GATEWAY_STATUS_SCHEMA = "edged.gateway_status/1"
+DEVICE_STATUS_SCHEMA = "edged.device_status/1"
+
+
+def iso_utc(t: datetime) -> str:
+    """UTC ISO-8601 with a Z; milliseconds only when there are any."""
+    t = t.astimezone(UTC)
+    if t.microsecond:
+        return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso_utc(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+class Topics:
+    def __init__(self, prefix: str, site: str) -> None:
+        self.base = f"{prefix}/{site}"
+
+    @property
+    def gateway_status(self) -> str:
+        return f"{self.base}/gateway/status"
+
+    def device_status(self, device: str) -> str:
+        return f"{self.base}/device/{device}/status"
+
+    def interval(self, device: str, channel: str) -> str:
+        return f"{self.base}/device/{device}/interval/{channel}"
+
+    def event(self, device: str | None) -> str:
+        return (
+            f"{self.base}/gateway/event" if device is None else f"{self.base}/device/{device}/event"
+        )
+
+    def measurement(self, device: str) -> str:
+        return f"{self.base}/device/{device}/measurement"
+
+
+def _round(value: float | None, places: int = 6) -> float | None:
+    return None if value is None else round(value, places)
+
+
+def interval_payload(interval: Interval, seq: int, *, replay: bool = False) -> dict[str, Any]:
+    flags = flag_table.ordered(interval.flags)
+    payload: dict[str, Any] = {
+        "schema": INTERVAL_SCHEMA,
+        "id": interval.id,
+        "site": interval.site,
+        "device": interval.device,
+        "channel": interval.channel,
+        "start": iso_utc(interval.start),
+        "end": iso_utc(interval.end),
+        "duration_s": round(interval.duration_s, 3),
+        "value": interval.value,
+        "unit": interval.unit,
+        "demand": _round(interval.demand),
+        "demand_unit": interval.demand_unit,
+        "counter_start": interval.counter_start,
+        "counter_end": interval.counter_end,
+        "flags": [str(f) for f in flags],
+        "iee_status": flag_table.iee_status(flags),
+        "quality": str(flag_table.quality(flags)),
+        "time_state": str(interval.time_state),
+        "read_at": iso_utc(interval.read_at) if interval.read_at else None,
+        "read_lateness_ms": _round(interval.read_lateness_ms, 3),
+        "seq": seq,
+        "replay": replay,
+    }
+    if interval.original_value is not None:
+        payload["original_value"] = interval.original_value
+    if interval.rolling_demand is not None:
+        payload["rolling_demand"] = _round(interval.rolling_demand)
+    return payload
+
+
+def event_payload(event: Event, site: str, seq: int) -> dict[str, Any]:
+    return {
+        "schema": EVENT_SCHEMA,
+        "id": f"{site}/{event.device or 'gateway'}/{event.kind}/{iso_utc(event.at)}",
+        "site": site,
+        "device": event.device,
+        "kind": event.kind,
+        "at": iso_utc(event.at),
+        "message": event.message,
+        "details": dict(event.details),
+        "seq": seq,
+    }
+
+
+def encode(payload: Mapping[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
