@@ -24,7 +24,7 @@ from edged.modbus import TcpEndpoint
 from edged.payloads import DEVICE_STATUS_SCHEMA, GATEWAY_STATUS_SCHEMA, Topics, encode, iso_utc
 from edged.poller import DeviceHealth, DevicePoller, Recorder
 from edged.publish import Publisher
-from edged.store import Store
+from edged.store import OutboxDepth, Store
 
 log = structlog.get_logger("edged.app")
 
@@ -56,7 +56,10 @@ class App:
 
     # -- status payloads --------------------------------------------------------
 
-    def gateway_status(self, state: str) -> dict[str, Any]:
+    def gateway_status(self, state: str, outbox: OutboxDepth | None = None) -> dict[str, Any]:
+        oldest_s = None
+        if outbox is not None and outbox.oldest is not None:
+            oldest_s = round((self.clock.now() - outbox.oldest).total_seconds(), 1)
         return {
             "schema": GATEWAY_STATUS_SCHEMA,
             "site": self.settings.site,
@@ -68,6 +71,8 @@ class App:
             "time_state": str(self.clock.time_state),
             "devices": len(self.settings.devices),
             "devices_online": sum(1 for h in self._device_health.values() if h.comms == "online"),
+            "outbox_depth": outbox.count if outbox is not None else None,
+            "outbox_oldest_age_s": oldest_s,
             "updated_at": iso_utc(self.clock.now()),
         }
 
@@ -148,7 +153,7 @@ class App:
                                       name=f"poller:{p.device.id}")
                     for p in pollers
                 ]  # fmt: skip
-                status_task = group.create_task(self._status_loop(publisher), name="status")
+                status_task = group.create_task(self._status_loop(publisher, store), name="status")
                 log.info("edged running", site=settings.site, devices=len(pollers),
                          version=__version__)  # fmt: skip
                 self.ready.set()
@@ -171,10 +176,11 @@ class App:
             await store.close()
             log.info("edged stopped")
 
-    async def _status_loop(self, publisher: Publisher) -> None:
+    async def _status_loop(self, publisher: Publisher, store: Store) -> None:
         while True:
             await asyncio.sleep(self.settings.status_every)
-            publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+            depth = await store.outbox_depth()
+            publisher.set_retained(self.topics.gateway_status, self.gateway_status("online", depth))
 
 
 async def _supervised(run: Callable[[], Awaitable[None]], name: str, stop: asyncio.Event) -> None:

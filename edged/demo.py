@@ -1,0 +1,314 @@
+"""`edged demo`: simulated meters, a broker, the daemon and a live view.
+
+Everything a newcomer needs runs in this one process (the broker is
+mosquitto when it is installed, otherwise the embedded amqtt): two simulated
+meters over real Modbus TCP on loopback, the real daemon with short
+intervals, and a view that subscribes to the broker exactly as an upstream
+consumer would, so what it shows is what was published. A scripted scenario
+exercises the flags: a meter outage and a counter rollover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiomqtt
+
+from edged.app import App
+from edged.config import load_settings
+from edged.logs import configure
+
+SITE = "demo-site"
+PREFIX = "edged"
+
+ION_LOAD_KW = 2400.0
+ION_KWH_PER_COUNT = 0.01
+COUNTER_MODULUS = 1 << 32
+# The ION counter starts this many intervals short of its modulus, so it wraps
+# on its own during the demo, as a real register would (-> ROLLOVER).
+INTERVALS_TO_WRAP = 5.5
+
+
+@dataclass(frozen=True, slots=True)
+class DemoBroker:
+    host: str
+    port: int
+    kind: str  # "mosquitto" or "amqtt"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _mosquitto_path() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+
+
+@contextlib.asynccontextmanager
+async def demo_broker(workdir: Path) -> AsyncIterator[DemoBroker]:
+    port = _free_port()
+    mosquitto = _mosquitto_path()
+    if mosquitto:
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        process = subprocess.Popen(
+            [mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            for _ in range(100):
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                    break
+                await asyncio.sleep(0.05)
+            yield DemoBroker("127.0.0.1", port, "mosquitto")
+        finally:
+            process.terminate()
+            process.wait(5)
+        return
+    import logging
+
+    from amqtt.broker import Broker
+
+    # amqtt logs every connection at INFO; the demo's view says what matters.
+    logging.getLogger("amqtt").setLevel(logging.ERROR)
+    logging.getLogger("transitions").setLevel(logging.ERROR)
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {
+                "allow_anonymous": True}},
+        }  # fmt: skip
+    )
+    await broker.start()
+    try:
+        yield DemoBroker("127.0.0.1", port, "amqtt")
+    finally:
+        await broker.shutdown()
+
+
+def demo_config(workdir: Path, broker: DemoBroker, modbus_port: int, interval_s: int) -> Path:
+    """The demo's configuration, written out so the user can read and reuse it."""
+    path = workdir / "edged.yaml"
+    path.write_text(
+        f"""\
+# Written by `edged demo`: two simulated meters on 127.0.0.1:{modbus_port}.
+site: {SITE}
+timezone: Pacific/Auckland
+storage:
+  path: {workdir / "edged.db"}
+mqtt:
+  host: {broker.host}
+  port: {broker.port}
+  topic_prefix: {PREFIX}
+status_every: 5s
+devices:
+  - id: pmc1
+    profile: pmc-1
+    interval: {interval_s}s
+    transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: 1, timeout: 1s}}
+  - id: ion8600
+    interval: {interval_s}s
+    transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: 2, timeout: 1s}}
+    channels:
+      - name: energy_delivered
+        register: 0
+        type: uint32
+        unit: kWh
+        multiplier: {ION_KWH_PER_COUNT}
+        rollover: {COUNTER_MODULUS}
+"""
+    )
+    return path
+
+
+@dataclass
+class View:
+    """What the demo shows: the latest intervals per device and the gateway state."""
+
+    plain: bool
+    out: TextIO
+    latest: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    gateway: dict[str, Any] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+    interval_count: int = 0
+    on_change: Callable[[], None] | None = None
+
+    def handle(self, topic: str, payload: dict[str, Any]) -> None:
+        if "/interval/" in topic:
+            self.interval_count += 1
+            key = f"{payload['device']}/{payload['channel']}"
+            rows = self.latest.setdefault(key, [])
+            rows.append(payload)
+            del rows[:-4]
+            if self.plain:
+                self.out.write(format_interval_line(payload) + "\n")
+                self.out.flush()
+        elif topic.endswith("/gateway/status"):
+            self.gateway = payload
+        elif topic.endswith("/event"):
+            self.events.append(f"{payload.get('at', '')} {payload.get('message', '')}")
+            del self.events[:-5]
+            if self.plain:
+                self.out.write(f"event {payload.get('kind')}: {payload.get('message')}\n")
+        if self.on_change is not None:
+            self.on_change()
+
+    def note(self, text: str) -> None:
+        self.events.append(text)
+        del self.events[:-5]
+        if self.plain:
+            self.out.write(f"scenario: {text}\n")
+            self.out.flush()
+        if self.on_change is not None:
+            self.on_change()
+
+    def render(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=f"edged demo - site {SITE}", expand=True)
+        for column in ("device/channel", "end (UTC)", "energy", "demand", "flags", "quality"):
+            table.add_column(column)
+        for key in sorted(self.latest):
+            for row in self.latest[key]:
+                value = "-" if row["value"] is None else f"{row['value']:.3f} {row['unit']}"
+                dem = "-" if row["demand"] is None else f"{row['demand']:.1f} {row['demand_unit']}"
+                style = {"actual": "green", "suspect": "yellow", "missing": "red",
+                         "estimated": "cyan"}.get(row["quality"], "")  # fmt: skip
+                table.add_row(key, row["end"][11:19], value, dem, ",".join(row["flags"]) or "-",
+                              Text(row["quality"], style=style))  # fmt: skip
+            table.add_section()
+        gw = self.gateway
+        summary = Text(
+            f"gateway: {gw.get('state', '?')}  time state: {gw.get('time_state', '?')}  "
+            f"outbox depth: {gw.get('outbox_depth', '?')}  devices online: "
+            f"{gw.get('devices_online', '?')}/{gw.get('devices', '?')}"
+        )
+        return Group(table, summary, Text("\n".join(self.events[-5:]), style="dim"))
+
+
+def format_interval_line(p: dict[str, Any]) -> str:
+    value = "null" if p["value"] is None else f"{p['value']:.3f}"
+    demand = "null" if p["demand"] is None else f"{p['demand']:.1f}"
+    flags = ",".join(p["flags"]) or "-"
+    return (
+        f"interval {p['device']}/{p['channel']} end={p['end']} value={value} {p['unit']} "
+        f"demand={demand} {p['demand_unit'] or ''} flags={flags} quality={p['quality']} "
+        f"time_state={p['time_state']}"
+    )
+
+
+async def _subscribe(broker: DemoBroker, view: View, ready: asyncio.Event) -> None:
+    async with aiomqtt.Client(broker.host, broker.port, identifier="edged-demo-view") as client:
+        await client.subscribe(f"{PREFIX}/#", qos=1)
+        ready.set()
+        async for message in client.messages:
+            try:
+                payload = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+            except (ValueError, TypeError):
+                continue
+            view.handle(message.topic.value, payload)
+
+
+def ion_initial_counts(interval_s: int) -> int:
+    counts_per_s = ION_LOAD_KW / 3600 / ION_KWH_PER_COUNT
+    return COUNTER_MODULUS - int(counts_per_s * interval_s * INTERVALS_TO_WRAP)
+
+
+async def _scenario(meters: Any, interval_s: int, view: View) -> None:
+    """Scripted faults, timed in intervals so they show at any --interval."""
+    from simulators.faults import Fault
+
+    pmc1 = meters[1]
+    view.note(
+        f"ion8600 counter starts near its 32-bit modulus and wraps in about "
+        f"{INTERVALS_TO_WRAP:g} intervals (-> ROLLOVER)"
+    )
+    await asyncio.sleep(2.5 * interval_s)
+    view.note("pmc1 stops answering for two intervals (outage -> MISSING, then LONG)")
+    pmc1.set_fault(Fault.silent(), for_s=2 * interval_s)
+
+
+async def run_demo(
+    duration_s: float | None, plain: bool, interval_s: int, out: TextIO = sys.stdout
+) -> int:
+    from simulators.meter import MeterServer, SimulatedMeter
+
+    # The live view shows what matters; log lines would scribble over it.
+    configure("warning" if plain else "error", "json", stream=sys.stderr)
+    workdir = Path(tempfile.mkdtemp(prefix="edged-demo-"))
+    view = View(plain=plain, out=out)
+    async with demo_broker(workdir) as broker:
+        meters = {
+            1: SimulatedMeter.pmc1(load_kw=1000.0, kwh_per_count=0.144, initial_counts=1_000_000),
+            2: SimulatedMeter.pmc1(
+                load_kw=ION_LOAD_KW,
+                kwh_per_count=ION_KWH_PER_COUNT,
+                initial_counts=ion_initial_counts(interval_s),
+            ),
+        }
+        async with MeterServer(meters) as server:
+            modbus_port = await server.start_tcp("127.0.0.1", 0)
+            config = demo_config(workdir, broker, modbus_port, interval_s)
+            settings = load_settings(config)
+            print(
+                f"edged demo: broker {broker.kind} at {broker.host}:{broker.port}, "
+                f"meters at 127.0.0.1:{modbus_port}, {interval_s} s intervals\n"
+                f"  config: {config}\n"
+                f"  watch the raw topics: mosquitto_sub -h {broker.host} -p {broker.port} "
+                f"-t '{PREFIX}/#' -v",
+                file=out,
+                flush=True,
+            )
+            app = App(settings, config)
+            subscribed = asyncio.Event()
+            tasks = [asyncio.create_task(_subscribe(broker, view, subscribed), name="view")]
+            await subscribed.wait()
+            tasks.append(asyncio.create_task(app.run(), name="daemon"))
+            tasks.append(asyncio.create_task(_scenario(meters, interval_s, view), name="scenario"))
+            try:
+                await _show(view, duration_s, plain)
+            finally:
+                app.request_stop()
+                await asyncio.wait_for(tasks[1], 15)
+                for task in (tasks[0], tasks[2]):
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    if plain:
+        print(f"edged demo: {view.interval_count} intervals received", file=out)
+    return 0
+
+
+async def _show(view: View, duration_s: float | None, plain: bool) -> None:
+    if plain:
+        await _sleep(duration_s)
+        return
+    from rich.live import Live
+
+    with Live(view.render(), refresh_per_second=4, screen=False) as live:
+        view.on_change = lambda: live.update(view.render())
+        await _sleep(duration_s)
+
+
+async def _sleep(duration_s: float | None) -> None:
+    if duration_s is None:
+        await asyncio.Event().wait()  # until Ctrl-C
+    else:
+        await asyncio.sleep(duration_s)
