@@ -30,6 +30,9 @@ log = structlog.get_logger("edged.app")
 
 # How long a shutdown waits for the publisher to send the offline status.
 PUBLISHER_STOP_GRACE_S = 5.0
+# How often the liveness mark is persisted: an outage of the gateway is known
+# to within this (DESIGN.md section 3).
+LIVENESS_EVERY_S = 2.0
 # A poller that crashes (a bug, not a failed read) is restarted after this.
 POLLER_RESTART_S = 5.0
 
@@ -154,6 +157,7 @@ class App:
                     for p in pollers
                 ]  # fmt: skip
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
+                liveness_task = group.create_task(self._liveness_loop(store), name="liveness")
                 log.info("edged running", site=settings.site, devices=len(pollers),
                          version=__version__)  # fmt: skip
                 self.ready.set()
@@ -162,6 +166,7 @@ class App:
                     poller.stop()
                 await asyncio.gather(*poller_tasks)
                 status_task.cancel()
+                liveness_task.cancel()
                 await recorder.close()
                 await recorder_task
                 await publisher.stop({self.topics.gateway_status: self.gateway_status("offline")})
@@ -175,6 +180,11 @@ class App:
                 endpoint.close()
             await store.close()
             log.info("edged stopped")
+
+    async def _liveness_loop(self, store: Store) -> None:
+        while True:
+            await store.set_mark("liveness", iso_utc(self.clock.now()))
+            await asyncio.sleep(LIVENESS_EVERY_S)
 
     async def _status_loop(self, publisher: Publisher, store: Store) -> None:
         while True:

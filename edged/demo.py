@@ -68,8 +68,8 @@ async def demo_broker(workdir: Path) -> AsyncIterator[DemoBroker]:
     if mosquitto:
         conf = workdir / "mosquitto.conf"
         conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        process = subprocess.Popen(
-            [mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        process = await asyncio.create_subprocess_exec(
+            mosquitto, "-c", str(conf), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
             for _ in range(100):
@@ -79,7 +79,7 @@ async def demo_broker(workdir: Path) -> AsyncIterator[DemoBroker]:
             yield DemoBroker("127.0.0.1", port, "mosquitto")
         finally:
             process.terminate()
-            process.wait(5)
+            await asyncio.wait_for(process.wait(), 5)
         return
     import logging
 
@@ -91,9 +91,10 @@ async def demo_broker(workdir: Path) -> AsyncIterator[DemoBroker]:
     broker = Broker(
         {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {
-                "allow_anonymous": True}},
-        }  # fmt: skip
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
     )
     await broker.start()
     try:
@@ -221,7 +222,7 @@ async def _subscribe(broker: DemoBroker, view: View, ready: asyncio.Event) -> No
         ready.set()
         async for message in client.messages:
             try:
-                payload = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                payload = json.loads(bytes(message.payload))
             except (ValueError, TypeError):
                 continue
             view.handle(message.topic.value, payload)

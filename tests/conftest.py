@@ -56,7 +56,10 @@ class Broker:
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), 0.2),
+            ):
                 return
             if self.process.poll() is not None:
                 raise RuntimeError(f"mosquitto exited: {self.process.returncode}")
@@ -115,7 +118,7 @@ async def collect(broker: Broker, topic_filter: str = "#") -> AsyncIterator[Coll
 
     async def receive(client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            payload = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+            payload = json.loads(bytes(message.payload))
             collector.messages.append((message.topic.value, payload, bool(message.retain)))
             collector._event.set()
 

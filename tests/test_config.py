@@ -68,8 +68,9 @@ def test_shipped_example_config_validates() -> None:
 
 def test_unknown_key_names_line_and_path(tmp_path: Path) -> None:
     text = GOOD.replace("        multiplier: 0.144", "        multipler: 0.144")
-    assert f"{tmp_path / 'edged.yaml'}:19 devices[0].channels[0].multipler: unknown key" in problems(
-        tmp_path, text
+    assert (
+        f"{tmp_path / 'edged.yaml'}:19 devices[0].channels[0].multipler: unknown key"
+        in problems(tmp_path, text)
     )
 
 
@@ -102,7 +103,9 @@ def test_unknown_profile_lists_known_ones(tmp_path: Path) -> None:
 
 def test_profile_error_points_into_the_profile_file(tmp_path: Path) -> None:
     (tmp_path / "profiles").mkdir()
-    write(tmp_path / "profiles", "name: mine\nchannels:\n  - name: e\n    register: -1\n", "mine.yaml")
+    write(
+        tmp_path / "profiles", "name: mine\nchannels:\n  - name: e\n    register: -1\n", "mine.yaml"
+    )
     text = GOOD.split("    channels:")[0].replace("interval: 15m", "profile: mine")
     found = problems(tmp_path, text)
     assert found == [f"{tmp_path / 'profiles' / 'mine.yaml'}:4 devices[0].channels[0].register: "
@@ -121,11 +124,15 @@ def test_unknown_time_zone_and_bad_yaml(tmp_path: Path) -> None:
     assert found == [f"{tmp_path / 'edged.yaml'}:2 timezone: unknown IANA time zone "
                      "'Pacific/Nowhere'"]  # fmt: skip
     found = problems(tmp_path, "site: [unclosed\n")
-    assert len(found) == 1 and "invalid YAML" in found[0] and ":2 " in found[0]
+    assert len(found) == 1
+    assert "invalid YAML" in found[0]
+    assert ":2 " in found[0]
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
-    text = GOOD.replace("interval: 15m", "interval: 7m").replace("multiplier: 0.144", "multiplier: -1")
+    text = GOOD.replace("interval: 15m", "interval: 7m").replace(
+        "multiplier: 0.144", "multiplier: -1"
+    )
     assert len(problems(tmp_path, text)) == 2
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import statistics
@@ -138,16 +139,20 @@ async def test_daemon_publishes_consecutive_intervals(tmp_path: Path, broker: Br
         # 1 kWh/s; reads land within a few ms of the boundary
         assert record["value"] == pytest.approx(1.0, abs=0.05)
         assert record["demand"] == pytest.approx(3600.0, rel=0.05)
-        assert record["unit"] == "kWh" and record["demand_unit"] == "kW"
+        assert record["unit"] == "kWh"
+        assert record["demand_unit"] == "kW"
         assert record["time_state"] == "synced"
         assert record["read_lateness_ms"] < 50
     assert_consistent_series(records)
     seqs = [r["seq"] for r in records]
-    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs)
     ends = [r["end"] for r in records]
-    assert ends == sorted(ends) and len(set(ends)) == len(ends)
+    assert ends == sorted(ends)
+    assert len(set(ends)) == len(ends)
     status = [p for t, p, _ in got.messages if t == "edged/test-site/gateway/status"]
-    assert status[0]["state"] == "online" and status[-1]["state"] == "offline"
+    assert status[0]["state"] == "online"
+    assert status[-1]["state"] == "offline"
     device_status = got.payloads("device/unit1/status")
     assert device_status[-1]["comms"] == "online"
     lateness = sorted(r["read_lateness_ms"] for r in rest)
@@ -178,8 +183,9 @@ async def test_broker_outage_loses_nothing(tmp_path: Path, broker: Broker) -> No
     from edged.payloads import parse_iso_utc
 
     times = [parse_iso_utc(e) for e in ends]
-    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
-    assert gaps and all(g == 1.0 for g in gaps), ends
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    assert gaps, ends
+    assert all(g == 1.0 for g in gaps), ends
     assert len(ends) >= 8
     # everything built during the outage was measured, not lost
     assert all(received[e]["value"] is not None for e in ends[1:])
@@ -204,7 +210,7 @@ async def test_sigterm_and_restart_continue_the_series(tmp_path: Path, broker: B
     from edged.payloads import parse_iso_utc
 
     times = [parse_iso_utc(e) for e in ends]
-    assert all((b - a).total_seconds() == 1.0 for a, b in zip(times, times[1:], strict=False))
+    assert all((b - a).total_seconds() == 1.0 for a, b in itertools.pairwise(times))
     # After the restart the persisted counter carries on: only the very first
     # interval of the first run is PARTIAL, and energy across the restart is
     # on a record (LONG or MISSING+LONG), never lost.

@@ -20,8 +20,10 @@ AUCKLAND = ZoneInfo("Pacific/Auckland")
 KATHMANDU = ZoneInfo("Asia/Kathmandu")  # +05:45
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def test_quarter_hours_in_utc() -> None:
@@ -80,9 +82,11 @@ def test_next_and_previous_bracket_every_instant(t: datetime, interval_s: int, z
     z = ZoneInfo(zone)
     after, before = next_boundary(t, interval_s, z), previous_boundary(t, interval_s, z)
     assert before < t < after
-    assert is_boundary(after, interval_s, z) and is_boundary(before, interval_s, z)
+    assert is_boundary(after, interval_s, z)
+    assert is_boundary(before, interval_s, z)
     # nothing is skipped: the boundary before `after` is at or before t
     assert previous_boundary(after, interval_s, z) <= t <= next_boundary(before, interval_s, z)
     local = after.astimezone(z)
     since_midnight_s = local.hour * 3600 + local.minute * 60 + local.second
-    assert since_midnight_s % interval_s == 0 and local.microsecond == 0
+    assert since_midnight_s % interval_s == 0
+    assert local.microsecond == 0
