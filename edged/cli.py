@@ -43,13 +43,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     from edged import logs
     from edged.app import App, run_until_signal
+    from edged.publish import CredentialsError
     from edged.store import StoreError
 
     logs.configure(settings.log.level, settings.log.format)
     app = App(settings, args.config)
     try:
         asyncio.run(run_until_signal(app))
-    except StoreError as exc:
+    except (StoreError, CredentialsError) as exc:
         print(f"edged: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -165,12 +165,43 @@ class Storage(_Strict):
     path: Path = Path("/var/lib/edged/edged.db")
 
 
+class MqttTls(_Strict):
+    ca_file: Path | None = Field(None, description="CA bundle that signed the broker's cert")
+    cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
+    key_file: Path | None = Field(None, description="client private key (mutual TLS)")
+    insecure: bool = Field(False, description="skip hostname verification (testing only)")
+
+
+_BROKER_URL = r"^(mqtt|mqtts)://[^:/\s]+(:\d{1,5})?/?$"
+
+
 class Mqtt(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
+    brokers: tuple[str, ...] = Field(
+        (),
+        description="broker URLs tried in turn for failover (mqtt://h:1883, mqtts://h:8883); "
+        "when set, host and port are not used",
+    )
     topic_prefix: str = Field("edged", pattern=r"^[^#+/][^#+]*[^#+/]$|^[^#+/]$")
     client_id: str | None = None
     keepalive: DurationS = Field(30.0, ge=5)
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    username: str | None = None
+    password_file: Path | None = Field(None, description="file holding the password")
+    password_env: str | None = Field(None, description="environment variable holding it")
+    tls: MqttTls | None = None
+    backlog_rate: float = Field(
+        2000.0, gt=0, description="messages/s when draining a backlog beside live data"
+    )
+
+    @field_validator("brokers")
+    @classmethod
+    def _broker_urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        for url in urls:
+            if not re.match(_BROKER_URL, url):
+                raise ValueError(f"{url!r} is not mqtt://host[:port] or mqtts://host[:port]")
+        return urls
 
 
 class Log(_Strict):

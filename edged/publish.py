@@ -4,8 +4,12 @@ An outbox row is deleted only after the broker's PUBACK (aiomqtt's QoS 1
 `publish` returns when it arrives), so a broker outage, a dropped connection
 or a crash at any point leaves every unacknowledged message in SQLite to be
 sent again, oldest first: at-least-once, idempotent by each payload's `id`.
-Retained statuses are state, not history: only the latest is kept and it is
-re-published on every (re)connection.
+
+Live data goes first: what was already waiting when a connection came up is
+the backlog, drained oldest first beside the live messages at
+`mqtt.backlog_rate`, so a long outage neither starves live data nor floods
+the broker. Retained statuses are state, not history: only the latest is
+kept and it is re-published on every (re)connection.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
@@ -25,10 +32,53 @@ from edged.store import OutboxRow, Store
 
 log = structlog.get_logger("edged.publish")
 
-# Messages in flight at once while draining: enough to keep a loopback or LAN
-# broker busy, small enough that a dropped connection resends little.
+# Messages in flight at once: enough to keep a LAN broker busy, few enough
+# that a dropped connection resends little.
 PUBLISH_WINDOW = 64
 OUTBOX_BATCH = 512
+# The backlog's token bucket holds at most this many seconds of its rate.
+BACKLOG_BURST_S = 0.5
+
+
+class CredentialsError(Exception):
+    """The configured MQTT password cannot be read (the message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+
+def broker_addresses(settings: Mqtt) -> list[BrokerAddress]:
+    if not settings.brokers:
+        return [BrokerAddress(settings.host, settings.port, settings.tls is not None)]
+    addresses = []
+    for url in settings.brokers:
+        match = re.match(r"^(mqtts?)://([^:/]+)(?::(\d+))?/?$", url)
+        assert match is not None  # validated by the config model
+        scheme, host, port = match.groups()
+        tls = scheme == "mqtts"
+        addresses.append(BrokerAddress(host, int(port) if port else (8883 if tls else 1883), tls))
+    return addresses
+
+
+def resolve_password(settings: Mqtt) -> str | None:
+    """The password from its file or environment variable; never logged."""
+    if settings.password_file is not None:
+        try:
+            return settings.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise CredentialsError(
+                f"mqtt.password_file {settings.password_file}: {exc.strerror}"
+            ) from None
+    if settings.password_env is not None:
+        value = os.environ.get(settings.password_env)
+        if value is None:
+            raise CredentialsError(f"mqtt.password_env: ${settings.password_env} is not set")
+        return value
+    return None
 
 
 class Publisher:
@@ -45,6 +95,9 @@ class Publisher:
         self._client_id = client_id
         self._will_topic = will_topic
         self._will_payload = will_payload
+        self._password = resolve_password(settings)
+        self._brokers = broker_addresses(settings)
+        self._broker_index = 0
         self._wake = asyncio.Event()
         self._retained: dict[str, bytes] = {}
         self._retained_dirty: set[str] = set()
@@ -52,6 +105,7 @@ class Publisher:
         self._backoff = Backoff(first_s=0.2, max_s=10.0)
         self.connected = False
         self.published_count = 0
+        self.backlog_remaining = 0
         self.on_connection_change: Callable[[bool], None] | None = None
 
     def wake(self) -> None:
@@ -67,14 +121,18 @@ class Publisher:
 
     async def run(self) -> None:
         while not self._stopping:
+            broker = self._brokers[self._broker_index]
             try:
-                await self._session()
+                await self._session(broker)
             except aiomqtt.MqttError as exc:
                 self._set_connected(False)
                 if self._stopping:
                     break
+                # Fail over: the next broker in the list gets the next attempt.
+                self._broker_index = (self._broker_index + 1) % len(self._brokers)
                 delay_s = self._backoff.failed()
-                log.warning("mqtt disconnected", error=str(exc), retry_in_s=delay_s)
+                log.warning("mqtt disconnected", broker=f"{broker.host}:{broker.port}",
+                            error=str(exc), retry_in_s=delay_s)  # fmt: skip
                 await self._sleep_or_stop(delay_s)
 
     async def stop(self, final_retained: dict[str, dict[str, Any]]) -> None:
@@ -95,30 +153,80 @@ class Publisher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=delay_s)
 
-    async def _session(self) -> None:
+    def _client(self, broker: BrokerAddress) -> aiomqtt.Client:
         settings = self._settings
-        will = aiomqtt.Will(self._will_topic, self._will_payload, qos=1, retain=True)
-        async with aiomqtt.Client(
-            settings.host,
-            settings.port,
+        tls_params = None
+        if broker.tls:
+            tls = settings.tls
+            tls_params = aiomqtt.TLSParameters(
+                ca_certs=str(tls.ca_file) if tls and tls.ca_file else None,
+                certfile=str(tls.cert_file) if tls and tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls and tls.key_file else None,
+            )
+        protocol = (
+            aiomqtt.ProtocolVersion.V5 if settings.protocol == "5" else aiomqtt.ProtocolVersion.V311
+        )
+        return aiomqtt.Client(
+            broker.host,
+            broker.port,
             identifier=self._client_id,
-            will=will,
+            username=settings.username,
+            password=self._password,
+            protocol=protocol,
+            will=aiomqtt.Will(self._will_topic, self._will_payload, qos=1, retain=True),
             keepalive=int(settings.keepalive),
             timeout=10,
             max_inflight_messages=PUBLISH_WINDOW,
-        ) as client:
+            tls_params=tls_params,
+            tls_insecure=bool(settings.tls and settings.tls.insecure) if broker.tls else None,
+        )
+
+    async def _session(self, broker: BrokerAddress) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._client(broker) as client:
             self._backoff.succeeded()
-            log.info("mqtt connected", host=settings.host, port=settings.port)
+            log.info("mqtt connected", broker=f"{broker.host}:{broker.port}", tls=broker.tls)
             self._retained_dirty = set(self._retained)  # a new session re-asserts state
             self._set_connected(True)
+            # What is waiting now is backlog; anything committed later is live.
+            backlog_end = await self._store.outbox_max_seq()
+            backlog_cursor = 0
+            live_cursor = backlog_end
+            rate = self._settings.backlog_rate
+            tokens, refilled_at = 0.0, loop.time()
             while True:
                 self._wake.clear()
                 await self._publish_retained(client)
-                drained_all = await self._drain(client)
+                live = await self._store.outbox_batch(OUTBOX_BATCH, after_seq=live_cursor)
+                if live:
+                    await self._publish_rows(client, live)
+                    live_cursor = live[-1].seq
+                backlog_pending = backlog_cursor < backlog_end
+                if backlog_pending:
+                    now = loop.time()
+                    tokens = min(rate * BACKLOG_BURST_S, tokens + (now - refilled_at) * rate)
+                    refilled_at = now
+                    allowed = min(int(tokens), OUTBOX_BATCH)
+                    if allowed > 0:
+                        rows = await self._store.outbox_batch(
+                            allowed, after_seq=backlog_cursor, up_to_seq=backlog_end
+                        )
+                        if rows:
+                            await self._publish_rows(client, rows)
+                            backlog_cursor = rows[-1].seq
+                            tokens -= len(rows)
+                        else:
+                            backlog_cursor = backlog_end
+                    backlog_pending = backlog_cursor < backlog_end
+                self.backlog_remaining = max(0, backlog_end - backlog_cursor)
                 if self._stopping:
                     await self._publish_retained(client)
                     return
-                if drained_all:
+                if len(live) == OUTBOX_BATCH:
+                    continue
+                if backlog_pending:
+                    await self._sleep_or_stop(max(0.01, 1.0 / rate))
+                else:
                     await self._wake.wait()
 
     async def _publish_retained(self, client: aiomqtt.Client) -> None:
@@ -130,13 +238,13 @@ class Publisher:
                 self._retained_dirty.add(topic)
                 raise
 
-    async def _drain(self, client: aiomqtt.Client) -> bool:
-        """Publish a batch from the outbox; True when the outbox is empty."""
-        rows = await self._store.outbox_batch(OUTBOX_BATCH)
+    async def _publish_rows(self, client: aiomqtt.Client, rows: Sequence[OutboxRow]) -> None:
+        """Publish in windows; delete each row once acknowledged."""
         for start in range(0, len(rows), PUBLISH_WINDOW):
             window = rows[start : start + PUBLISH_WINDOW]
             results = await asyncio.gather(
-                *(self._publish_row(client, row) for row in window), return_exceptions=True
+                *(client.publish(r.topic, r.payload, qos=r.qos, retain=r.retain) for r in window),
+                return_exceptions=True,
             )
             acked = [row.seq for row, result in zip(window, results, strict=True) if result is None]
             await self._store.ack(acked)
@@ -144,8 +252,3 @@ class Publisher:
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
-        return len(rows) < OUTBOX_BATCH
-
-    @staticmethod
-    async def _publish_row(client: aiomqtt.Client, row: OutboxRow) -> None:
-        await client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)

@@ -220,11 +220,14 @@ class Store:
 
     # -- outbox ---------------------------------------------------------------
 
-    async def outbox_batch(self, limit: int, after_seq: int = 0) -> list[OutboxRow]:
+    async def outbox_batch(
+        self, limit: int, after_seq: int = 0, up_to_seq: int | None = None
+    ) -> list[OutboxRow]:
+        """Unsent messages with after_seq < seq <= up_to_seq, oldest first."""
         async with self._db.execute(
             "SELECT seq, topic, payload, qos, retain, created_at FROM outbox"
-            " WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after_seq, limit),
+            " WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (after_seq, up_to_seq if up_to_seq is not None else 2**63 - 1, limit),
         ) as cursor:
             rows = await cursor.fetchall()
         return [
@@ -237,6 +240,11 @@ class Store:
         batch = [(s,) for s in seqs]
         if batch:
             await self._db.executemany("DELETE FROM outbox WHERE seq=?", batch)
+
+    async def outbox_max_seq(self) -> int:
+        async with self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
 
     async def outbox_depth(self) -> OutboxDepth:
         async with self._db.execute("SELECT count(*), min(created_at) FROM outbox") as cursor:

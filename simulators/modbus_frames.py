@@ -7,6 +7,10 @@ in ``simulators.meter`` stays a thin shell around them.
 We implement the wire format ourselves instead of using pymodbus' server side
 because the simulator must be able to produce *wrong* frames (garbage, cut
 short, split) on purpose, and pymodbus' datastore API is mid-migration.
+
+Value encoding here is deliberately independent of ``edged.registers``: the
+simulator is the test oracle for the daemon's decoding, and an oracle that
+shared the code under test would agree with its bugs.
 """
 
 from __future__ import annotations
