@@ -13,9 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -47,39 +44,18 @@ class DemoBroker:
     kind: str  # "mosquitto" or "amqtt"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _mosquitto_path() -> str | None:
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-
-
 @contextlib.asynccontextmanager
 async def demo_broker(workdir: Path) -> AsyncIterator[DemoBroker]:
-    port = _free_port()
-    mosquitto = _mosquitto_path()
-    if mosquitto:
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        process = await asyncio.create_subprocess_exec(
-            mosquitto, "-c", str(conf), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+    from simulators.broker import Mosquitto, free_port, mosquitto_path
+
+    port = free_port()
+    if mosquitto_path():
+        mosquitto = Mosquitto(port, workdir)
+        await asyncio.to_thread(mosquitto.start)
         try:
-            for _ in range(100):
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                    break
-                await asyncio.sleep(0.05)
-            yield DemoBroker("127.0.0.1", port, "mosquitto")
+            yield DemoBroker(mosquitto.host, port, "mosquitto")
         finally:
-            process.terminate()
-            await asyncio.wait_for(process.wait(), 5)
+            await asyncio.to_thread(mosquitto.stop)
         return
     import logging
 
