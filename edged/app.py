@@ -11,20 +11,34 @@ import asyncio
 import contextlib
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from edged import __version__
-from edged.clock import BoundaryWaiter, Clock, SystemClock
-from edged.config import Settings, config_hash
+from edged.clock import BoundaryWaiter, Clock
+from edged.config import Settings, TimeSettings, config_hash
 from edged.modbus import TcpEndpoint
-from edged.payloads import DEVICE_STATUS_SCHEMA, GATEWAY_STATUS_SCHEMA, Topics, encode, iso_utc
-from edged.poller import DeviceHealth, DevicePoller, Recorder
+from edged.model import Event, Flag, TimeState
+from edged.ntpclock import NtpReferenceClock, SystemReferenceClock
+from edged.payloads import (
+    DEVICE_STATUS_SCHEMA,
+    GATEWAY_STATUS_SCHEMA,
+    Topics,
+    encode,
+    event_payload,
+    iso_utc,
+    parse_iso_utc,
+)
+from edged.poller import DeviceHealth, DevicePoller, Pending, Recorder
 from edged.publish import Publisher
-from edged.store import OutboxDepth, Store
+from edged.store import OutboxDepth, OutboxMessage, Store
+from edged.timebase import TimebaseConfig, TimeSource, TimeTransition, gateway_outage
+from edged.timeflags import TimeFlags
 
 log = structlog.get_logger("edged.app")
 
@@ -37,15 +51,52 @@ LIVENESS_EVERY_S = 2.0
 POLLER_RESTART_S = 5.0
 
 
+def timebase_config(settings: TimeSettings) -> TimebaseConfig:
+    return TimebaseConfig(
+        source=TimeSource(settings.source),
+        poll_s=settings.ntp_poll,
+        step_threshold_s=settings.step_threshold,
+        holdover_after_s=settings.holdover_after,
+    )
+
+
+def build_clock(
+    settings: TimeSettings,
+    last_mark: datetime | None,
+    on_transition: Callable[[TimeTransition], None],
+) -> NtpReferenceClock | SystemReferenceClock:
+    """The reference clock; `last_mark` lets it apply the AMT rule at start-up."""
+    config = timebase_config(settings)
+    if settings.source == "ntp":
+        return NtpReferenceClock(
+            settings.ntp_servers,
+            config,
+            last_mark=last_mark,
+            timeout_s=settings.ntp_timeout,
+            on_transition=on_transition,
+        )
+    return SystemReferenceClock(config, last_mark=last_mark, on_transition=on_transition)
+
+
 class App:
-    def __init__(self, settings: Settings, config_path: Path | None, clock: Clock | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: Path | None,
+        clock: NtpReferenceClock | SystemReferenceClock | None = None,
+    ):
         self.settings = settings
         self.config_path = config_path
-        self.clock: Clock = clock or SystemClock()
+        self._clock_override = clock
+        self.clock: Clock = clock or _StartingClock()
+        self.reference: NtpReferenceClock | SystemReferenceClock | None = clock
         self.topics = Topics(settings.mqtt.topic_prefix, settings.site)
         self._stop = asyncio.Event()
-        self._started_mono = self.clock.monotonic()
-        self._started_at = self.clock.now()
+        self._started_mono = time.monotonic()
+        self._started_at = datetime.now(UTC)
+        self.time_flags = TimeFlags()
+        self._recorder: Recorder | None = None
+        self._early_events: list[Event] = []
         self._config_hash = config_hash(config_path) if config_path else None
         self._device_health: dict[str, DeviceHealth] = {}
         self.store: Store | None = None
@@ -70,14 +121,71 @@ class App:
             "version": __version__,
             "config_hash": self._config_hash,
             "started_at": iso_utc(self._started_at),
-            "uptime_s": round(self.clock.monotonic() - self._started_mono, 1),
+            "uptime_s": round(time.monotonic() - self._started_mono, 1),
             "time_state": str(self.clock.time_state),
+            **self._time_status(),
             "devices": len(self.settings.devices),
             "devices_online": sum(1 for h in self._device_health.values() if h.comms == "online"),
             "outbox_depth": outbox.count if outbox is not None else None,
             "outbox_oldest_age_s": oldest_s,
             "updated_at": iso_utc(self.clock.now()),
         }
+
+    def _time_status(self) -> dict[str, Any]:
+        if self.reference is None:
+            return {}
+        status = self.reference.status()
+        return {
+            "time_source": str(status.source),
+            "assumed_meter_time": status.assumed_meter_time,
+            "ntp_offset_s": round(status.applied_offset_s, 6),
+            "drift_ppm": None if status.drift_ppm is None else round(status.drift_ppm, 3),
+            "last_sync_age_s": None
+            if status.last_confirmed_age_s is None
+            else round(status.last_confirmed_age_s, 1),
+        }
+
+    # -- time events ------------------------------------------------------------
+
+    def _on_transition(self, transition: TimeTransition) -> None:
+        """A clock event: flag the intervals it falls in and publish it."""
+        self.time_flags.add(transition.at, transition.at, transition.flags)
+        self._record_event(transition.to_event(None))
+
+    def _record_event(self, event: Event) -> None:
+        if self._recorder is None or self.store is None:
+            self._early_events.append(event)  # before the recorder exists: sent at start
+            return
+        seq = self.store.allocate_seq()
+        payload = encode(event_payload(event, self.settings.site, seq))
+        self._recorder.submit(
+            Pending(messages=[(seq, OutboxMessage(self.topics.event(event.device), payload))])
+        )
+
+    async def _note_outage(self, store: Store, last_mark: datetime | None) -> None:
+        """After an unclean stop, POWER_FAIL on the intervals the outage spans."""
+        clean_mark = await store.get_mark("clean_shutdown")
+        await store.set_mark("clean_shutdown", "")
+        if last_mark is None or (clean_mark and parse_iso_utc(clean_mark) == last_mark):
+            return
+        outage = gateway_outage(last_mark, datetime.now(UTC))
+        if outage is None:
+            return
+        self.time_flags.add(outage.start, outage.end, frozenset({Flag.POWER_FAIL}))
+        self._record_event(
+            Event(
+                device=None,
+                kind="gateway_outage",
+                at=outage.end,
+                message=f"edged was down for {outage.duration_s:.0f} s without a clean "
+                "shutdown; intervals spanning it are flagged POWER_FAIL",
+                details={
+                    "from": iso_utc(outage.start),
+                    "to": iso_utc(outage.end),
+                    "end_assumed": outage.end_assumed,
+                },
+            )
+        )
 
     def _device_status(self, device_id: str, health: DeviceHealth) -> dict[str, Any]:
         return {
@@ -112,6 +220,12 @@ class App:
         store = await Store.open(settings.storage.path)
         self.store = store
         log.info("store open", path=str(settings.storage.path))
+        mark = await store.get_mark("liveness")
+        last_mark = parse_iso_utc(mark) if mark else None
+        if self._clock_override is None:
+            self.reference = build_clock(settings.time, last_mark, self._on_transition)
+        assert self.reference is not None
+        self.clock = self.reference
         publisher = Publisher(
             settings.mqtt,
             store,
@@ -123,6 +237,11 @@ class App:
         self.publisher = publisher
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
         recorder = Recorder(store, on_committed=publisher.wake)
+        self._recorder = recorder
+        for event in self._early_events:
+            self._record_event(event)
+        self._early_events.clear()
+        await self._note_outage(store, last_mark)
         waiter = BoundaryWaiter(self.clock)
         states = await store.channel_states()
         endpoints: dict[tuple[str, int], TcpEndpoint] = {}
@@ -145,6 +264,7 @@ class App:
                     topics=self.topics,
                     states={ch: s for (dev, ch), s in states.items() if dev == device.id},
                     on_health=self._on_health,
+                    time_flags=self.time_flags,
                 )
             )
         try:
@@ -158,6 +278,7 @@ class App:
                 ]  # fmt: skip
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
                 liveness_task = group.create_task(self._liveness_loop(store), name="liveness")
+                clock_task = group.create_task(self.reference.run(), name="clock")
                 log.info("edged running", site=settings.site, devices=len(pollers),
                          version=__version__)  # fmt: skip
                 self.ready.set()
@@ -167,8 +288,15 @@ class App:
                 await asyncio.gather(*poller_tasks)
                 status_task.cancel()
                 liveness_task.cancel()
+                clock_task.cancel()
                 await recorder.close()
                 await recorder_task
+                self._recorder = None
+                # Last liveness mark doubles as the clean-shutdown mark: a
+                # restart then knows this was no power failure.
+                final_mark = iso_utc(self.clock.now())
+                await store.set_mark("liveness", final_mark)
+                await store.set_mark("clean_shutdown", final_mark)
                 await publisher.stop({self.topics.gateway_status: self.gateway_status("offline")})
                 try:
                     await asyncio.wait_for(asyncio.shield(publisher_task), PUBLISHER_STOP_GRACE_S)
@@ -191,6 +319,20 @@ class App:
             await asyncio.sleep(self.settings.status_every)
             depth = await store.outbox_depth()
             publisher.set_retained(self.topics.gateway_status, self.gateway_status("online", depth))
+
+
+class _StartingClock:
+    """Stands in until the reference clock is built from the store's last mark."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    @property
+    def time_state(self) -> TimeState:
+        return TimeState.ASSUMED
 
 
 async def _supervised(run: Callable[[], Awaitable[None]], name: str, stop: asyncio.Event) -> None:

@@ -9,10 +9,12 @@ are YAML files whose channels the device inherits and may override.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import zoneinfo
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,10 +24,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
+from edged.model import Flag
 from edged.registers import DataType, register_count
 
 SECONDS_PER_DAY = 86_400
@@ -59,14 +64,52 @@ class _Strict(BaseModel):
 
 
 class TcpTransport(_Strict):
+    """Modbus TCP: a meter, or a TCP/RTU gateway with several unit ids behind it.
+
+    Every device naming the same host:port shares one link: the same
+    connection(s) and one request queue, so a gateway never sees more
+    concurrent transactions than `max_connections`."""
+
     type: Literal["tcp"]
     host: str
     port: int = Field(502, ge=1, le=65535)
     unit_id: int = Field(1, ge=0, le=255)
     timeout: DurationS = Field(1.0, gt=0, description="per-request timeout")
+    max_connections: int = Field(
+        1, ge=1, le=8, description="TCP connections to this endpoint, shared by its devices"
+    )
+    request_gap_ms: float = Field(
+        0.0, ge=0, le=10_000, description="quiet time between transactions (slow gateways)"
+    )
 
 
-Transport = Annotated[TcpTransport, Field(discriminator="type")]
+class RtuTransport(_Strict):
+    """Modbus RTU on a local serial port; devices naming the same port share the bus."""
+
+    type: Literal["rtu"]
+    port: str = Field(min_length=1, description="serial device, e.g. /dev/ttyUSB0")
+    baudrate: int = Field(9600, ge=300, le=921_600)
+    parity: Literal["E", "N", "O"] = "E"
+    bytesize: Literal[8] = 8  # RTU framing is always 8 data bits
+    stopbits: Literal[1, 2] = 1
+    unit_id: int = Field(1, ge=1, le=247)
+    timeout: DurationS = Field(1.0, gt=0, description="per-request timeout")
+
+
+class RtuOverTcpTransport(_Strict):
+    """RTU frames (with CRC, no MBAP header) tunnelled through a TCP serial
+    device server; one transaction at a time, as on the serial bus behind it."""
+
+    type: Literal["rtu_over_tcp"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    unit_id: int = Field(1, ge=1, le=247)
+    timeout: DurationS = Field(1.0, gt=0, description="per-request timeout")
+
+
+Transport = Annotated[
+    TcpTransport | RtuTransport | RtuOverTcpTransport, Field(discriminator="type")
+]
 
 
 class Limits(_Strict):
@@ -79,8 +122,76 @@ class DemandSettings(_Strict):
     subintervals: int = Field(ge=1, le=60, description="sub-intervals per window, e.g. 2")
 
 
-class Channel(_Strict):
-    """One energy counter register, turned into interval records."""
+OrderCodeField = Literal["ABCD", "CDAB", "BADC", "DCBA"]
+Ratios = Literal["auto", "ct_vt", "ct", "vt", "none"]
+
+_ORDER_CODES: dict[str, tuple[str, str]] = {
+    "ABCD": ("big", "big"),
+    "CDAB": ("little", "big"),
+    "BADC": ("big", "little"),
+    "DCBA": ("little", "little"),
+}
+# Units whose values scale with both transformer ratios (energy and power),
+# with the CT ratio only (current) or the VT ratio only (voltage).
+_CT_VT_UNITS = frozenset({"wh", "varh", "vah", "w", "var", "va"})
+_SI_PREFIXES = ("k", "m", "g")
+
+
+def ratio_kind(unit: str) -> Literal["ct_vt", "ct", "vt", "none"]:
+    """Which instrument-transformer ratios a value in `unit` carries."""
+    base = unit.strip().lower()
+    if len(base) > 1 and base[0] in _SI_PREFIXES and base[1:] in _CT_VT_UNITS | {"a", "v"}:
+        base = base[1:]
+    if base in _CT_VT_UNITS:
+        return "ct_vt"
+    if base == "a":
+        return "ct"
+    if base == "v":
+        return "vt"
+    return "none"
+
+
+def _exact_product(*factors: float) -> float:
+    # Through the decimal repr, so 0.144 x 200 is 28.8 and not 28.799999999999997.
+    result = Decimal(1)
+    for factor in factors:
+        result *= Decimal(repr(float(factor)))
+    return float(result)
+
+
+def _order_to_words(data: Any) -> Any:
+    """`order: CDAB` is shorthand for word_order/byte_order (which must then agree)."""
+    if isinstance(data, dict) and data.get("order") is not None:
+        words = _ORDER_CODES.get(str(data["order"]))
+        if words is None:
+            return data  # the Literal reports the bad code
+        given = (data.get("word_order", words[0]), data.get("byte_order", words[1]))
+        if given != words:
+            raise ValueError(
+                f"order {data['order']} contradicts word_order/byte_order {given[0]}/{given[1]}; "
+                "give one or the other"
+            )
+        data = {**data, "word_order": words[0], "byte_order": words[1]}
+    return data
+
+
+def _register_shorthand(value: Any) -> Any:
+    """`scale_register: 40` is shorthand for `scale_register: {register: 40}`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {"register": value}
+    return value
+
+
+class ScaleRegister(_Strict):
+    """A SunSpec-style scale factor: value = raw x 10**sf, sf read from this register."""
+
+    address: int = Field(alias="register", ge=0, le=65535, description="0-based register address")
+    function: Literal["holding", "input"] = "holding"
+    type: Literal["int16"] = "int16"
+
+
+class _RegisterMap(_Strict):
+    """Where a value lives and how its registers become a number."""
 
     name: str = Field(pattern=_IDENT_RE)
     # `register` in YAML; renamed here because BaseModel already has `register`.
@@ -88,8 +199,67 @@ class Channel(_Strict):
     function: Literal["holding", "input"] = "holding"
     type: DataType = "uint32"
     word_order: Literal["big", "little"] = "big"
+    byte_order: Literal["big", "little"] = "big"
+    order: OrderCodeField | None = Field(
+        None, description="vendor label for word_order/byte_order: ABCD, CDAB, BADC or DCBA"
+    )
+    encoding: Literal["binary", "m10k"] = Field(
+        "binary",
+        description="m10k: a 32-bit value sent as high x 10000 + low (ION 'M10K' formats)",
+    )
+    scale: float = Field(1.0, description="factor applied to the raw value")
+    scale_register: Annotated[ScaleRegister | None, BeforeValidator(_register_shorthand)] = None
+    ratios: Ratios = Field(
+        "auto",
+        description="device CT/VT ratios applied: auto = by unit (energy/power: CT x VT, "
+        "A: CT, V: VT), or ct_vt, ct, vt, none",
+    )
+    # Set by the owning Device (its CT/VT ratios); 1 for a register map on its own.
+    _ratio_factor: float = PrivateAttr(1.0)
+
+    _words = model_validator(mode="before")(_order_to_words)
+
+    @model_validator(mode="after")
+    def _check_register_map(self) -> _RegisterMap:
+        if self.address + register_count(self.type) > 65536:
+            raise ValueError(f"a {self.type} at register {self.address} runs past 65535")
+        if self.encoding == "m10k" and self.type not in ("uint32", "int32"):
+            raise ValueError("encoding m10k needs type uint32 or int32")
+        if not math.isfinite(self.scale) or self.scale == 0:
+            raise ValueError("scale must be a finite, non-zero number")
+        return self
+
+    @property
+    def unit_label(self) -> str:
+        raise NotImplementedError
+
+    def ratio_factor_for(self, ct_ratio: float, vt_ratio: float) -> float:
+        kind = ratio_kind(self.unit_label) if self.ratios == "auto" else self.ratios
+        return {
+            "ct_vt": _exact_product(ct_ratio, vt_ratio),
+            "ct": float(ct_ratio),
+            "vt": float(vt_ratio),
+            "none": 1.0,
+        }[kind]
+
+    @property
+    def ratio_factor(self) -> float:
+        """CT/VT factor folded into this value (set from the owning device)."""
+        return self._ratio_factor
+
+
+class Channel(_RegisterMap):
+    """One energy counter register, turned into interval records.
+
+    The interval engine works on raw counts (integers stay exact) and
+    `multiplier`; `scale` and the device's CT/VT ratios are folded into
+    `multiplier` here, so `channel.multiplier` is always the unit per count.
+    """
+
     unit: str = "kWh"
-    multiplier: float = Field(1.0, gt=0, description="unit per count (CT x VT ratio folds in)")
+    configured_multiplier: float = Field(
+        1.0, alias="multiplier", gt=0, description="unit per count before scale and CT x VT"
+    )
     rollover: int | None = Field(
         None, gt=0, description="counter modulus; default 2**bits for integer types"
     )
@@ -101,10 +271,29 @@ class Channel(_Strict):
     )
     limits: Limits | None = Field(None, description="interval values outside are OUT_OF_RANGE")
 
+    @model_validator(mode="after")
+    def _positive_scale(self) -> Channel:
+        if self.scale <= 0:
+            raise ValueError("scale of an energy counter must be positive")
+        return self
+
+    @property
+    def unit_label(self) -> str:
+        return self.unit
+
+    @property
+    def multiplier(self) -> float:
+        """Unit per count: the configured multiplier x scale x CT/VT ratio."""
+        return _exact_product(self.configured_multiplier, self.scale, self._ratio_factor)
+
     @property
     def rollover_counts(self) -> int | None:
         if self.rollover is not None:
             return self.rollover
+        if self.scale_register is not None:
+            return None  # values arrive scaled by 10**sf: no fixed modulus in counts
+        if self.encoding == "m10k":
+            return 65536 * 10_000 if self.type == "uint32" else None
         if self.type.startswith("uint"):
             return 1 << (16 * register_count(self.type))
         return None
@@ -113,6 +302,80 @@ class Channel(_Strict):
     def demand_unit(self) -> str | None:
         # Demand is energy per hour: kWh -> kW, Wh -> W, kvarh -> kvar.
         return self.unit[:-1] if self.unit.endswith("h") else None
+
+
+class MeasurementPoint(_RegisterMap):
+    """An instantaneous value for fast polling (kW, V, A, Hz …):
+    value = raw x scale x 10**sf x CT/VT ratio + offset."""
+
+    unit: str = ""
+    offset: float = 0.0
+
+    @property
+    def unit_label(self) -> str:
+        return self.unit
+
+
+class Measurements(_Strict):
+    """Optional fast polling between boundaries, published on .../measurement (QoS 0)."""
+
+    every: DurationS = Field(1.0, ge=0.1, le=3600, description="poll period, e.g. 1s")
+    points: tuple[MeasurementPoint, ...] = Field(min_length=1)
+
+
+class StatusWord(_Strict):
+    """A meter status register whose bits map to interval flags."""
+
+    address: int = Field(alias="register", ge=0, le=65535, description="0-based register address")
+    function: Literal["holding", "input"] = "holding"
+    type: Literal["uint16", "uint32", "uint64"] = "uint16"
+    word_order: Literal["big", "little"] = "big"
+    byte_order: Literal["big", "little"] = "big"
+    order: OrderCodeField | None = None
+    bits: dict[int, Flag] = Field(min_length=1, description="bit (0 = LSB) -> flag name")
+
+    _words = model_validator(mode="before")(_order_to_words)
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_fit(cls, bits: dict[int, Flag]) -> dict[int, Flag]:
+        for bit in bits:
+            if not 0 <= bit <= 63:
+                raise ValueError(f"bit {bit} is not 0..63")
+        return bits
+
+
+class MeterClock(_Strict):
+    """Where the meter keeps its clock, compared with the reference at each read.
+
+    epoch: seconds since 1970 UTC in one 32/64-bit value; ymdhms: six uint16
+    registers year, month, day, hour, minute, second; datetime4: the four-register
+    IEC 870-5-4 packed date/time of Schneider PowerLogic meters.
+    """
+
+    format: Literal["epoch", "ymdhms", "datetime4"] = "epoch"
+    address: int = Field(alias="register", ge=0, le=65535, description="0-based register address")
+    function: Literal["holding", "input"] = "holding"
+    type: Literal["uint32", "int32", "uint64", "int64"] = "uint32"
+    word_order: Literal["big", "little"] = "big"
+    byte_order: Literal["big", "little"] = "big"
+    order: OrderCodeField | None = None
+    timezone: str = Field("UTC", description="zone of a ymdhms/datetime4 wall clock")
+
+    _words = model_validator(mode="before")(_order_to_words)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_clock_zone(cls, name: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA time zone {name!r}") from None
+        return name
+
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, dict) else value
 
 
 class Device(_Strict):
@@ -132,6 +395,20 @@ class Device(_Strict):
     billing_reset_day: int = Field(
         1, ge=1, le=28, description="day of month (site time zone) the peak demand resets"
     )
+    ct_ratio: float = Field(1.0, gt=0, description="primary/secondary CT ratio, e.g. 200 (1000:5)")
+    vt_ratio: float = Field(1.0, gt=0, description="primary/secondary VT ratio, e.g. 100")
+    max_gap: int = Field(
+        8, ge=0, le=124, description="unused registers a read may span to merge two reads"
+    )
+    status: Annotated[tuple[StatusWord, ...], BeforeValidator(_one_or_many)] = ()
+    clock: MeterClock | None = None
+    clock_tolerance: DurationS = Field(
+        10.0, gt=0, description="meter clock offset beyond this flags CLOCK_ERROR"
+    )
+    measurements: Measurements | None = None
+    channel_count: int | None = Field(
+        None, ge=1, le=1024, description="channels expanded from a channel_template"
+    )
 
     @field_validator("interval")
     @classmethod
@@ -141,6 +418,17 @@ class Device(_Strict):
         if interval_s != int(interval_s) or SECONDS_PER_DAY % int(interval_s):
             raise ValueError(f"interval {interval_s:g}s does not divide a day (86400 s)")
         return interval_s
+
+    @model_validator(mode="after")
+    def _fold_ratios(self) -> Device:
+        # Each register map learns the CT/VT factor it carries; Channel.multiplier
+        # and the measurement scaling include it from here on.
+        points: list[_RegisterMap] = list(self.channels)
+        if self.measurements is not None:
+            points.extend(self.measurements.points)
+        for point in points:
+            point._ratio_factor = point.ratio_factor_for(self.ct_ratio, self.vt_ratio)
+        return self
 
     @property
     def interval_s(self) -> int:
@@ -204,6 +492,34 @@ class Mqtt(_Strict):
         return urls
 
 
+class TimeSettings(_Strict):
+    """Reference time (DESIGN.md section 3). edged never sets the system clock."""
+
+    source: Literal["system", "ntp"] = Field(
+        "system",
+        description="system: trust the system clock as far as the kernel says it is "
+        "synchronised; ntp: system clock + an offset/drift model fitted from ntp_servers",
+    )
+    ntp_servers: tuple[str, ...] = Field((), description="'host' or 'host:port' entries")
+    ntp_poll: DurationS = Field(64.0, ge=1)
+    ntp_timeout: DurationS = Field(2.0, gt=0)
+    step_threshold: DurationS = Field(
+        0.5, gt=0, description="corrections beyond this are stepped (and flagged), not slewed"
+    )
+    holdover_after: DurationS | None = Field(
+        None,
+        gt=0,
+        description="synced becomes holdover without confirmation for this long "
+        "(default 4 x ntp_poll)",
+    )
+
+    @model_validator(mode="after")
+    def _servers_for_ntp(self) -> TimeSettings:
+        if self.source == "ntp" and not self.ntp_servers:
+            raise ValueError("time.source ntp needs at least one entry in ntp_servers")
+        return self
+
+
 class Log(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -215,6 +531,7 @@ class Settings(_Strict):
     storage: Storage = Storage()
     mqtt: Mqtt = Mqtt()
     log: Log = Log()
+    time: TimeSettings = TimeSettings()
     status_every: DurationS = Field(60.0, gt=0)
     devices: tuple[Device, ...] = Field(min_length=1)
     virtual_meters: tuple[VirtualMeter, ...] = ()
@@ -366,7 +683,85 @@ def available_profiles(config_dir: Path) -> list[str]:
     return sorted(names)
 
 
-PROFILE_KEYS = frozenset({"name", "description", "channels", "interval"})
+PROFILE_KEYS = frozenset(
+    {
+        "name",
+        "description",
+        "channels",
+        "interval",
+        # register-map keys a device inherits from its profile (and may override)
+        "ct_ratio",
+        "vt_ratio",
+        "max_gap",
+        "status",
+        "clock",
+        "clock_tolerance",
+        "measurements",
+        "channel_count",
+        "channel_template",
+    }
+)
+# Profile keys copied onto the device as they are (the device's own value wins).
+_INHERITED_KEYS = ("interval", "ct_ratio", "vt_ratio", "max_gap", "status", "clock",
+                   "clock_tolerance", "channel_count")  # fmt: skip
+
+
+def _expand_template(
+    source: _Located,
+    source_path: KeyPath,
+    template: Any,
+    count: Any,
+    problems: list[Problem],
+) -> list[tuple[Any, KeyPath]]:
+    """`channel_template` x `channel_count` -> channels 1..N, each with its origin.
+
+    The template is a channel whose `name` contains `{n}` (any str.format spec,
+    e.g. `branch{n:02d}`), whose `register` is channel 1's, and whose `stride`
+    is the register distance from one channel to the next. A branch-circuit
+    monitor configured for 42 or 84 circuits is then one profile.
+    """
+    where = (*source_path, "channel_template")
+    if not isinstance(template, dict):
+        problems.append(_problem(source, where, "must be a mapping (a channel with {n})"))
+        return []
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1024:
+        problems.append(
+            _problem(source, where, "needs channel_count: a whole number of channels, 1..1024")
+        )
+        return []
+    body = {k: v for k, v in template.items() if k != "stride"}
+    name, register, stride = body.get("name"), body.get("register"), template.get("stride", 2)
+    if not isinstance(name, str) or "{n" not in name:
+        problems.append(_problem(source, (*where, "name"), "must contain {n}, e.g. ch{n}_kwh"))
+        return []
+    if not isinstance(register, int) or not isinstance(stride, int) or stride < 1:
+        problems.append(
+            _problem(source, where, "register (channel 1) and stride (>= 1) must be integers")
+        )
+        return []
+    expanded: list[tuple[Any, KeyPath]] = []
+    for n in range(1, count + 1):
+        try:
+            channel_name = name.format(n=n)
+        except (ValueError, KeyError, IndexError) as exc:
+            problems.append(_problem(source, (*where, "name"), f"cannot format: {exc}"))
+            return []
+        expanded.append(({**body, "name": channel_name, "register": register + (n - 1) * stride},
+                         where))  # fmt: skip
+    return expanded
+
+
+def _merge_points(base: list[Any], overrides: Any) -> list[Any]:
+    """Named entries of `overrides` update the base entry of that name; others are added."""
+    merged = list(base)
+    index = {e["name"]: i for i, e in enumerate(merged) if isinstance(e, dict) and "name" in e}
+    for entry in overrides if isinstance(overrides, list) else []:
+        target = index.get(entry.get("name")) if isinstance(entry, dict) else None
+        if target is not None and isinstance(merged[target], dict):
+            merged[target] = {**merged[target], **entry}
+        else:
+            merged.append(entry)
+    return merged
 
 
 def _merge_profile(
@@ -401,18 +796,32 @@ def _merge_profile(
         if key not in PROFILE_KEYS:
             problems.append(_problem(profile, (key,), "unknown key in profile"))
     merged: dict[str, Any] = {}
-    if "interval" in profile.data:
-        merged["interval"] = profile.data["interval"]
-        origins[(*device_path, "interval")] = _Origin(profile, ("interval",))
+    for key in _INHERITED_KEYS:
+        if key in profile.data:
+            merged[key] = profile.data[key]
+            origins[(*device_path, key)] = _Origin(profile, (key,))
     profile_channels = profile.data.get("channels", [])
     channels: list[Any] = []
     by_name: dict[str, int] = {}
+    sources: list[tuple[Any, KeyPath]] = []
     if isinstance(profile_channels, list):
-        for i, channel in enumerate(profile_channels):
-            origins[(*device_path, "channels", len(channels))] = _Origin(profile, ("channels", i))
-            if isinstance(channel, dict) and isinstance(channel.get("name"), str):
-                by_name[channel["name"]] = len(channels)
-            channels.append(channel)
+        sources = [(channel, ("channels", i)) for i, channel in enumerate(profile_channels)]
+    if "channel_template" in profile.data:
+        count = device.get("channel_count", profile.data.get("channel_count"))
+        sources += _expand_template(profile, (), profile.data["channel_template"], count, problems)
+    for channel, source_path in sources:
+        origins[(*device_path, "channels", len(channels))] = _Origin(profile, source_path)
+        if isinstance(channel, dict) and isinstance(channel.get("name"), str):
+            by_name[channel["name"]] = len(channels)
+        channels.append(channel)
+    measurements = profile.data.get("measurements")
+    if isinstance(measurements, dict):
+        own = device.get("measurements")
+        if isinstance(own, dict):
+            points = _merge_points(list(measurements.get("points") or []), own.get("points"))
+            measurements = {**measurements, **own, "points": points}
+        merged["measurements"] = measurements
+        origins[(*device_path, "measurements")] = _Origin(profile, ("measurements",))
     for i, override in enumerate(device.get("channels", []) or []):
         target = None
         if isinstance(override, dict) and isinstance(override.get("name"), str):
@@ -429,9 +838,31 @@ def _merge_profile(
                 doc, (*device_path, "channels", i)
             )
             channels.append(override)
-    merged.update({k: v for k, v in device.items() if k != "channels"})
+    merged.update({k: v for k, v in device.items() if k not in ("channels", "measurements")})
     merged["channels"] = channels
+    if "measurements" in device and "measurements" not in merged:
+        merged["measurements"] = device["measurements"]
     return merged
+
+
+def _device_template(
+    device: dict[str, Any],
+    device_path: KeyPath,
+    doc: _Located,
+    origins: dict[KeyPath, _Origin],
+    problems: list[Problem],
+) -> dict[str, Any]:
+    """A device's own `channel_template` (no profile): expanded after its channels."""
+    device = dict(device)
+    template = device.pop("channel_template")
+    channels = list(device.get("channels") or [])
+    for channel, source_path in _expand_template(
+        doc, device_path, template, device.get("channel_count"), problems
+    ):
+        origins[(*device_path, "channels", len(channels))] = _Origin(doc, source_path)
+        channels.append(channel)
+    device["channels"] = channels
+    return device
 
 
 def _problem(doc: _Located, path: KeyPath, message: str) -> Problem:
@@ -506,7 +937,7 @@ def _message(error: Any) -> str:
     if kind == "too_short":
         return "must list at least one entry"
     if kind == "union_tag_invalid":
-        return f"unknown type {error['input'].get('type')!r} (expected tcp)"
+        return f"unknown type {error['input'].get('type')!r} (expected tcp, rtu or rtu_over_tcp)"
     return message
 
 
@@ -531,6 +962,8 @@ def load_settings(path: Path | str) -> Settings:
                 )
                 if len(problems) > before:
                     unloaded_profiles.add(i)
+            if isinstance(device, dict) and "channel_template" in device:
+                device = _device_template(device, ("devices", i), doc, origins, problems)
             merged_devices.append(device)
         data["devices"] = merged_devices
         # Checked here rather than in the models so the message names the key.

@@ -21,11 +21,12 @@ from edged.clock import BoundaryWaiter, Clock
 from edged.config import Device
 from edged.intervals import ChannelState, IntervalContext
 from edged.modbus import RawRead, TcpEndpoint
-from edged.model import Interval, Read
+from edged.model import Flag, Interval, Read
 from edged.payloads import Topics, encode, interval_payload, iso_utc
 from edged.registers import Point, ReadRequest, coalesce
 from edged.schedule import next_boundary
 from edged.store import OutboxMessage, Store
+from edged.timeflags import TimeFlags
 
 log = structlog.get_logger("edged.poller")
 
@@ -113,6 +114,7 @@ class DevicePoller:
         topics: Topics,
         states: dict[str, ChannelState],
         on_health: Callable[[str, DeviceHealth], None],
+        time_flags: TimeFlags | None = None,
     ) -> None:
         self.device = device
         self._ctx = IntervalContext(site=site, device=device, zone=zone)
@@ -124,6 +126,11 @@ class DevicePoller:
         self._topics = topics
         self._states = states
         self._on_health = on_health
+        self._time_flags = time_flags or TimeFlags()
+        # End of the interval the next boundary read closes: time events
+        # (steps, AMT ending, outages) after it flag that interval.
+        known = [st.counter_at for st in states.values() if st.counter_at is not None]
+        self._interval_since: datetime | None = min(known) if known else None
         self._stop = asyncio.Event()
         self.health = DeviceHealth()
         self._requests: tuple[ReadRequest, ...] = coalesce(
@@ -174,7 +181,14 @@ class DevicePoller:
             # Lateness is measured when the request is sent, not when we woke.
             lateness_ms = (read_at - boundary) / timedelta(milliseconds=1)
         raw: RawRead = await self._endpoint.read(self.device.transport.unit_id, self._requests)
+        flags: frozenset[Flag] = frozenset()
+        if boundary is not None:
+            flags = self._time_flags.flags_for(self._interval_since, read_at)
+            self._interval_since = read_at
+        elif self._interval_since is None:
+            self._interval_since = read_at
         read = Read(
+            flags=flags,
             device=self.device.id,
             boundary=boundary,
             read_at=read_at,

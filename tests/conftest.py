@@ -31,6 +31,15 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
         b.stop()
 
 
+@pytest.fixture
+async def ntp_port() -> AsyncIterator[int]:
+    """A local NTP server in agreement with the system clock."""
+    from simulators.ntp import NtpServer
+
+    async with NtpServer(offset_s=0.0) as server:
+        yield await server.start("127.0.0.1", 0)
+
+
 @dataclass
 class Collector:
     """Subscribes to a topic filter and keeps every message it receives."""

@@ -25,7 +25,9 @@ KWH_PER_COUNT = 0.001
 LOAD_KW = 3600.0  # 1 kWh per second: 1000 counts in a 1 s interval
 
 
-def write_config(tmp_path: Path, broker: Broker, modbus_port: int, interval: str = "1s") -> Path:
+def write_config(
+    tmp_path: Path, broker: Broker, modbus_port: int, ntp_port: int, interval: str = "1s"
+) -> Path:
     config = tmp_path / "edged.yaml"
     config.write_text(
         f"""\
@@ -40,6 +42,10 @@ mqtt:
 log:
   format: json
 status_every: 1s
+time:
+  source: ntp
+  ntp_servers: ["127.0.0.1:{ntp_port}"]
+  ntp_poll: 2s
 devices:
   - id: unit1
     interval: {interval}
@@ -122,9 +128,11 @@ def assert_consistent_series(records: list[dict[str, Any]]) -> None:
         previous = record
 
 
-async def test_daemon_publishes_consecutive_intervals(tmp_path: Path, broker: Broker) -> None:
+async def test_daemon_publishes_consecutive_intervals(
+    tmp_path: Path, broker: Broker, ntp_port: int
+) -> None:
     async with meter() as (_server, port), collect(broker, "edged/#") as got:
-        config = write_config(tmp_path, broker, port)
+        config = write_config(tmp_path, broker, port, ntp_port)
         async with daemon(config, tmp_path) as d:
             await got.wait_for(lambda c: len(intervals(c)) >= 6, 20, "6 intervals")
             assert await d.stop() == 0
@@ -163,9 +171,9 @@ async def test_daemon_publishes_consecutive_intervals(tmp_path: Path, broker: Br
     )
 
 
-async def test_broker_outage_loses_nothing(tmp_path: Path, broker: Broker) -> None:
+async def test_broker_outage_loses_nothing(tmp_path: Path, broker: Broker, ntp_port: int) -> None:
     async with meter() as (_server, port):
-        config = write_config(tmp_path, broker, port)
+        config = write_config(tmp_path, broker, port, ntp_port)
         async with daemon(config, tmp_path) as d:
             async with collect(broker, "edged/+/device/+/interval/#") as before:
                 await before.wait_for(lambda c: len(intervals(c)) >= 2, 20, "2 intervals")
@@ -192,9 +200,11 @@ async def test_broker_outage_loses_nothing(tmp_path: Path, broker: Broker) -> No
     assert_consistent_series(list(received.values()))
 
 
-async def test_sigterm_and_restart_continue_the_series(tmp_path: Path, broker: Broker) -> None:
+async def test_sigterm_and_restart_continue_the_series(
+    tmp_path: Path, broker: Broker, ntp_port: int
+) -> None:
     async with meter() as (_server, port), collect(broker, "edged/+/device/+/interval/#") as got:
-        config = write_config(tmp_path, broker, port)
+        config = write_config(tmp_path, broker, port, ntp_port)
         async with daemon(config, tmp_path) as d:
             await got.wait_for(lambda c: len(intervals(c)) >= 3, 20, "3 intervals")
             assert await d.stop(signal.SIGTERM) == 0

@@ -25,10 +25,12 @@ def stored_interval_ids(db: Path) -> set[str]:
         return {row[0] for row in conn.execute("SELECT id FROM intervals")}
 
 
-async def test_sigkill_at_random_points_loses_no_interval(tmp_path: Path, broker: Broker) -> None:
+async def test_sigkill_at_random_points_loses_no_interval(
+    tmp_path: Path, broker: Broker, ntp_port: int
+) -> None:
     rng = random.Random(20261121)
     async with meter() as (_server, port), collect(broker, "edged/+/device/+/interval/#") as got:
-        config = write_config(tmp_path, broker, port)
+        config = write_config(tmp_path, broker, port, ntp_port)
         d = Daemon(config, tmp_path / "edged.log")
         for _cycle in range(KILL_CYCLES):
             await d.start()
