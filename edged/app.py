@@ -64,6 +64,7 @@ def build_clock(
     settings: TimeSettings,
     last_mark: datetime | None,
     on_transition: Callable[[TimeTransition], None],
+    system_now: Callable[[], float] = time.time,
 ) -> NtpReferenceClock | SystemReferenceClock:
     """The reference clock; `last_mark` lets it apply the AMT rule at start-up."""
     config = timebase_config(settings)
@@ -74,8 +75,11 @@ def build_clock(
             last_mark=last_mark,
             timeout_s=settings.ntp_timeout,
             on_transition=on_transition,
+            system_now=system_now,
         )
-    return SystemReferenceClock(config, last_mark=last_mark, on_transition=on_transition)
+    return SystemReferenceClock(
+        config, last_mark=last_mark, on_transition=on_transition, system_now=system_now
+    )
 
 
 class App:
@@ -84,7 +88,11 @@ class App:
         settings: Settings,
         config_path: Path | None,
         clock: NtpReferenceClock | SystemReferenceClock | None = None,
+        system_now: Callable[[], float] = time.time,
     ):
+        # system_now: the system clock (the demo passes one reset by a "dead
+        # RTC battery"); edged only ever reads it.
+        self._system_now = system_now
         self.settings = settings
         self.config_path = config_path
         self._clock_override = clock
@@ -168,7 +176,7 @@ class App:
         await store.set_mark("clean_shutdown", "")
         if last_mark is None or (clean_mark and parse_iso_utc(clean_mark) == last_mark):
             return
-        outage = gateway_outage(last_mark, datetime.now(UTC))
+        outage = gateway_outage(last_mark, datetime.fromtimestamp(self._system_now(), UTC))
         if outage is None:
             return
         self.time_flags.add(outage.start, outage.end, frozenset({Flag.POWER_FAIL}))
@@ -223,7 +231,9 @@ class App:
         mark = await store.get_mark("liveness")
         last_mark = parse_iso_utc(mark) if mark else None
         if self._clock_override is None:
-            self.reference = build_clock(settings.time, last_mark, self._on_transition)
+            self.reference = build_clock(
+                settings.time, last_mark, self._on_transition, self._system_now
+            )
         assert self.reference is not None
         self.clock = self.reference
         publisher = Publisher(

@@ -15,6 +15,7 @@ import contextlib
 import json
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,12 +80,15 @@ async def demo_broker(workdir: Path) -> AsyncIterator[DemoBroker]:
         await broker.shutdown()
 
 
-def demo_config(workdir: Path, broker: DemoBroker, modbus_port: int, interval_s: int) -> Path:
+def demo_config(
+    workdir: Path, broker: DemoBroker, modbus_port: int, ntp_port: int, interval_s: int
+) -> Path:
     """The demo's configuration, written out so the user can read and reuse it."""
     path = workdir / "edged.yaml"
     path.write_text(
         f"""\
-# Written by `edged demo`: two simulated meters on 127.0.0.1:{modbus_port}.
+# Written by `edged demo`: two simulated meters on 127.0.0.1:{modbus_port},
+# a simulated NTP server on 127.0.0.1:{ntp_port}.
 site: {SITE}
 timezone: Pacific/Auckland
 storage:
@@ -94,6 +98,10 @@ mqtt:
   port: {broker.port}
   topic_prefix: {PREFIX}
 status_every: 5s
+time:
+  source: ntp
+  ntp_servers: ["127.0.0.1:{ntp_port}"]
+  ntp_poll: 2s
 devices:
   - id: pmc1
     profile: pmc-1
@@ -209,7 +217,31 @@ def ion_initial_counts(interval_s: int) -> int:
     return COUNTER_MODULUS - int(counts_per_s * interval_s * INTERVALS_TO_WRAP)
 
 
-async def _scenario(meters: Any, interval_s: int, view: View) -> None:
+# How far a "dead RTC battery" sets the gateway's system clock back.
+DEAD_BATTERY_S = 86_400.0
+
+
+class Daemon:
+    """The demo's daemon, which the scenario restarts on a different clock."""
+
+    def __init__(self, settings: Any, config: Path) -> None:
+        self.settings = settings
+        self.config = config
+        self.app: App | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, system_now: Callable[[], float] = time.time) -> None:
+        self.app = App(self.settings, self.config, system_now=system_now)
+        self.task = asyncio.create_task(self.app.run(), name="daemon")
+
+    async def stop(self) -> None:
+        if self.app is not None and self.task is not None:
+            self.app.request_stop()
+            await asyncio.wait_for(self.task, 15)
+        self.app, self.task = None, None
+
+
+async def _scenario(meters: Any, ntp: Any, daemon: Daemon, interval_s: int, view: View) -> None:
     """Scripted faults, timed in intervals so they show at any --interval."""
     from simulators.faults import Fault
 
@@ -221,12 +253,24 @@ async def _scenario(meters: Any, interval_s: int, view: View) -> None:
     await asyncio.sleep(2.5 * interval_s)
     view.note("pmc1 stops answering for two intervals (outage -> MISSING, then LONG)")
     pmc1.set_fault(Fault.silent(), for_s=2 * interval_s)
+    await asyncio.sleep(5 * interval_s)
+    view.note(
+        "gateway restarts with its RTC battery dead: system clock a day behind, NTP "
+        "unreachable (-> AMT, demand suspended)"
+    )
+    ntp.unreachable = True
+    await daemon.stop()
+    daemon.start(system_now=lambda: time.time() - DEAD_BATTERY_S)
+    await asyncio.sleep(2.5 * interval_s)
+    view.note("NTP answers again: assumed time ends (-> TIME_ADJUSTED)")
+    ntp.unreachable = False
 
 
 async def run_demo(
     duration_s: float | None, plain: bool, interval_s: int, out: TextIO = sys.stdout
 ) -> int:
     from simulators.meter import MeterServer, SimulatedMeter
+    from simulators.ntp import NtpServer
 
     # The live view shows what matters; log lines would scribble over it.
     configure("warning" if plain else "error", "json", stream=sys.stderr)
@@ -241,9 +285,10 @@ async def run_demo(
                 initial_counts=ion_initial_counts(interval_s),
             ),
         }
-        async with MeterServer(meters) as server:
+        async with MeterServer(meters) as server, NtpServer(offset_s=0.0) as ntp:
             modbus_port = await server.start_tcp("127.0.0.1", 0)
-            config = demo_config(workdir, broker, modbus_port, interval_s)
+            ntp_port = await ntp.start("127.0.0.1", 0)
+            config = demo_config(workdir, broker, modbus_port, ntp_port, interval_s)
             settings = load_settings(config)
             print(
                 f"edged demo: broker {broker.kind} at {broker.host}:{broker.port}, "
@@ -254,20 +299,22 @@ async def run_demo(
                 file=out,
                 flush=True,
             )
-            app = App(settings, config)
+            daemon = Daemon(settings, config)
             subscribed = asyncio.Event()
-            tasks = [asyncio.create_task(_subscribe(broker, view, subscribed), name="view")]
+            view_task = asyncio.create_task(_subscribe(broker, view, subscribed), name="view")
             await subscribed.wait()
-            tasks.append(asyncio.create_task(app.run(), name="daemon"))
-            tasks.append(asyncio.create_task(_scenario(meters, interval_s, view), name="scenario"))
+            daemon.start()
+            scenario = asyncio.create_task(
+                _scenario(meters, ntp, daemon, interval_s, view), name="scenario"
+            )
             try:
                 await _show(view, duration_s, plain)
             finally:
-                app.request_stop()
-                await asyncio.wait_for(tasks[1], 15)
-                for task in (tasks[0], tasks[2]):
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                scenario.cancel()
+                await asyncio.gather(scenario, return_exceptions=True)
+                await daemon.stop()
+                view_task.cancel()
+                await asyncio.gather(view_task, return_exceptions=True)
     if plain:
         print(f"edged demo: {view.interval_count} intervals received", file=out)
     return 0
