@@ -12,7 +12,7 @@ import contextlib
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,23 +22,26 @@ import structlog
 from edged import __version__
 from edged.clock import BoundaryWaiter, Clock
 from edged.config import Settings, TimeSettings, config_hash
-from edged.modbus import TcpEndpoint
-from edged.model import Event, Flag, TimeState
+from edged.demand import PeakState
+from edged.modbus import Link, build_links
+from edged.model import Event, Flag, Interval, TimeState
 from edged.ntpclock import NtpReferenceClock, SystemReferenceClock
 from edged.payloads import (
     DEVICE_STATUS_SCHEMA,
     GATEWAY_STATUS_SCHEMA,
     Topics,
     encode,
-    event_payload,
     iso_utc,
     parse_iso_utc,
+    peak_payload,
 )
-from edged.poller import DeviceHealth, DevicePoller, Pending, Recorder
+from edged.poller import DeviceHealth, DevicePoller, Recorder, outbox_pending
 from edged.publish import Publisher
-from edged.store import OutboxDepth, OutboxMessage, Store
+from edged.store import OutboxDepth, Store
 from edged.timebase import TimebaseConfig, TimeSource, TimeTransition, gateway_outage
 from edged.timeflags import TimeFlags
+from edged.virtual import plan_virtual_meter
+from edged.virtualmeters import VirtualMeters
 
 log = structlog.get_logger("edged.app")
 
@@ -105,6 +108,9 @@ class App:
         self.time_flags = TimeFlags()
         self._recorder: Recorder | None = None
         self._early_events: list[Event] = []
+        self._demand_units: dict[tuple[str, str], str | None] = {}
+        self._virtual: VirtualMeters | None = None
+        self._links: list[Link] = []
         self._config_hash = config_hash(config_path) if config_path else None
         self._device_health: dict[str, DeviceHealth] = {}
         self.store: Store | None = None
@@ -134,6 +140,7 @@ class App:
             **self._time_status(),
             "devices": len(self.settings.devices),
             "devices_online": sum(1 for h in self._device_health.values() if h.comms == "online"),
+            "links": [link.status() for link in self._links],
             "outbox_depth": outbox.count if outbox is not None else None,
             "outbox_oldest_age_s": oldest_s,
             "updated_at": iso_utc(self.clock.now()),
@@ -164,11 +171,27 @@ class App:
         if self._recorder is None or self.store is None:
             self._early_events.append(event)  # before the recorder exists: sent at start
             return
-        seq = self.store.allocate_seq()
-        payload = encode(event_payload(event, self.settings.site, seq))
         self._recorder.submit(
-            Pending(messages=[(seq, OutboxMessage(self.topics.event(event.device), payload))])
+            outbox_pending(self.store, self.topics, self.settings.site, [], [event])
         )
+
+    def _on_peak(self, device_id: str, channel: str, peak: PeakState) -> None:
+        if self.publisher is None:
+            return
+        unit = self._demand_units.get((device_id, channel))
+        self.publisher.set_retained(
+            self.topics.peak(device_id, channel),
+            peak_payload(self.settings.site, device_id, channel, unit, peak),
+        )
+
+    def _on_records(self, records: Sequence[Interval]) -> None:
+        if self._virtual is None or self._recorder is None or self.store is None:
+            return
+        combined = self._virtual.add(records)
+        if combined:
+            self._recorder.submit(
+                outbox_pending(self.store, self.topics, self.settings.site, combined, [])
+            )
 
     async def _note_outage(self, store: Store, last_mark: datetime | None) -> None:
         """After an unclean stop, POWER_FAIL on the intervals the outage spans."""
@@ -254,19 +277,28 @@ class App:
         await self._note_outage(store, last_mark)
         waiter = BoundaryWaiter(self.clock)
         states = await store.channel_states()
-        endpoints: dict[tuple[str, int], TcpEndpoint] = {}
+        peaks = await store.peak_states()
+        self._demand_units = {
+            (d.id, c.name): c.demand_unit for d in settings.devices for c in d.channels
+        }
+        for (device_id, channel), peak in peaks.items():
+            self._on_peak(device_id, channel, peak)
+        if settings.virtual_meters:
+            self._virtual = VirtualMeters(
+                [plan_virtual_meter(vm, settings.devices) for vm in settings.virtual_meters],
+                settings.site,
+                settings.zone,
+            )
+        links = build_links(settings.devices)
+        self._links = list({id(link): link for link in links.values()}.values())
         pollers: list[DevicePoller] = []
         for device in settings.devices:
-            transport = device.transport
-            key = (transport.host, transport.port)
-            if key not in endpoints:
-                endpoints[key] = TcpEndpoint(transport.host, transport.port, transport.timeout)
             pollers.append(
                 DevicePoller(
                     site=settings.site,
                     device=device,
                     zone=settings.zone,
-                    endpoint=endpoints[key],
+                    link=links[device.id],
                     clock=self.clock,
                     waiter=waiter,
                     store=store,
@@ -275,6 +307,9 @@ class App:
                     states={ch: s for (dev, ch), s in states.items() if dev == device.id},
                     on_health=self._on_health,
                     time_flags=self.time_flags,
+                    peaks={ch: p for (dev, ch), p in peaks.items() if dev == device.id},
+                    on_records=self._on_records,
+                    on_peak=self._on_peak,
                 )
             )
         try:
@@ -314,8 +349,8 @@ class App:
                     log.warning("mqtt not reachable at shutdown; offline status left to last will")
                     publisher_task.cancel()
         finally:
-            for endpoint in endpoints.values():
-                endpoint.close()
+            for link in self._links:
+                link.close()
             await store.close()
             log.info("edged stopped")
 

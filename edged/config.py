@@ -987,9 +987,32 @@ def load_settings(path: Path | str) -> Settings:
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, doc, origins, unloaded_profiles))
         settings = None
+    if settings is not None:
+        problems.extend(_cross_checks(settings, doc))
     if problems or settings is None:
         raise ConfigError(sorted(set(problems), key=_problem_sort_key))
     return settings
+
+
+def _cross_checks(settings: Settings, doc: _Located) -> list[Problem]:
+    """Checks that span devices or need the engine's rules, after validation."""
+    # Imported here: these modules import this one.
+    from edged.intervals import device_problems
+    from edged.modbus import check_links
+    from edged.virtual import VirtualMeterError, plan_virtual_meter
+
+    problems: list[Problem] = []
+    for i, device in enumerate(settings.devices):
+        for message in device_problems(device):
+            problems.append(_problem(doc, ("devices", i), message))
+    for message in check_links(settings.devices):
+        problems.append(_problem(doc, ("devices",), message))
+    for i, meter in enumerate(settings.virtual_meters):
+        try:
+            plan_virtual_meter(meter, settings.devices)
+        except VirtualMeterError as exc:
+            problems.append(_problem(doc, ("virtual_meters", i), str(exc)))
+    return problems
 
 
 def _problem_sort_key(problem: Problem) -> tuple[str, int, str]:

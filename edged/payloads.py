@@ -8,12 +8,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from edged import flags as flag_table
+from edged.demand import Peak, PeakState
 from edged.model import Event, Interval
 
 INTERVAL_SCHEMA = "edged.interval/1"
 EVENT_SCHEMA = "edged.event/1"
 GATEWAY_STATUS_SCHEMA = "edged.gateway_status/1"
 DEVICE_STATUS_SCHEMA = "edged.device_status/1"
+PEAK_SCHEMA = "edged.peak/1"
 
 
 def iso_utc(t: datetime) -> str:
@@ -46,6 +48,9 @@ class Topics:
         return (
             f"{self.base}/gateway/event" if device is None else f"{self.base}/device/{device}/event"
         )
+
+    def peak(self, device: str, channel: str) -> str:
+        return f"{self.base}/device/{device}/peak/{channel}"
 
     def measurement(self, device: str) -> str:
         return f"{self.base}/device/{device}/measurement"
@@ -99,6 +104,29 @@ def event_payload(event: Event, site: str, seq: int) -> dict[str, Any]:
         "message": event.message,
         "details": dict(event.details),
         "seq": seq,
+    }
+
+
+def peak_payload(
+    site: str, device: str, channel: str, demand_unit: str | None, peak: PeakState
+) -> dict[str, Any]:
+    """Retained peak demand of the current billing period (AMT/suspect excluded)."""
+
+    def one(p: Peak | None) -> dict[str, Any] | None:
+        if p is None:
+            return None
+        return {"demand": _round(p.demand), "start": iso_utc(p.start), "end": iso_utc(p.end)}
+
+    return {
+        "schema": PEAK_SCHEMA,
+        "site": site,
+        "device": device,
+        "channel": channel,
+        "period_start": iso_utc(peak.period_start) if peak.period_start else None,
+        "period_end": iso_utc(peak.period_end) if peak.period_end else None,
+        "demand_unit": demand_unit,
+        "peak": one(peak.block),
+        "rolling_peak": one(peak.rolling),
     }
 
 

@@ -10,20 +10,21 @@ thousand devices on one boundary cost one fsync), then wakes the publisher.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
 
 import structlog
 
 from edged import intervals as engine
+from edged.bus import Priority
 from edged.clock import BoundaryWaiter, Clock
 from edged.config import Device
+from edged.demand import PeakState, peak_event, update_peaks
 from edged.intervals import ChannelState, IntervalContext
-from edged.modbus import RawRead, TcpEndpoint
-from edged.model import Flag, Interval, Read
-from edged.payloads import Topics, encode, interval_payload, iso_utc
-from edged.registers import Point, ReadRequest, coalesce
+from edged.modbus import DevicePlan, Link, plan_device, read_device
+from edged.model import Event, Flag, Interval, Read
+from edged.payloads import Topics, encode, event_payload, interval_payload, iso_utc
 from edged.schedule import next_boundary
 from edged.store import OutboxMessage, Store
 from edged.timeflags import TimeFlags
@@ -39,6 +40,26 @@ class Pending:
     intervals: list[tuple[Interval, bytes]] = field(default_factory=list)
     states: dict[tuple[str, str], ChannelState] = field(default_factory=dict)
     messages: list[tuple[int, OutboxMessage]] = field(default_factory=list)
+    peaks: dict[tuple[str, str], PeakState] = field(default_factory=dict)
+
+
+def outbox_pending(
+    store: Store, topics: Topics, site: str, records: Sequence[Interval], events: Sequence[Event]
+) -> Pending:
+    """Records and events as payloads with their outbox seq, ready to commit."""
+    pending = Pending()
+    for record in records:
+        seq = store.allocate_seq()
+        payload = encode(interval_payload(record, seq))
+        pending.intervals.append((record, payload))
+        pending.messages.append(
+            (seq, OutboxMessage(topics.interval(record.device, record.channel), payload))
+        )
+    for event in events:
+        seq = store.allocate_seq()
+        payload = encode(event_payload(event, site, seq))
+        pending.messages.append((seq, OutboxMessage(topics.event(event.device), payload)))
+    return pending
 
 
 class Recorder:
@@ -73,9 +94,10 @@ class Recorder:
                 batch.intervals.extend(item.intervals)
                 batch.states.update(item.states)
                 batch.messages.extend(item.messages)
+                batch.peaks.update(item.peaks)
             if items:
                 await self._store.commit_boundary(
-                    batch.reads, batch.intervals, batch.states, batch.messages
+                    batch.reads, batch.intervals, batch.states, batch.messages, batch.peaks
                 )
                 self._on_committed()
             if done:
@@ -106,7 +128,7 @@ class DevicePoller:
         site: str,
         device: Device,
         zone: tzinfo,
-        endpoint: TcpEndpoint,
+        link: Link,
         clock: Clock,
         waiter: BoundaryWaiter,
         store: Store,
@@ -115,10 +137,13 @@ class DevicePoller:
         states: dict[str, ChannelState],
         on_health: Callable[[str, DeviceHealth], None],
         time_flags: TimeFlags | None = None,
+        peaks: dict[str, PeakState] | None = None,
+        on_records: Callable[[Sequence[Interval]], None] | None = None,
+        on_peak: Callable[[str, str, PeakState], None] | None = None,
     ) -> None:
         self.device = device
         self._ctx = IntervalContext(site=site, device=device, zone=zone)
-        self._endpoint = endpoint
+        self._link = link
         self._clock = clock
         self._waiter = waiter
         self._store = store
@@ -127,15 +152,17 @@ class DevicePoller:
         self._states = states
         self._on_health = on_health
         self._time_flags = time_flags or TimeFlags()
+        self._site = site
+        self._peaks = dict(peaks or {})
+        self._on_records = on_records
+        self._on_peak = on_peak
         # End of the interval the next boundary read closes: time events
         # (steps, AMT ending, outages) after it flag that interval.
         known = [st.counter_at for st in states.values() if st.counter_at is not None]
         self._interval_since: datetime | None = min(known) if known else None
         self._stop = asyncio.Event()
         self.health = DeviceHealth()
-        self._requests: tuple[ReadRequest, ...] = coalesce(
-            [Point(c.name, c.function, c.address, c.type, c.word_order) for c in device.channels]
-        )
+        self._plan: DevicePlan = plan_device(device)
 
     def stop(self) -> None:
         """Finish the read in flight (if any), then end `run`."""
@@ -146,20 +173,23 @@ class DevicePoller:
         # than lost; a counter persisted before a restart takes precedence.
         read = await self._read(boundary=None, lateness_ms=None)
         self._states = engine.baseline_device(self._states, read, self.device.channels)
-        self._submit(read, [])
+        self._submit(read, [], [])
         boundary = next_boundary(self._clock.now(), self.device.interval_s, self._ctx.zone)
+        self._link.expect_boundary((boundary - self._clock.now()).total_seconds())
         while not self._stop.is_set():
             lateness_ms = await self._wait(boundary)
             if lateness_ms is None:
                 return
             read = await self._read(boundary, lateness_ms)
-            self._states, records = engine.close_device(self._states, read, self._ctx)
-            self._submit(read, records)
+            step = engine.step_device(self._states, read, self._ctx)
+            self._states = step.states
+            self._submit(read, step.records, step.events)
             # Aim at the next boundary after now: if this read overran whole
             # intervals, the ones passed are closed as MISSING at the next read.
             boundary = next_boundary(
                 max(boundary, self._clock.now()), self.device.interval_s, self._ctx.zone
             )
+            self._link.expect_boundary((boundary - self._clock.now()).total_seconds())
 
     async def _wait(self, boundary: datetime) -> float | None:
         """Lateness (ms) at the boundary, or None when asked to stop first."""
@@ -180,10 +210,20 @@ class DevicePoller:
         if boundary is not None:
             # Lateness is measured when the request is sent, not when we woke.
             lateness_ms = (read_at - boundary) / timedelta(milliseconds=1)
-        raw: RawRead = await self._endpoint.read(self.device.transport.unit_id, self._requests)
-        flags: frozenset[Flag] = frozenset()
+        result = await read_device(
+            self._link,
+            self._plan.unit_id,
+            self._plan.boundary,
+            priority=Priority.BOUNDARY,
+            reference_s=read_at.timestamp(),
+        )
+        # On a shared bus the request may wait its turn: record when it went out.
+        read_at += timedelta(seconds=result.queued_s)
         if boundary is not None:
-            flags = self._time_flags.flags_for(self._interval_since, read_at)
+            lateness_ms = (read_at - boundary) / timedelta(milliseconds=1)
+        flags: frozenset[Flag] = result.flags
+        if boundary is not None:
+            flags |= self._time_flags.flags_for(self._interval_since, read_at)
             self._interval_since = read_at
         elif self._interval_since is None:
             self._interval_since = read_at
@@ -194,9 +234,10 @@ class DevicePoller:
             read_at=read_at,
             read_lateness_ms=lateness_ms,
             time_state=time_state,
-            values=raw.values if raw.error is None else {},
-            registers=raw.registers,
-            error=raw.error,
+            values=dict(result.values) if result.error is None else {},
+            registers=result.registers,
+            error=result.error,
+            meter_clock_offset_s=result.meter_clock_offset_s,
         )
         self._update_health(read)
         return read
@@ -221,15 +262,17 @@ class DevicePoller:
             )
         self._on_health(self.device.id, health)
 
-    def _submit(self, read: Read, records: list[Interval]) -> None:
-        pending = Pending(reads=[read])
+    def _submit(self, read: Read, records: Sequence[Interval], events: Sequence[Event]) -> None:
+        device = self.device
+        self._peaks, closed = update_peaks(
+            self._peaks, records, self._ctx.zone, device.billing_reset_day
+        )
+        if closed:
+            units = {c.name: c.demand_unit for c in device.channels}
+            events = [*events, peak_event(device.id, closed, units)]
+        pending = outbox_pending(self._store, self._topics, self._site, records, events)
+        pending.reads.append(read)
         for record in records:
-            seq = self._store.allocate_seq()
-            payload = encode(interval_payload(record, seq))
-            pending.intervals.append((record, payload))
-            pending.messages.append(
-                (seq, OutboxMessage(self._topics.interval(record.device, record.channel), payload))
-            )
             log.info(
                 "interval",
                 device=record.device,
@@ -239,5 +282,15 @@ class DevicePoller:
                 flags=sorted(str(f) for f in record.flags),
             )
         for name, state in self._states.items():
-            pending.states[(self.device.id, name)] = state
+            pending.states[(device.id, name)] = state
+        touched = {r.channel for r in records}
+        for name in touched:
+            if name in self._peaks:
+                pending.peaks[(device.id, name)] = self._peaks[name]
         self._recorder.submit(pending)
+        if self._on_peak is not None:
+            for name in touched:
+                if name in self._peaks:
+                    self._on_peak(device.id, name, self._peaks[name])
+        if records and self._on_records is not None:
+            self._on_records(records)

@@ -18,7 +18,8 @@ from typing import Any
 
 import aiosqlite
 
-from edged.intervals import ChannelState
+from edged.demand import PeakState
+from edged.intervals import ChannelState, parse_counter
 from edged.model import Interval, Read
 from edged.payloads import iso_utc, parse_iso_utc
 
@@ -78,6 +79,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE marks (
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL
+    );
+    """,
+    # 2: the engine's whole per-channel state (gap history, rolling window) as
+    # JSON, and peak demand per billing period.
+    """
+    ALTER TABLE channel_state ADD COLUMN state TEXT;
+    CREATE TABLE peak_state (
+        device TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        state TEXT NOT NULL,
+        PRIMARY KEY (device, channel)
     );
     """,
 )
@@ -170,6 +182,7 @@ class Store:
         intervals: Sequence[tuple[Interval, bytes]],
         states: Mapping[tuple[str, str], ChannelState],
         messages: Sequence[tuple[int, OutboxMessage]],
+        peaks: Mapping[tuple[str, str], PeakState] | None = None,
     ) -> None:
         """One durable transaction for everything a boundary produced."""
         now = iso_utc(datetime.now(UTC))
@@ -194,8 +207,14 @@ class Store:
             if states:
                 await db.executemany(
                     "INSERT OR REPLACE INTO channel_state"
-                    " (device, channel, counter, counter_at, last_end) VALUES (?,?,?,?,?)",
+                    " (device, channel, counter, counter_at, last_end, state)"
+                    " VALUES (?,?,?,?,?,?)",
                     [_state_row(dev, ch, s) for (dev, ch), s in states.items()],
+                )
+            if peaks:
+                await db.executemany(
+                    "INSERT OR REPLACE INTO peak_state (device, channel, state) VALUES (?,?,?)",
+                    [(dev, ch, p.to_json()) for (dev, ch), p in peaks.items()],
                 )
             if messages:
                 await db.executemany(
@@ -256,18 +275,26 @@ class Store:
 
     async def channel_states(self) -> dict[tuple[str, str], ChannelState]:
         async with self._db.execute(
-            "SELECT device, channel, counter, counter_at, last_end FROM channel_state"
+            "SELECT device, channel, counter, counter_at, last_end, state FROM channel_state"
         ) as cursor:
             rows = await cursor.fetchall()
         states: dict[tuple[str, str], ChannelState] = {}
-        for device, channel, counter, counter_at, last_end in rows:
-            value = None if counter is None else _parse_counter(str(counter))
+        for device, channel, counter, counter_at, last_end, full in rows:
+            if full:
+                states[(str(device), str(channel))] = ChannelState.from_json(str(full))
+                continue
+            value = None if counter is None else parse_counter(str(counter))
             states[(str(device), str(channel))] = ChannelState(
                 counter=value,
                 counter_at=parse_iso_utc(counter_at) if counter_at else None,
                 last_end=parse_iso_utc(last_end) if last_end else None,
             )
         return states
+
+    async def peak_states(self) -> dict[tuple[str, str], PeakState]:
+        async with self._db.execute("SELECT device, channel, state FROM peak_state") as cursor:
+            rows = await cursor.fetchall()
+        return {(str(d), str(c)): PeakState.from_json(str(st)) for d, c, st in rows}
 
     async def interval_payloads(
         self,
@@ -344,11 +371,6 @@ def _interval_row(interval: Interval, payload: bytes, now: str) -> tuple[Any, ..
     )
 
 
-def _parse_counter(text: str) -> int | float:
-    # Stored as text: a REAL column would round 64-bit counters above 2**53.
-    return float(text) if any(c in text for c in ".eEn") else int(text)
-
-
 def _state_row(device: str, channel: str, state: ChannelState) -> tuple[Any, ...]:
     return (
         device,
@@ -356,4 +378,5 @@ def _state_row(device: str, channel: str, state: ChannelState) -> tuple[Any, ...
         None if state.counter is None else repr(state.counter),
         iso_utc(state.counter_at) if state.counter_at else None,
         iso_utc(state.last_end) if state.last_end else None,
+        state.to_json(),
     )

@@ -1,0 +1,123 @@
+"""Flags end to end (issue 4): one daemon, one simulated unit per scenario,
+everything observed as an MQTT consumer receives it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulators.faults import Fault
+from simulators.meter import MeterServer, SimulatedMeter
+from tests.conftest import Broker, Collector, collect
+from tests.test_e2e import Daemon
+
+pytestmark = pytest.mark.integration
+
+KWH_PER_COUNT = 0.001
+MODULUS = 1 << 32
+# unit -> scenario; each unit is one device of the same name
+UNITS = {1: "steady", 2: "wrap", 3: "reset", 4: "exception", 5: "outage", 6: "status", 7: "clock"}
+
+
+def config_text(tmp_path: Path, broker: Broker, port: int, ntp_port: int) -> str:
+    devices = []
+    for unit, name in UNITS.items():
+        extra = ""
+        if name == "status":
+            extra = "    status: {register: 102, bits: {0: POWER_FAIL, 3: DEVICE_ERROR}}\n"
+        if name == "clock":
+            extra = "    clock: {format: epoch, register: 100}\n    clock_tolerance: 10s\n"
+        devices.append(
+            f"  - id: {name}\n"
+            f"    interval: 1s\n"
+            f"    transport: {{type: tcp, host: 127.0.0.1, port: {port}, unit_id: {unit},"
+            f" timeout: 300ms}}\n"
+            f"    channels: [{{name: energy, register: 0, type: uint32,"
+            f" multiplier: {KWH_PER_COUNT}}}]\n" + extra
+        )
+    return (
+        f"site: flags\ntimezone: UTC\nstorage: {{path: {tmp_path / 'edged.db'}}}\n"
+        f"mqtt: {{host: 127.0.0.1, port: {broker.port}}}\nlog: {{format: json}}\n"
+        f"time: {{source: ntp, ntp_servers: ['127.0.0.1:{ntp_port}'], ntp_poll: 2s}}\n"
+        "devices:\n" + "".join(devices) + "virtual_meters:\n"
+        "  - id: station\n    channels:\n"
+        "      - {name: total, add: [steady.energy, wrap.energy], unit: kWh}\n"
+    )
+
+
+def records(got: Collector, device: str) -> list[dict[str, Any]]:
+    latest = {p["id"]: p for p in got.payloads(f"/device/{device}/interval/")}
+    return sorted(latest.values(), key=lambda r: r["end"])
+
+
+def flagged(got: Collector, device: str, flag: str) -> list[dict[str, Any]]:
+    return [r for r in records(got, device) if flag in r["flags"]]
+
+
+async def test_every_scenario_produces_its_flag(
+    tmp_path: Path, broker: Broker, ntp_port: int
+) -> None:
+    meters = {
+        unit: SimulatedMeter.pmc1(load_kw=3600.0, kwh_per_count=KWH_PER_COUNT,
+                                  initial_counts=(MODULUS - 3500) if name == "wrap" else 50_000)
+        for unit, name in UNITS.items()
+    }  # fmt: skip
+    async with MeterServer(meters) as server, collect(broker, "edged/#") as got:
+        port = await server.start_tcp("127.0.0.1", 0)
+        config = tmp_path / "edged.yaml"
+        config.write_text(config_text(tmp_path, broker, port, ntp_port))
+        daemon = Daemon(config, tmp_path / "edged.log")
+        await daemon.start()
+        try:
+            await got.wait_for(lambda c: len(records(c, "steady")) >= 2, 20, "first intervals")
+            meters[3].set_counts(10)  # meter replaced / counter cleared
+            meters[4].set_fault(Fault.exception(4), for_s=1.5)  # server device failure
+            meters[5].set_fault(Fault.silent(), for_s=2.2)  # outage
+            meters[6].status_bits = 0b1001  # power fail + device error bits
+            meters[7].clock_offset_s = 120.0  # meter clock 2 minutes fast
+            await got.wait_for(
+                lambda c: (
+                    len(flagged(c, "outage", "LONG")) >= 1 and len(records(c, "station")) >= 4
+                ),
+                25,
+                "scenario flags",
+            )
+        finally:
+            assert await daemon.stop() == 0
+    assert flagged(got, "wrap", "ROLLOVER"), records(got, "wrap")
+    wrapped = flagged(got, "wrap", "ROLLOVER")[0]
+    assert wrapped["value"] == pytest.approx(1.0, abs=0.1)  # 1 kWh/s, not 4 million
+    reset = flagged(got, "reset", "COUNTER_RESET")
+    assert reset, records(got, "reset")
+    assert reset[0]["value"] is None
+    assert reset[0]["quality"] == "suspect"
+    assert any(p["kind"] == "counter_reset" for p in got.payloads("/device/reset/event"))
+    device_error = flagged(got, "exception", "DEVICE_ERROR")
+    assert device_error, records(got, "exception")
+    assert "IOBOARD" in device_error[0]["iee_status"]
+    missing = flagged(got, "outage", "MISSING")
+    assert missing
+    assert all(r["value"] is None for r in missing)
+    long_ = flagged(got, "outage", "LONG")[0]
+    assert long_["duration_s"] > 1.0
+    assert long_["value"] == pytest.approx(long_["duration_s"] * 1.0, abs=0.1)
+    status = records(got, "status")[-1]
+    assert {"POWER_FAIL", "DEVICE_ERROR"} <= set(status["flags"])
+    assert {"POWER", "IOBOARD"} <= set(status["iee_status"])
+    clock = flagged(got, "clock", "CLOCK_ERROR")
+    assert clock, records(got, "clock")
+    # The station total is the sum of its inputs, interval by interval.
+    steady = {r["end"]: r for r in records(got, "steady")}
+    wrap = {r["end"]: r for r in records(got, "wrap")}
+    for total in records(got, "station"):
+        a, b = steady.get(total["end"]), wrap.get(total["end"])
+        assert a is not None
+        assert b is not None
+        if a["value"] is None or b["value"] is None:
+            assert total["value"] is None
+            assert "MISSING" in total["flags"]
+        else:
+            assert total["value"] == pytest.approx(a["value"] + b["value"], abs=1e-9)
+            assert set(a["flags"]) | set(b["flags"]) <= set(total["flags"])
