@@ -1,25 +1,90 @@
-"""Modbus links (the I/O shell around pymodbus).
+"""Modbus links: the I/O shell around pymodbus.
 
-One `TcpEndpoint` per host:port holds one persistent connection, shared by
-every unit id behind it; pymodbus serialises the requests on it. A failed or
-malformed exchange becomes a `ReadError` value: nothing here raises into the
-poller, so a bad reply can never stop the loop.
+A :class:`Link` is one shared line to one or more meters:
+
+* :class:`TcpEndpoint` — a Modbus TCP host:port (a meter, or a gateway with
+  several unit ids behind it): ``max_connections`` connections (default 1)
+  fed from one request queue, optional quiet time between transactions;
+* :class:`RtuBus` — a serial port (Modbus RTU): one transaction on the wire
+  at a time, the 3.5-character inter-frame silence kept before every request;
+* :class:`RtuOverTcpEndpoint` — RTU frames through a TCP serial device server,
+  one transaction at a time as on the bus behind it.
+
+:func:`build_links` groups the configured devices by port/endpoint and gives
+every device its link. Each link has one :class:`edged.bus.BusScheduler`:
+boundary reads first, in a stable order; dead units backed off; fast polls
+yielding around boundaries (see that module).
+
+**Read-only by design.** edged reads meters; it never changes them. The link
+API has no write operation, and the only Modbus functions this module can put
+on the wire are 3 (read holding registers) and 4 (read input registers),
+chosen from :class:`edged.registers.ReadRequest.function`, which admits
+nothing else. Configuration cannot ask for a write either.
+
+Nothing here raises into the poller: every failed, garbled, truncated or
+stalled exchange becomes a :class:`edged.model.ReadError` value. pymodbus'
+own timeout bounds each request, and a bus-level guard timeout bounds it again
+in case a broken reply leaves pymodbus waiting, so no reply can hang a bus.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
 import structlog
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.client.base import ModbusBaseClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.framer import FramerType
 
-from edged.model import ReadError, ReadErrorKind
-from edged.registers import MalformedResponse, ReadRequest, decode_response
+from edged.bus import BusScheduler, Job, Priority
+from edged.config import (
+    Device,
+    MeasurementPoint,
+    RtuOverTcpTransport,
+    RtuTransport,
+    TcpTransport,
+    _RegisterMap,
+)
+from edged.model import Flag, ReadError, ReadErrorKind
+from edged.registers import (
+    ClockSpec,
+    MalformedResponse,
+    Point,
+    ReadPlan,
+    ReadRequest,
+    StatusSpec,
+    ValueSpec,
+    apply_plan,
+    build_plan,
+    decode_response,
+)
+
+__all__ = [
+    "EXCEPTION_NAMES",
+    "Backoff",
+    "DevicePlan",
+    "DeviceRead",
+    "Link",
+    "LinkConfigError",
+    "Priority",
+    "RawRead",
+    "RtuBus",
+    "RtuOverTcpEndpoint",
+    "TcpEndpoint",
+    "build_links",
+    "check_links",
+    "plan_device",
+    "read_device",
+    "rtu_frame_gap_s",
+]
 
 log = structlog.get_logger("edged.modbus")
 
@@ -37,15 +102,55 @@ EXCEPTION_NAMES = {
     10: "gateway path unavailable",
     11: "gateway target device failed to respond",
 }
+# Exception answers that mean "nobody answered behind the gateway": they cost
+# the gateway's own timeout, so the unit is backed off like a silent one.
+_GATEWAY_NO_ANSWER = frozenset({10, 11})
+# Added to a request's timeout for the bus-level guard around pymodbus.
+GUARD_S = 0.5
+# Inter-frame silences shorter than this are timed by polling the clock for the
+# last fraction of a millisecond (see _Connection._quiet).
+SPIN_BELOW_S = 0.0025
 
 
 @dataclass(frozen=True, slots=True)
 class RawRead:
-    """What one device's requests returned."""
+    """What one device's requests returned (decoded, not yet scaled).
+
+    ``queued_s`` is how long the read waited for the line before its first
+    request went out (add it to the time the read was asked for to get the
+    time it was taken); ``duration_s`` is its time on the wire; ``notes`` lists
+    optional requests (status, clock) that failed without failing the read.
+    """
 
     values: dict[str, int | float]
     registers: tuple[tuple[int, tuple[int, ...]], ...]
     error: ReadError | None
+    queued_s: float = 0.0
+    duration_s: float = 0.0
+    notes: tuple[str, ...] = ()
+
+
+class Link(Protocol):
+    """What a poller reads through. There is deliberately no write method."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def read(
+        self,
+        unit_id: int,
+        requests: Sequence[ReadRequest],
+        *,
+        priority: Priority = Priority.BOUNDARY,
+        optional: Sequence[ReadRequest] = (),
+        timeout_s: float | None = None,
+    ) -> RawRead: ...
+
+    def expect_boundary(self, in_s: float) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
 
 
 class Backoff:
@@ -64,97 +169,156 @@ class Backoff:
         self.current_s = 0.0
 
 
-class TcpEndpoint:
-    """One Modbus TCP host:port: one connection, reconnected with backoff."""
+def rtu_frame_gap_s(baudrate: int, parity: str = "E", stopbits: int = 1) -> float:
+    """The 3.5-character silence between RTU frames; fixed at 1.75 ms above
+    19200 Bd (Modbus over serial line v1.02, 2.5.1.1)."""
+    if baudrate > 19200:
+        return 0.00175
+    bits = 1 + 8 + (0 if parity.upper() == "N" else 1) + stopbits
+    return 3.5 * bits / baudrate
 
-    def __init__(self, host: str, port: int, timeout_s: float) -> None:
-        self.host = host
-        self.port = port
-        self.timeout_s = timeout_s
-        self._client: AsyncModbusTcpClient | None = None
+
+@dataclass(frozen=True, slots=True)
+class _Payload:
+    requests: tuple[ReadRequest, ...]
+    optional: tuple[ReadRequest, ...]
+
+
+ClientFactory = Callable[[], ModbusBaseClient]
+
+
+class _Connection:
+    """One pymodbus client (one TCP connection or one open serial port)."""
+
+    def __init__(self, name: str, factory: ClientFactory, gap_s: float) -> None:
+        self.name = name
+        self._factory = factory
+        self._gap_s = gap_s
+        self._client: ModbusBaseClient | None = None
         self._backoff = Backoff()
-        self._retry_at_mono = 0.0
-        self._connect_lock = asyncio.Lock()
+        self._retry_at = 0.0
+        self._last_end = 0.0
+        self.connects = 0
 
-    @property
-    def name(self) -> str:
-        return f"tcp://{self.host}:{self.port}"
-
-    async def _connected_client(self) -> AsyncModbusTcpClient | ReadError:
-        async with self._connect_lock:
-            client = self._client
-            if client is not None and client.connected:
-                return client
-            now_mono = asyncio.get_running_loop().time()
-            if now_mono < self._retry_at_mono:
-                return ReadError(
-                    ReadErrorKind.CONNECTION,
-                    f"{self.name} unreachable; next attempt in "
-                    f"{self._retry_at_mono - now_mono:.1f}s",
-                )
-            if client is not None:
-                client.close()
-            # retries=0: a boundary read is not retried within the interval, it
-            # is recorded as failed (MISSING) and the next boundary tries again.
-            client = AsyncModbusTcpClient(
-                self.host, port=self.port, timeout=self.timeout_s, retries=0, reconnect_delay=0
-            )
-            self._client = client
-            try:
-                ok = await client.connect()
-            except Exception as exc:  # pymodbus raises a variety here
-                ok = False
-                log.debug("connect raised", endpoint=self.name, error=repr(exc))
-            if not ok:
-                delay_s = self._backoff.failed()
-                self._retry_at_mono = now_mono + delay_s
-                log.warning("modbus connect failed", endpoint=self.name, retry_in_s=delay_s)
-                return ReadError(ReadErrorKind.CONNECTION, f"cannot connect to {self.name}")
-            if self._backoff.current_s:
-                log.info("modbus connected", endpoint=self.name)
-            self._backoff.succeeded()
+    async def _connected(self) -> ModbusBaseClient | ReadError:
+        client = self._client
+        if client is not None and client.connected:
             return client
+        now = asyncio.get_running_loop().time()
+        if now < self._retry_at:
+            return ReadError(
+                ReadErrorKind.CONNECTION,
+                f"{self.name} unreachable; next attempt in {self._retry_at - now:.1f}s",
+            )
+        if client is not None:
+            client.close()
+        client = self._client = self._factory()
+        try:
+            ok = await client.connect()
+        except Exception as exc:  # pymodbus/pyserial raise a variety here
+            ok = False
+            log.debug("connect raised", link=self.name, error=repr(exc))
+        if not ok:
+            delay_s = self._backoff.failed()
+            self._retry_at = now + delay_s
+            log.warning("modbus connect failed", link=self.name, retry_in_s=delay_s)
+            return ReadError(ReadErrorKind.CONNECTION, f"cannot connect to {self.name}")
+        if self._backoff.current_s:
+            log.info("modbus connected", link=self.name)
+        self._backoff.succeeded()
+        self.connects += 1
+        return client
 
-    async def read(self, unit_id: int, requests: Sequence[ReadRequest]) -> RawRead:
-        """Run a device's requests in order; the first failure ends the read."""
-        client = await self._connected_client()
+    async def run(self, unit_id: int, payload: _Payload, timeout_s: float) -> RawRead:
+        """A device's requests in order; the first failure of a required one ends it."""
+        client = await self._connected()
         if isinstance(client, ReadError):
             return RawRead({}, (), client)
         values: dict[str, int | float] = {}
         registers: list[tuple[int, tuple[int, ...]]] = []
-        for request in requests:
-            words_or_error = await self._exchange(client, unit_id, request)
-            if isinstance(words_or_error, ReadError):
-                return RawRead(values, tuple(registers), words_or_error)
-            registers.append((request.address, words_or_error))
+        for request in payload.requests:
+            words = await self._exchange(client, unit_id, request, timeout_s)
+            if isinstance(words, ReadError):
+                return RawRead(values, tuple(registers), words)
             try:
-                values.update(decode_response(request, words_or_error))
+                values.update(decode_response(request, words))
             except MalformedResponse as exc:
-                return RawRead(
-                    values, tuple(registers), ReadError(ReadErrorKind.MALFORMED, str(exc))
-                )
-        return RawRead(values, tuple(registers), None)
+                error = ReadError(ReadErrorKind.MALFORMED, str(exc))
+                return RawRead(values, tuple(registers), error)
+            registers.append((request.address, words))
+        notes: list[str] = []
+        for request in payload.optional:
+            words = await self._exchange(client, unit_id, request, timeout_s)
+            try:
+                if isinstance(words, ReadError):
+                    raise MalformedResponse(f"{words.kind}: {words.detail}")
+                values.update(decode_response(request, words))
+                registers.append((request.address, words))
+            except MalformedResponse as exc:
+                notes.append(f"{request.function} {request.address}+{request.count}: {exc}")
+                if isinstance(words, ReadError) and words.kind is not ReadErrorKind.EXCEPTION:
+                    break  # the unit went quiet or the line broke: stop here
+        return RawRead(values, tuple(registers), None, notes=tuple(notes))
+
+    async def _quiet(self) -> None:
+        """Keep the inter-frame silence (RTU) / configured gap before sending.
+
+        The event loop sleeps in whole milliseconds (epoll), which would stretch
+        a 1.75 ms silence at 38400 Bd to 2-3 ms, a fifth of a transaction. So a
+        silence shorter than `SPIN_BELOW_S` is finished by polling the clock
+        for its last fraction of a millisecond (at most ~1 ms of CPU per
+        transaction, only on fast serial lines)."""
+        if not self._gap_s:
+            return
+        loop = asyncio.get_running_loop()
+        until = self._last_end + self._gap_s
+        delay_s = until - loop.time()
+        if delay_s <= 0:
+            return
+        if delay_s >= SPIN_BELOW_S:
+            await asyncio.sleep(delay_s)
+            return
+        if delay_s > 0.001:
+            await asyncio.sleep(delay_s - 0.001)
+        while loop.time() < until:
+            pass
 
     async def _exchange(
-        self, client: AsyncModbusTcpClient, unit_id: int, request: ReadRequest
+        self, client: ModbusBaseClient, unit_id: int, request: ReadRequest, timeout_s: float
     ) -> tuple[int, ...] | ReadError:
+        await self._quiet()
+        # The timeout is per device, the client per link: set it for this request.
+        client.ctx.comm_params.timeout_connect = timeout_s
+        # Only function 3 or 4 can be sent: ReadRequest.function admits nothing else.
         call = (
             client.read_holding_registers
             if request.function == "holding"
             else client.read_input_registers
         )
         try:
-            response: Any = await call(request.address, count=request.count, device_id=unit_id)
+            response: Any = await asyncio.wait_for(
+                call(request.address, count=request.count, device_id=unit_id),
+                timeout_s + GUARD_S,
+            )
+        except TimeoutError:
+            # pymodbus did not give up on its own: reset the client.
+            self.close()
+            return ReadError(ReadErrorKind.TIMEOUT, f"no answer within {timeout_s:g}s (bus guard)")
         except ModbusIOException as exc:
-            return ReadError(ReadErrorKind.TIMEOUT, _short(exc))
+            text = _short(exc)
+            kind = ReadErrorKind.TIMEOUT if "No response" in text else ReadErrorKind.MALFORMED
+            return ReadError(kind, text)
         except ConnectionException as exc:
             return ReadError(ReadErrorKind.CONNECTION, _short(exc))
         except ModbusException as exc:
             return ReadError(ReadErrorKind.MALFORMED, _short(exc))
-        except (TimeoutError, OSError) as exc:
+        except OSError as exc:
+            self.close()
             return ReadError(ReadErrorKind.CONNECTION, repr(exc))
         except Exception as exc:  # a pymodbus decoding bug must not stop the loop
             return ReadError(ReadErrorKind.MALFORMED, repr(exc))
+        finally:
+            self._last_end = asyncio.get_running_loop().time()
         if response.isError():
             code = getattr(response, "exception_code", None)
             name = EXCEPTION_NAMES.get(code or -1, "unknown exception")
@@ -173,6 +337,467 @@ class TcpEndpoint:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _unresponsive(error: ReadError | None) -> bool:
+    if error is None:
+        return False
+    if error.kind in (ReadErrorKind.TIMEOUT, ReadErrorKind.MALFORMED):
+        return True
+    return error.kind is ReadErrorKind.EXCEPTION and error.exception_code in _GATEWAY_NO_ANSWER
+
+
+class _ScheduledLink:
+    """A link: a scheduler and one worker per connection."""
+
+    kind = "link"
+
+    def __init__(
+        self,
+        name: str,
+        factory: ClientFactory,
+        *,
+        connections: int,
+        gap_s: float,
+        timeout_s: float,
+    ) -> None:
+        self._name = name
+        self._scheduler: BusScheduler[RawRead] = BusScheduler(name, default_timeout_s=timeout_s)
+        self._connections = [
+            _Connection(name if connections == 1 else f"{name}#{i + 1}", factory, gap_s)
+            for i in range(connections)
+        ]
+        self._workers: list[asyncio.Task[None]] = []
+        self._closed = False
+        self.gap_s = gap_s
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def scheduler(self) -> BusScheduler[RawRead]:
+        return self._scheduler
+
+    def register_unit(self, unit_id: int, timeout_s: float) -> None:
+        self._scheduler.register_unit(unit_id, timeout_s)
+
+    def expect_boundary(self, in_s: float) -> None:
+        self._scheduler.expect_boundary(self._scheduler.now() + in_s)
+
+    async def read(
+        self,
+        unit_id: int,
+        requests: Sequence[ReadRequest],
+        *,
+        priority: Priority = Priority.BOUNDARY,
+        optional: Sequence[ReadRequest] = (),
+        timeout_s: float | None = None,
+    ) -> RawRead:
+        """Queue a device's read and wait for it; never raises (but may be cancelled)."""
+        if self._closed:
+            return RawRead({}, (), ReadError(ReadErrorKind.CONNECTION, f"{self.name} is closed"))
+        reason = self._scheduler.admit(unit_id, priority)
+        if reason is not None:
+            return RawRead({}, (), ReadError(ReadErrorKind.BACKOFF, f"unit {unit_id}: {reason}"))
+        if not self._workers:
+            self._workers = [
+                asyncio.get_running_loop().create_task(self._work(c), name=f"link {c.name}")
+                for c in self._connections
+            ]
+        job = self._scheduler.submit(
+            unit_id, priority, _Payload(tuple(requests), tuple(optional)), timeout_s
+        )
+        return await job.future
+
+    async def _work(self, connection: _Connection) -> None:
+        scheduler = self._scheduler
+        while True:
+            job: Job[RawRead] = await scheduler.take()
+            scheduler.started(job)
+            raw = await connection.run(job.unit_id, job.payload, job.timeout_s)
+            error = raw.error
+            scheduler.finished(
+                job,
+                ok=error is None,
+                unresponsive=_unresponsive(error),
+                timeout=error is not None and error.kind is ReadErrorKind.TIMEOUT,
+            )
+            if error is not None and _unresponsive(error):
+                log.debug("unit unresponsive", link=self.name, unit=job.unit_id, error=error.detail)
+            if not job.future.done():
+                now = scheduler.now()
+                job.future.set_result(
+                    replace(
+                        raw,
+                        queued_s=job.started_s - job.submitted_s,
+                        duration_s=now - job.started_s,
+                    )
+                )
+
+    def status(self) -> dict[str, Any]:
+        """Figures for the gateway status payload."""
+        stats = self._scheduler.stats
+        return {
+            "link": self.name,
+            "kind": self.kind,
+            "connections": len(self._connections),
+            "transactions": stats.transactions,
+            "failures": stats.failures,
+            "timeouts": stats.timeouts,
+            "skipped": stats.skipped,
+            "queue": self._scheduler.depth,
+            "last_spread_ms": stats.last_spread_ms,
+            "max_spread_ms": stats.max_spread_ms,
+            "last_wave_ms": stats.last_wave_ms,
+            "last_wave_devices": stats.last_wave_devices,
+            "units_offline": self._scheduler.offline_units(),
+        }
+
+    def close(self) -> None:
+        """Stop the workers and close the connections (reads in flight are cancelled)."""
+        self._closed = True
+        for task in self._workers:
+            task.cancel()
+        self._workers = []
+        for connection in self._connections:
+            connection.close()
+
+    async def aclose(self) -> None:
+        workers = list(self._workers)
+        self.close()
+        for task in workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class TcpEndpoint(_ScheduledLink):
+    """One Modbus TCP host:port, shared by every unit id behind it."""
+
+    kind = "tcp"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout_s: float = 1.0,
+        *,
+        max_connections: int = 1,
+        request_gap_ms: float = 0.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout_s = timeout_s
+
+        def factory() -> ModbusBaseClient:
+            # retries=0: a boundary read is not retried within the interval, it
+            # is recorded as failed (MISSING) and the next boundary tries again.
+            return AsyncModbusTcpClient(
+                host, port=port, timeout=timeout_s, retries=0, reconnect_delay=0
+            )
+
+        super().__init__(
+            f"tcp://{host}:{port}",
+            factory,
+            connections=max_connections,
+            gap_s=request_gap_ms / 1000.0,
+            timeout_s=timeout_s,
+        )
+
+
+class RtuOverTcpEndpoint(_ScheduledLink):
+    """RTU framing through a TCP serial device server: one transaction at a time."""
+
+    kind = "rtu_over_tcp"
+
+    def __init__(self, host: str, port: int, timeout_s: float = 1.0) -> None:
+        self.host = host
+        self.port = port
+
+        def factory() -> ModbusBaseClient:
+            return AsyncModbusTcpClient(
+                host,
+                port=port,
+                framer=FramerType.RTU,
+                timeout=timeout_s,
+                retries=0,
+                reconnect_delay=0,
+            )
+
+        super().__init__(
+            f"rtu+tcp://{host}:{port}", factory, connections=1, gap_s=0.0, timeout_s=timeout_s
+        )
+
+
+class RtuBus(_ScheduledLink):
+    """A serial port with Modbus RTU devices on it: one transaction in flight,
+    the inter-frame silence kept before each request."""
+
+    kind = "rtu"
+
+    def __init__(
+        self,
+        port: str,
+        *,
+        baudrate: int = 9600,
+        parity: str = "E",
+        bytesize: int = 8,
+        stopbits: int = 1,
+        timeout_s: float = 1.0,
+    ) -> None:
+        self.port = port
+        self.baudrate = baudrate
+
+        def factory() -> ModbusBaseClient:
+            return AsyncModbusSerialClient(
+                port,
+                framer=FramerType.RTU,
+                baudrate=baudrate,
+                bytesize=bytesize,
+                parity=parity,
+                stopbits=stopbits,
+                timeout=timeout_s,
+                retries=0,
+                reconnect_delay=0,
+            )
+
+        super().__init__(
+            f"rtu://{port}",
+            factory,
+            connections=1,
+            gap_s=rtu_frame_gap_s(baudrate, parity, stopbits),
+            timeout_s=timeout_s,
+        )
+
+
+# ------------------------------------------------------------------------------
+# Grouping devices into links
+
+
+class LinkConfigError(ValueError):
+    """Devices that share a port or endpoint disagree on how to use it."""
+
+
+AnyTransport = TcpTransport | RtuTransport | RtuOverTcpTransport
+
+
+def _link_key(transport: AnyTransport) -> tuple[str, ...]:
+    if isinstance(transport, RtuTransport):
+        return ("serial", transport.port)
+    # A TCP port is one link whatever the framing; mixing framings is an error.
+    return ("net", transport.host.lower(), str(transport.port))
+
+
+def _line_settings(transport: AnyTransport) -> tuple[Any, ...]:
+    if isinstance(transport, TcpTransport):
+        return ("tcp", transport.max_connections, transport.request_gap_ms)
+    if isinstance(transport, RtuTransport):
+        return ("rtu", transport.baudrate, transport.parity, transport.bytesize, transport.stopbits)
+    return ("rtu_over_tcp",)
+
+
+def check_links(devices: Iterable[Device]) -> list[str]:
+    """Problems with how devices share ports and endpoints (for check-config)."""
+    first: dict[tuple[str, ...], tuple[str, tuple[Any, ...]]] = {}
+    units: dict[tuple[tuple[str, ...], int], str] = {}
+    problems: list[str] = []
+    for device in devices:
+        transport = device.transport
+        key = _link_key(transport)
+        settings = _line_settings(transport)
+        seen = first.setdefault(key, (device.id, settings))
+        if seen[1] != settings:
+            problems.append(
+                f"devices {seen[0]} and {device.id} share {':'.join(key[1:])} but configure "
+                f"it differently ({seen[1]} vs {settings})"
+            )
+        other = units.setdefault((key, transport.unit_id), device.id)
+        if other != device.id:
+            log.info(
+                "two devices read one unit", devices=[other, device.id], unit=transport.unit_id
+            )
+    return problems
+
+
+def build_links(devices: Iterable[Device]) -> dict[str, Link]:
+    """One link per serial port / TCP endpoint, keyed by device id.
+
+    Devices are registered on their link in the order given (the config
+    order), which is the order their boundary reads go on the wire. Raises
+    :class:`LinkConfigError` when devices sharing a port disagree on its
+    settings (baud rate, parity, TCP connections …).
+    """
+    devices = list(devices)
+    problems = check_links(devices)
+    if problems:
+        raise LinkConfigError("; ".join(problems))
+    by_key: dict[tuple[str, ...], _ScheduledLink] = {}
+    links: dict[str, Link] = {}
+    for device in devices:
+        transport = device.transport
+        key = _link_key(transport)
+        link = by_key.get(key)
+        if link is None:
+            link = by_key[key] = _new_link(transport)
+        link.register_unit(transport.unit_id, transport.timeout)
+        links[device.id] = link
+    return links
+
+
+def _new_link(transport: AnyTransport) -> _ScheduledLink:
+    if isinstance(transport, TcpTransport):
+        return TcpEndpoint(
+            transport.host,
+            transport.port,
+            transport.timeout,
+            max_connections=transport.max_connections,
+            request_gap_ms=transport.request_gap_ms,
+        )
+    if isinstance(transport, RtuTransport):
+        return RtuBus(
+            transport.port,
+            baudrate=transport.baudrate,
+            parity=transport.parity,
+            bytesize=transport.bytesize,
+            stopbits=transport.stopbits,
+            timeout_s=transport.timeout,
+        )
+    return RtuOverTcpEndpoint(transport.host, transport.port, transport.timeout)
+
+
+# ------------------------------------------------------------------------------
+# A device's register map as read plans (pure), and reading one
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePlan:
+    """Everything a poller needs to read one device."""
+
+    unit_id: int
+    boundary: ReadPlan  # channels (+ scale factors), status and clock
+    measurements: ReadPlan | None  # fast-poll points, if configured
+    measure_every_s: float | None
+
+
+def _point(name: str, spec: _RegisterMap) -> Point:
+    return Point(name, spec.function, spec.address, spec.type, spec.word_order, spec.byte_order)
+
+
+def _sf_name(function: str, address: int) -> str:
+    return f"_sf.{function}.{address}"
+
+
+def _register_plan(
+    specs: Sequence[_RegisterMap], *, counters: bool
+) -> tuple[list[Point], list[ValueSpec]]:
+    points: dict[str, Point] = {}
+    values: list[ValueSpec] = []
+    for spec in specs:
+        points[spec.name] = _point(spec.name, spec)
+        sf_point = None
+        if spec.scale_register is not None:
+            sf = spec.scale_register
+            sf_point = _sf_name(sf.function, sf.address)
+            points[sf_point] = Point(sf_point, sf.function, sf.address, sf.type)
+        if counters:
+            # Counters stay in counts: scale and CT/VT live in Channel.multiplier.
+            values.append(ValueSpec(spec.name, spec.name, sf_point=sf_point,
+                                    m10k=spec.encoding == "m10k"))  # fmt: skip
+        else:
+            assert isinstance(spec, MeasurementPoint)
+            factor = spec.scale * spec.ratio_factor
+            values.append(ValueSpec(spec.name, spec.name, scale=factor, offset=spec.offset,
+                                    sf_point=sf_point, m10k=spec.encoding == "m10k"))  # fmt: skip
+    return list(points.values()), values
+
+
+def plan_device(device: Device) -> DevicePlan:
+    """Turn a device's config into its read plans (pure; coalesced with ``max_gap``).
+
+    Raises ``ValueError`` if the register map cannot be read (two channels
+    named like a status point, say) — config validation makes that rare.
+    """
+    points, values = _register_plan(device.channels, counters=True)
+    optional: list[Point] = []
+    status: list[StatusSpec] = []
+    for word in device.status:
+        name = f"_status.{word.function}.{word.address}"
+        optional.append(Point(name, word.function, word.address, word.type,
+                              word.word_order, word.byte_order))  # fmt: skip
+        status.append(StatusSpec(name, dict(word.bits)))
+    clock_spec = None
+    if (clock := device.clock) is not None:
+        if clock.format == "epoch":
+            names = ["_clock.epoch"]
+            optional.append(Point(names[0], clock.function, clock.address, clock.type,
+                                  clock.word_order, clock.byte_order))  # fmt: skip
+        else:
+            fields = 6 if clock.format == "ymdhms" else 4
+            names = [f"_clock.{i}" for i in range(fields)]
+            for i, name in enumerate(names):
+                optional.append(Point(name, clock.function, clock.address + i, "uint16"))
+        zone = UTC if clock.timezone == "UTC" else ZoneInfo(clock.timezone)
+        clock_spec = ClockSpec(clock.format, tuple(names), zone, device.clock_tolerance)
+    boundary = build_plan(
+        points,
+        values,
+        optional_points=_dedupe(optional),
+        status=status,
+        clock=clock_spec,
+        max_gap=device.max_gap,
+    )
+    measurements = None
+    every = None
+    if device.measurements is not None:
+        m_points, m_values = _register_plan(device.measurements.points, counters=False)
+        measurements = build_plan(m_points, m_values, max_gap=device.max_gap)
+        every = device.measurements.every
+    return DevicePlan(device.transport.unit_id, boundary, measurements, every)
+
+
+def _dedupe(points: Sequence[Point]) -> list[Point]:
+    seen: dict[str, Point] = {}
+    for point in points:
+        seen.setdefault(point.name, point)
+    return list(seen.values())
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRead:
+    """One device read, scaled: what the poller turns into a `Read`."""
+
+    values: Mapping[str, int | float]
+    flags: frozenset[Flag]
+    meter_clock_offset_s: float | None
+    registers: tuple[tuple[int, tuple[int, ...]], ...]
+    error: ReadError | None
+    queued_s: float
+    duration_s: float
+    notes: tuple[str, ...]
+
+
+async def read_device(
+    link: Link,
+    unit_id: int,
+    plan: ReadPlan,
+    *,
+    priority: Priority = Priority.BOUNDARY,
+    reference_s: float | None = None,
+) -> DeviceRead:
+    """Read ``plan`` through ``link`` and apply it (scaling, status, clock).
+
+    ``reference_s`` is the reference time (epoch s) at which the read was
+    asked for; the meter clock is compared with it plus the time the read
+    queued for the line.
+    """
+    raw = await link.read(unit_id, plan.requests, priority=priority, optional=plan.optional)
+    if raw.error is not None:
+        return DeviceRead({}, frozenset(), None, raw.registers, raw.error, raw.queued_s,
+                          raw.duration_s, raw.notes)  # fmt: skip
+    at_s = None if reference_s is None else reference_s + raw.queued_s
+    result = apply_plan(plan, raw.values, at_s)
+    return DeviceRead(result.values, result.flags, result.meter_clock_offset_s, raw.registers,
+                      None, raw.queued_s, raw.duration_s, raw.notes + result.problems)  # fmt: skip
 
 
 def _short(exc: Exception) -> str:

@@ -29,25 +29,39 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from decimal import Decimal
 from typing import Final, Literal, TypeVar, get_args
+
+from edged.model import Flag
 
 __all__ = [
     "MAX_READ_COUNT",
     "ByteOrder",
+    "ClockSpec",
     "DataType",
     "Function",
     "MalformedResponse",
     "OrderCode",
+    "PlanResult",
     "Point",
+    "ReadPlan",
     "ReadRequest",
+    "StatusSpec",
+    "ValueSpec",
     "WordOrder",
+    "apply_plan",
+    "build_plan",
     "coalesce",
     "decode",
     "decode_bits",
     "decode_response",
     "encode",
+    "m10k",
+    "meter_clock_s",
     "order_from_code",
     "register_count",
+    "scaled_value",
 ]
 
 DataType = Literal["uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64"]
@@ -405,3 +419,224 @@ def decode_response(request: ReadRequest, words: Sequence[int]) -> dict[str, int
         name: unpack_from(swapped if needs_swap else big, offset)[0]
         for name, offset, unpack_from, needs_swap in request._plan
     }
+
+
+# ----------------------------------------------------------------------------
+# Read plans: a device's register map as requests plus pure post-processing.
+#
+# Added for bus scheduling (issue 5). A plan is built once per device; each read
+# is then `decode_response` per request (above) and `apply_plan` (below), all
+# pure, so the arithmetic that turns registers into billing values is tested
+# without sockets.
+
+
+@dataclass(frozen=True, slots=True)
+class ValueSpec:
+    """How one output value is computed from the decoded points of a read.
+
+    ``value = m10k(raw) x 10**sf x scale + offset``, where ``sf`` is the decoded
+    value of ``sf_point`` (SunSpec ``sunssf``; ``-32768`` means "not
+    implemented" and makes the value absent). Integers stay exact integers when
+    no factor applies, so energy counters keep integer arithmetic; factors are
+    applied through the decimal ``repr`` so 1754 x 0.1 is 175.4, not
+    175.40000000000001.
+    """
+
+    name: str
+    point: str
+    scale: float = 1.0
+    offset: float = 0.0
+    sf_point: str | None = None
+    m10k: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSpec:
+    """A status word (decoded point ``point``, unsigned) and its bit -> flag map."""
+
+    point: str
+    bits: Mapping[int, Flag]
+
+
+ClockFormat = Literal["epoch", "ymdhms", "datetime4"]
+_CLOCK_POINTS: Final[dict[str, int]] = {"epoch": 1, "ymdhms": 6, "datetime4": 4}
+
+
+@dataclass(frozen=True, slots=True)
+class ClockSpec:
+    """The meter clock: ``epoch`` (one point, seconds since 1970 UTC), ``ymdhms``
+    (six points: year, month, day, hour, minute, second in ``zone``) or
+    ``datetime4`` (four words of IEC 60870-5-4 packed time, Schneider
+    PowerLogic "DATETIME": year-2000 | month<<8 + day | hour<<8 + minute | ms)."""
+
+    format: ClockFormat
+    points: tuple[str, ...]
+    zone: tzinfo = UTC
+    tolerance_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if len(self.points) != _CLOCK_POINTS.get(self.format, -1):
+            raise ValueError(f"clock format {self.format!r} needs {_CLOCK_POINTS.get(self.format)}"
+                             f" points, got {len(self.points)}")  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPlan:
+    """A device's read: ``requests`` must all succeed; ``optional`` requests
+    (status, clock) are read after them and their failure only loses what
+    they carry, never the energy values."""
+
+    requests: tuple[ReadRequest, ...]
+    optional: tuple[ReadRequest, ...]
+    values: tuple[ValueSpec, ...]
+    status: tuple[StatusSpec, ...] = ()
+    clock: ClockSpec | None = None
+
+    @property
+    def transactions(self) -> int:
+        return len(self.requests) + len(self.optional)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanResult:
+    values: dict[str, int | float]
+    flags: frozenset[Flag]
+    meter_clock_s: float | None
+    meter_clock_offset_s: float | None
+    problems: tuple[str, ...]
+
+
+def build_plan(
+    points: Sequence[Point],
+    values: Sequence[ValueSpec],
+    *,
+    optional_points: Sequence[Point] = (),
+    status: Sequence[StatusSpec] = (),
+    clock: ClockSpec | None = None,
+    max_gap: int = 8,
+) -> ReadPlan:
+    """Coalesce ``points`` (required) and ``optional_points`` separately.
+
+    Points may be shared (several values scaled by one scale-factor register)
+    but names must be unique within each group; a point needed by both groups
+    belongs in ``points``. Raises ``ValueError`` for a value, status or clock
+    naming a point that is not read.
+    """
+    required = coalesce(points, max_gap)
+    optional = coalesce(optional_points, max_gap) if optional_points else ()
+    known = {p.name for p in points}
+    known_optional = {p.name for p in optional_points}
+    for spec in values:
+        for name in (spec.point, spec.sf_point):
+            if name is not None and name not in known:
+                raise ValueError(f"value {spec.name!r} needs point {name!r}, which is not read")
+    for name in [s.point for s in status] + list(clock.points if clock else ()):
+        if name not in known and name not in known_optional:
+            raise ValueError(f"status/clock point {name!r} is not read")
+    return ReadPlan(required, optional, tuple(values), tuple(status), clock)
+
+
+def m10k(value: int | float, signed: bool) -> int | float:
+    """ION "M10K" 32-bit formats: the high register counts ten-thousands,
+    the low register the rest (value = high x 10000 + low), each register
+    signed for the signed format. ``value`` is the 32-bit decode of the pair."""
+    if not isinstance(value, int):
+        return value
+    high, low = (value >> 16), value & 0xFFFF
+    if signed:
+        low = low - 0x10000 if low >= 0x8000 else low
+    return high * 10_000 + low
+
+
+def _times(value: int | float, factor: float) -> int | float:
+    if factor == 1.0:
+        return value
+    if isinstance(value, int):
+        return float(Decimal(value) * Decimal(repr(factor)))
+    return value * factor
+
+
+def scaled_value(spec: ValueSpec, decoded: Mapping[str, int | float]) -> int | float | None:
+    """One value of a plan from the decoded points (None: the meter says n/a)."""
+    raw = decoded[spec.point]
+    if spec.m10k:
+        # Valid M10K pairs share one sign, so a negative decode means the signed format.
+        raw = m10k(raw, signed=raw < 0)
+    if spec.sf_point is not None:
+        sf = decoded[spec.sf_point]
+        if not isinstance(sf, int) or sf == -32768 or not -20 <= sf <= 20:
+            return None
+        if isinstance(raw, int):
+            raw = raw * 10**sf if sf >= 0 else float(Decimal(raw).scaleb(sf))
+        else:
+            raw = raw * 10.0**sf
+    value = _times(raw, spec.scale)
+    if spec.offset:
+        if isinstance(value, int):
+            return float(Decimal(value) + Decimal(repr(spec.offset)))
+        return value + spec.offset
+    return value
+
+
+def meter_clock_s(clock: ClockSpec, decoded: Mapping[str, int | float]) -> float:
+    """Epoch seconds of the meter clock; ValueError if the registers are no date."""
+    words = [decoded[p] for p in clock.points]
+    if clock.format == "epoch":
+        return float(words[0])
+    ints = [int(w) for w in words]
+    if clock.format == "ymdhms":
+        year, month, day, hour, minute, second = ints
+        microsecond = 0
+    else:  # datetime4
+        year = ints[0] & 0x7F
+        month, day = (ints[1] >> 8) & 0x0F, ints[1] & 0x1F
+        hour, minute = (ints[2] >> 8) & 0x1F, ints[2] & 0x3F
+        second, microsecond = divmod((ints[3] & 0xFFFF) * 1000, 1_000_000)
+    if year < 100:
+        year += 2000
+    return datetime(year, month, day, hour, minute, second, microsecond,
+                    tzinfo=clock.zone).timestamp()  # fmt: skip
+
+
+def apply_plan(
+    plan: ReadPlan, decoded: Mapping[str, int | float], reference_s: float | None = None
+) -> PlanResult:
+    """Values, status flags and meter clock of one successful read.
+
+    ``reference_s`` is the reference (epoch) time the read was taken at; with a
+    clock in the plan, the meter clock offset is measured against it and an
+    offset beyond the tolerance adds CLOCK_ERROR. Status or clock points
+    missing from ``decoded`` (their optional request failed) are reported in
+    ``problems`` and contribute nothing.
+    """
+    values: dict[str, int | float] = {}
+    problems: list[str] = []
+    for spec in plan.values:
+        value = scaled_value(spec, decoded)
+        if value is None:
+            problems.append(f"{spec.name}: scale factor not implemented")
+            continue
+        values[spec.name] = value
+    flags: set[Flag] = set()
+    for status in plan.status:
+        word = decoded.get(status.point)
+        if word is None:
+            problems.append(f"status {status.point} not read")
+        elif isinstance(word, int) and word >= 0:
+            flags.update(decode_bits(word, status.bits))
+    clock_s = offset_s = None
+    clock = plan.clock
+    if clock is not None:
+        if all(p in decoded for p in clock.points):
+            try:
+                clock_s = meter_clock_s(clock, decoded)
+            except (ValueError, OverflowError, OSError) as exc:
+                problems.append(f"meter clock unreadable: {exc}")
+                flags.add(Flag.CLOCK_ERROR)
+        else:
+            problems.append("meter clock not read")
+        if clock_s is not None and reference_s is not None:
+            offset_s = clock_s - reference_s
+            if abs(offset_s) > clock.tolerance_s:
+                flags.add(Flag.CLOCK_ERROR)
+    return PlanResult(values, frozenset(flags), clock_s, offset_s, tuple(problems))
