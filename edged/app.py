@@ -310,6 +310,7 @@ class App:
                     peaks={ch: p for (dev, ch), p in peaks.items() if dev == device.id},
                     on_records=self._on_records,
                     on_peak=self._on_peak,
+                    on_measurement=publisher.publish_now,
                 )
             )
         try:
@@ -321,6 +322,14 @@ class App:
                                       name=f"poller:{p.device.id}")
                     for p in pollers
                 ]  # fmt: skip
+                poller_tasks += [
+                    group.create_task(
+                        _supervised(p.run_measurements, f"measure:{p.device.id}", self._stop),
+                        name=f"measure:{p.device.id}",
+                    )
+                    for p in pollers
+                    if p.device.measurements is not None
+                ]
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
                 liveness_task = group.create_task(self._liveness_loop(store), name="liveness")
                 clock_task = group.create_task(self.reference.run(), name="clock")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,7 @@ EVENT_SCHEMA = "edged.event/1"
 GATEWAY_STATUS_SCHEMA = "edged.gateway_status/1"
 DEVICE_STATUS_SCHEMA = "edged.device_status/1"
 PEAK_SCHEMA = "edged.peak/1"
+MEASUREMENT_SCHEMA = "edged.measurement/1"
 
 
 def iso_utc(t: datetime) -> str:
@@ -127,6 +129,28 @@ def peak_payload(
         "demand_unit": demand_unit,
         "peak": one(peak.block),
         "rolling_peak": one(peak.rolling),
+    }
+
+
+def measurement_payload(
+    site: str,
+    device: str,
+    at: datetime,
+    values: Mapping[str, float | int],
+    units: Mapping[str, str],
+) -> dict[str, Any]:
+    """Fast-poll values; a NaN or infinite register value is sent as null."""
+    clean = {
+        name: (None if isinstance(v, float) and not math.isfinite(v) else v)
+        for name, v in values.items()
+    }
+    return {
+        "schema": MEASUREMENT_SCHEMA,
+        "site": site,
+        "device": device,
+        "at": iso_utc(at),
+        "values": clean,
+        "units": dict(units),
     }
 
 

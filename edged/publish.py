@@ -107,10 +107,25 @@ class Publisher:
         self.published_count = 0
         self.backlog_remaining = 0
         self.on_connection_change: Callable[[bool], None] | None = None
+        self._client_now: aiomqtt.Client | None = None
+        self._fire_and_forget: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
         """Something new is in the outbox."""
         self._wake.set()
+
+    def publish_now(self, topic: str, payload: dict[str, Any]) -> bool:
+        """Fire-and-forget QoS 0 (fast-poll measurements): never stored, and
+        dropped while disconnected, so they cannot crowd out interval data."""
+        client = self._client_now
+        if client is None:
+            return False
+        encoded = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        task = asyncio.create_task(client.publish(topic, encoded, qos=0))
+        self._fire_and_forget.add(task)
+        task.add_done_callback(self._fire_and_forget.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return True
 
     def set_retained(self, topic: str, payload: dict[str, Any]) -> None:
         encoded = json.dumps(payload, separators=(",", ":")).encode()
@@ -125,6 +140,7 @@ class Publisher:
             try:
                 await self._session(broker)
             except aiomqtt.MqttError as exc:
+                self._client_now = None
                 self._set_connected(False)
                 if self._stopping:
                     break
@@ -188,6 +204,7 @@ class Publisher:
             log.info("mqtt connected", broker=f"{broker.host}:{broker.port}", tls=broker.tls)
             self._retained_dirty = set(self._retained)  # a new session re-asserts state
             self._set_connected(True)
+            self._client_now = client
             # What is waiting now is backlog; anything committed later is live.
             backlog_end = await self._store.outbox_max_seq()
             backlog_cursor = 0
@@ -221,6 +238,7 @@ class Publisher:
                 self.backlog_remaining = max(0, backlog_end - backlog_cursor)
                 if self._stopping:
                     await self._publish_retained(client)
+                    self._client_now = None
                     return
                 if len(live) == OUTBOX_BATCH:
                     continue

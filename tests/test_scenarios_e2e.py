@@ -25,6 +25,11 @@ def config_text(tmp_path: Path, broker: Broker, port: int, ntp_port: int) -> str
     devices = []
     for unit, name in UNITS.items():
         extra = ""
+        if name == "steady":
+            extra = (
+                "    measurements: {every: 500ms, points: "
+                "[{name: pulses, register: 0, type: uint32, unit: count}]}\n"
+            )
         if name == "status":
             extra = "    status: {register: 102, bits: {0: POWER_FAIL, 3: DEVICE_ERROR}}\n"
         if name == "clock":
@@ -108,6 +113,11 @@ async def test_every_scenario_produces_its_flag(
     assert {"POWER", "IOBOARD"} <= set(status["iee_status"])
     clock = flagged(got, "clock", "CLOCK_ERROR")
     assert clock, records(got, "clock")
+    # Fast polling: QoS 0 measurements between boundaries, the counter rising.
+    measured = [p["values"]["pulses"] for p in got.payloads("/device/steady/measurement")]
+    assert len(measured) >= 4
+    assert measured == sorted(measured)
+    assert measured[-1] > measured[0]
     # The station total is the sum of its inputs, interval by interval.
     steady = {r["end"]: r for r in records(got, "steady")}
     wrap = {r["end"]: r for r in records(got, "wrap")}
