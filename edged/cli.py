@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import os
+import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from edged import __version__
 from edged.config import ConfigError, Settings, load_settings
+from edged.export import CSV_COLUMNS
+from edged.payloads import iso_utc
 
 DEFAULT_CONFIG = Path("/etc/edged/edged.yaml")
+# `edged status` exits with this when there is at least one alarm (as `systemctl
+# status` exits 3 for a unit that is not running).
+STATUS_ALARM = 3
 
 
 def _load(path: Path) -> Settings | None:
@@ -65,6 +76,149 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
 
 
+def _open_store(args: argparse.Namespace, settings: Settings) -> sqlite3.Connection | None:
+    from edged.queries import StoreUnavailable, connect_readonly
+
+    path = args.db if args.db is not None else settings.storage.path
+    try:
+        return connect_readonly(path)
+    except StoreUnavailable as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from edged.queries import format_status, status_json, store_status
+
+    settings = _load(args.config)
+    if settings is None:
+        return 1
+    conn = _open_store(args, settings)
+    if conn is None:
+        return 1
+    try:
+        path = args.db if args.db is not None else settings.storage.path
+        status = store_status(conn, settings, path, datetime.now(UTC))
+    finally:
+        conn.close()
+    if args.format == "json":
+        print(json.dumps(status_json(status), indent=2))
+    else:
+        sys.stdout.write(format_status(status))
+    return STATUS_ALARM if any(a.level == "alarm" for a in status.alarms) else 0
+
+
+def cmd_intervals(args: argparse.Namespace) -> int:
+    try:
+        return _intervals(args)
+    except BrokenPipeError:
+        # `edged intervals ... | head`: the reader has gone; stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
+
+
+def _intervals(args: argparse.Namespace) -> int:
+    from edged.export import Format, TimeArgumentError, make_writer, parse_time
+    from edged.queries import IntervalQuery, count_intervals, iter_interval_payloads
+
+    settings = _load(args.config)
+    if settings is None:
+        return 1
+    zone = settings.zone
+    now = datetime.now(UTC)
+    try:
+        end = parse_time(args.end, zone, now) if args.end is not None else now
+        start = (
+            parse_time(args.start, zone, now) if args.start is not None else end - timedelta(days=1)
+        )
+    except TimeArgumentError as exc:
+        print(f"edged intervals: {exc}", file=sys.stderr)
+        return 2
+    if start >= end:
+        print("edged intervals: --from must be before --to", file=sys.stderr)
+        return 2
+    known = {d.id: d for d in settings.devices}
+    for device in args.device:
+        if device not in known:
+            print(
+                f"edged intervals: warning: device {device!r} is not in {args.config} "
+                f"(known: {', '.join(known)}); searching the store anyway",
+                file=sys.stderr,
+            )
+    if args.plot is not None:
+        from edged.plot import PlotUnavailable, require_matplotlib
+
+        try:
+            require_matplotlib()
+        except PlotUnavailable as exc:
+            print(f"edged intervals: {exc}", file=sys.stderr)
+            return 1
+    fmt: Format | None = args.format or ("table" if args.plot is None else None)
+    conn = _open_store(args, settings)
+    if conn is None:
+        return 1
+    query = IntervalQuery(start, end, tuple(args.device), tuple(args.channel))
+    out = sys.stdout if args.output is None else args.output.open("w", encoding="utf-8", newline="")
+    plotted: list[dict[str, Any]] = []
+    count = 0
+    try:
+        total = count_intervals(conn, query)
+        writer = make_writer(fmt, out, zone) if fmt is not None else None
+        with _progress(total) as advance:
+            for payload in iter_interval_payloads(conn, query):
+                if writer is not None:
+                    writer.write(payload)
+                if args.plot is not None:
+                    plotted.append(payload)
+                count += 1
+                advance()
+        if writer is not None:
+            writer.close()
+    finally:
+        conn.close()
+        if out is not sys.stdout:
+            out.close()
+    what = ", ".join(args.device) or "all devices"
+    span = f"{iso_utc(start)} .. {iso_utc(end)}"
+    if count == 0:
+        print(f"edged intervals: no intervals for {what} ending in ({span}]", file=sys.stderr)
+    if args.output is not None:
+        print(f"edged intervals: wrote {count} interval(s) to {args.output}", file=sys.stderr)
+    if args.plot is not None:
+        from edged.plot import plot_intervals
+
+        title = f"{settings.site}: {what}, {span}"
+        plot_intervals(plotted, args.plot, zone, title)
+        print(f"edged intervals: plotted {count} interval(s) to {args.plot}", file=sys.stderr)
+    return 0
+
+
+# An export of at least this many rows shows a progress bar (on a terminal).
+PROGRESS_MIN_ROWS = 2000
+
+
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Callable[[], None]]:
+    """A rich progress bar on stderr for long exports, only when stderr is a terminal."""
+    if total < PROGRESS_MIN_ROWS or not sys.stderr.isatty():
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("intervals", total=total)
+        yield lambda: progress.advance(task)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edged",
@@ -105,6 +259,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=int, default=10, metavar="S",
                    help="interval length in seconds (default 10; must divide a day)")  # fmt: skip
     p.set_defaults(func=cmd_demo)
+
+    def db_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--db", type=Path, default=None, metavar="PATH",
+                       help="store to read instead of the config's storage.path "
+                       "(e.g. a copy taken off a gateway)")  # fmt: skip
+
+    p = sub.add_parser(
+        "status",
+        help="show devices, outbox and alarms from the local store",
+        description="Read the local store (read-only; the daemon may keep running) and show, "
+        "per configured device, the last read and its result, failed reads, the last interval "
+        "end and the last 24 h of interval quality; the outbox depth and the age of its oldest "
+        "unsent message; the daemon's liveness mark; and alarms. Exit status: 0 no alarms, "
+        f"1 config or store unreadable, {STATUS_ALARM} at least one alarm.",
+    )
+    config_arg(p)
+    db_arg(p)
+    p.add_argument("--format", choices=("text", "json"), default="text",
+                   help="text for people (default), json for monitoring scripts")  # fmt: skip
+    p.set_defaults(func=cmd_status)
+
+    from edged.export import FORMATS, TIME_HELP
+
+    p = sub.add_parser(
+        "intervals",
+        help="export interval records from the local store (table, CSV, JSON, PNG plot)",
+        description="Export the interval records stored on this gateway whose end lies in "
+        "(--from, --to], ordered by end, device, channel. Reads the store read-only; the "
+        "daemon may keep running. CSV has one row per interval (columns: "
+        + ", ".join(CSV_COLUMNS)
+        + "); flags and iee_status are joined with '|'; an empty cell is null.",
+        epilog="Times: " + TIME_HELP + ". A local time that DST skips or repeats is refused; "
+        "write it with its offset. A progress bar is shown on stderr for long exports when "
+        "stderr is a terminal.",
+    )
+    config_arg(p)
+    db_arg(p)
+    p.add_argument("--device", action="append", default=[], metavar="D",
+                   help="device id (repeat for several; default: all)")  # fmt: skip
+    p.add_argument("--channel", action="append", default=[], metavar="C",
+                   help="channel name (repeat for several; default: all)")  # fmt: skip
+    p.add_argument("--from", dest="start", default=None, metavar="T",
+                   help="start of the range, exclusive (default: 24 h before --to)")  # fmt: skip
+    p.add_argument("--to", dest="end", default=None, metavar="T",
+                   help="end of the range, inclusive (default: now)")  # fmt: skip
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="table (default), csv or json; with only --plot: none")  # fmt: skip
+    p.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
+                   help="write to FILE instead of stdout")  # fmt: skip
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                   help="also draw interval demand over the range, flagged intervals marked, "
+                   "as a PNG (needs the optional extra: pip install 'edged[plot]')")  # fmt: skip
+    p.set_defaults(func=cmd_intervals)
     return parser
 
 

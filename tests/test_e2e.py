@@ -18,6 +18,7 @@ import pytest
 
 from simulators.meter import MeterServer, SimulatedMeter
 from tests.conftest import Broker, Collector, collect
+from tests.schema_check import validate_messages
 
 pytestmark = pytest.mark.integration
 
@@ -136,6 +137,7 @@ async def test_daemon_publishes_consecutive_intervals(
         async with daemon(config, tmp_path) as d:
             await got.wait_for(lambda c: len(intervals(c)) >= 6, 20, "6 intervals")
             assert await d.stop() == 0
+    validate_messages(got.messages)  # every message meets its JSON Schema
     records = intervals(got)
     first, rest = records[0], records[1:]
     # start-up: the first interval runs from the baseline read to the boundary

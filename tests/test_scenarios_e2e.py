@@ -11,6 +11,7 @@ import pytest
 from simulators.faults import Fault
 from simulators.meter import MeterServer, SimulatedMeter
 from tests.conftest import Broker, Collector, collect
+from tests.schema_check import validate_messages
 from tests.test_e2e import Daemon
 
 pytestmark = pytest.mark.integration
@@ -91,6 +92,8 @@ async def test_every_scenario_produces_its_flag(
             )
         finally:
             assert await daemon.stop() == 0
+    # Every message (intervals, events, statuses, peaks, measurements) meets its schema.
+    validate_messages(got.messages)
     assert flagged(got, "wrap", "ROLLOVER"), records(got, "wrap")
     wrapped = flagged(got, "wrap", "ROLLOVER")[0]
     assert wrapped["value"] == pytest.approx(1.0, abs=0.1)  # 1 kWh/s, not 4 million
