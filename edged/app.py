@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from edged import __version__
-from edged.clock import BoundaryWaiter, Clock
+from edged.clock import BoundaryWaiter, Clock, SystemClock
 from edged.config import Settings, TimeSettings, config_hash
 from edged.demand import PeakState
 from edged.modbus import Link, build_links
@@ -99,7 +99,8 @@ class App:
         self.settings = settings
         self.config_path = config_path
         self._clock_override = clock
-        self.clock: Clock = clock or _StartingClock()
+        # Until the reference clock is built from the store's last mark.
+        self.clock: Clock = clock or SystemClock(TimeState.ASSUMED)
         self.reference: NtpReferenceClock | SystemReferenceClock | None = clock
         self.topics = Topics(settings.mqtt.topic_prefix, settings.site)
         self._stop = asyncio.Event()
@@ -373,20 +374,6 @@ class App:
             await asyncio.sleep(self.settings.status_every)
             depth = await store.outbox_depth()
             publisher.set_retained(self.topics.gateway_status, self.gateway_status("online", depth))
-
-
-class _StartingClock:
-    """Stands in until the reference clock is built from the store's last mark."""
-
-    def now(self) -> datetime:
-        return datetime.now(UTC)
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    @property
-    def time_state(self) -> TimeState:
-        return TimeState.ASSUMED
 
 
 async def _supervised(run: Callable[[], Awaitable[None]], name: str, stop: asyncio.Event) -> None:
