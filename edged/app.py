@@ -230,6 +230,9 @@ class App:
             "last_error": health.last_error,
             "reads": health.reads,
             "errors": health.errors,
+            "meter_clock_offset_s": None
+            if health.meter_clock_offset_s is None
+            else round(health.meter_clock_offset_s, 3),
         }
 
     def _on_health(self, device_id: str, health: DeviceHealth) -> None:

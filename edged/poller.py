@@ -122,6 +122,7 @@ class DeviceHealth:
     consecutive_errors: int = 0
     reads: int = 0
     errors: int = 0
+    meter_clock_offset_s: float | None = None
 
     @property
     def comms(self) -> str:
@@ -293,6 +294,7 @@ class DevicePoller:
         if read.ok:
             health.last_good_read = read.read_at
             health.consecutive_errors = 0
+            health.meter_clock_offset_s = read.meter_clock_offset_s
         else:
             assert read.error is not None
             health.errors += 1

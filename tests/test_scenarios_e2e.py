@@ -19,13 +19,16 @@ pytestmark = pytest.mark.integration
 KWH_PER_COUNT = 0.001
 MODULUS = 1 << 32
 # unit -> scenario; each unit is one device of the same name
-UNITS = {1: "steady", 2: "wrap", 3: "reset", 4: "exception", 5: "outage", 6: "status", 7: "clock"}
+UNITS = {1: "steady", 2: "wrap", 3: "reset", 4: "exception", 5: "outage", 6: "status", 7: "clock",
+         8: "limits", 9: "estimate"}  # fmt: skip
 
 
 def config_text(tmp_path: Path, broker: Broker, port: int, ntp_port: int) -> str:
     devices = []
     for unit, name in UNITS.items():
         extra = ""
+        # 1 kWh per 1 s interval: a 0.5 kWh ceiling makes every interval OUT_OF_RANGE.
+        limits = ", limits: {max: 0.5}" if name == "limits" else ""
         if name == "steady":
             extra = (
                 "    measurements: {every: 500ms, points: "
@@ -33,6 +36,8 @@ def config_text(tmp_path: Path, broker: Broker, port: int, ntp_port: int) -> str
             )
         if name == "status":
             extra = "    status: {register: 102, bits: {0: POWER_FAIL, 3: DEVICE_ERROR}}\n"
+        if name == "estimate":
+            extra = "    gaps: prorate\n    validation: amt_rule\n"
         if name == "clock":
             extra = "    clock: {format: epoch, register: 100}\n    clock_tolerance: 10s\n"
         devices.append(
@@ -41,7 +46,7 @@ def config_text(tmp_path: Path, broker: Broker, port: int, ntp_port: int) -> str
             f"    transport: {{type: tcp, host: 127.0.0.1, port: {port}, unit_id: {unit},"
             f" timeout: 300ms}}\n"
             f"    channels: [{{name: energy, register: 0, type: uint32,"
-            f" multiplier: {KWH_PER_COUNT}}}]\n" + extra
+            f" multiplier: {KWH_PER_COUNT}{limits}}}]\n" + extra
         )
     return (
         f"site: flags\ntimezone: UTC\nstorage: {{path: {tmp_path / 'edged.db'}}}\n"
@@ -81,11 +86,14 @@ async def test_every_scenario_produces_its_flag(
             meters[3].set_counts(10)  # meter replaced / counter cleared
             meters[4].set_fault(Fault.exception(4), for_s=1.5)  # server device failure
             meters[5].set_fault(Fault.silent(), for_s=2.2)  # outage
+            meters[9].set_fault(Fault.silent(), for_s=2.2)  # outage, estimated by prorating
             meters[6].status_bits = 0b1001  # power fail + device error bits
             meters[7].clock_offset_s = 120.0  # meter clock 2 minutes fast
             await got.wait_for(
                 lambda c: (
-                    len(flagged(c, "outage", "LONG")) >= 1 and len(records(c, "station")) >= 4
+                    len(flagged(c, "outage", "LONG")) >= 1
+                    and len(flagged(c, "estimate", "ESTIMATED")) >= 2
+                    and len(records(c, "station")) >= 4
                 ),
                 25,
                 "scenario flags",
@@ -111,6 +119,17 @@ async def test_every_scenario_produces_its_flag(
     long_ = flagged(got, "outage", "LONG")[0]
     assert long_["duration_s"] > 1.0
     assert long_["value"] == pytest.approx(long_["duration_s"] * 1.0, abs=0.1)
+    assert flagged(got, "limits", "OUT_OF_RANGE"), records(got, "limits")
+    # gaps: prorate -> the gap's energy spread over the missed intervals as
+    # ESTIMATED records replacing the MISSING ones (same ids); amt_rule marks
+    # the irregular ones AMT + ESTNEEDED as the Itron rule says.
+    estimated = flagged(got, "estimate", "ESTIMATED")
+    assert all(r["value"] is not None for r in estimated), estimated
+    assert not flagged(got, "estimate", "MISSING"), records(got, "estimate")
+    assert flagged(got, "estimate", "ESTNEEDED"), records(got, "estimate")
+    assert all("AMT" in r["flags"] for r in flagged(got, "estimate", "ESTNEEDED"))
+    clock_status = got.payloads("/device/clock/status")[-1]
+    assert clock_status["meter_clock_offset_s"] == pytest.approx(120.0, abs=2.0)
     status = records(got, "status")[-1]
     assert {"POWER_FAIL", "DEVICE_ERROR"} <= set(status["flags"])
     assert {"POWER", "IOBOARD"} <= set(status["iee_status"])
