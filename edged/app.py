@@ -116,7 +116,6 @@ class App:
         self._device_health: dict[str, DeviceHealth] = {}
         self.store: Store | None = None
         self.publisher: Publisher | None = None
-        self.ready = asyncio.Event()
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -339,7 +338,6 @@ class App:
                 clock_task = group.create_task(self.reference.run(), name="clock")
                 log.info("edged running", site=settings.site, devices=len(pollers),
                          version=__version__)  # fmt: skip
-                self.ready.set()
                 await self._stop.wait()
                 for poller in pollers:
                     poller.stop()

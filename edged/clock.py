@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Protocol
 
 from edged.model import TimeState
@@ -108,7 +108,3 @@ class BoundaryWaiter:
             # Keep the table small: later waiters for a past instant start afresh.
             if self._waits.get(target) is future:
                 del self._waits[target]
-
-
-def ms_between(earlier: datetime, later: datetime) -> float:
-    return (later - earlier) / timedelta(milliseconds=1)

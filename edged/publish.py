@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,10 +103,6 @@ class Publisher:
         self._retained_dirty: set[str] = set()
         self._stopping = False
         self._backoff = Backoff(first_s=0.2, max_s=10.0)
-        self.connected = False
-        self.published_count = 0
-        self.backlog_remaining = 0
-        self.on_connection_change: Callable[[bool], None] | None = None
         self._client_now: aiomqtt.Client | None = None
         self._fire_and_forget: set[asyncio.Task[None]] = set()
 
@@ -141,7 +137,6 @@ class Publisher:
                 await self._session(broker)
             except aiomqtt.MqttError as exc:
                 self._client_now = None
-                self._set_connected(False)
                 if self._stopping:
                     break
                 # Fail over: the next broker in the list gets the next attempt.
@@ -157,12 +152,6 @@ class Publisher:
             self.set_retained(topic, payload)
         self._stopping = True
         self._wake.set()
-
-    def _set_connected(self, connected: bool) -> None:
-        if connected != self.connected:
-            self.connected = connected
-            if self.on_connection_change is not None:
-                self.on_connection_change(connected)
 
     async def _sleep_or_stop(self, delay_s: float) -> None:
         self._wake.clear()
@@ -203,7 +192,6 @@ class Publisher:
             self._backoff.succeeded()
             log.info("mqtt connected", broker=f"{broker.host}:{broker.port}", tls=broker.tls)
             self._retained_dirty = set(self._retained)  # a new session re-asserts state
-            self._set_connected(True)
             self._client_now = client
             # What is waiting now is backlog; anything committed later is live.
             backlog_end = await self._store.outbox_max_seq()
@@ -235,7 +223,6 @@ class Publisher:
                         else:
                             backlog_cursor = backlog_end
                     backlog_pending = backlog_cursor < backlog_end
-                self.backlog_remaining = max(0, backlog_end - backlog_cursor)
                 if self._stopping:
                     await self._publish_retained(client)
                     self._client_now = None
@@ -266,7 +253,6 @@ class Publisher:
             )
             acked = [row.seq for row, result in zip(window, results, strict=True) if result is None]
             await self._store.ack(acked)
-            self.published_count += len(acked)
             for result in results:
                 if isinstance(result, BaseException):
                     raise result

@@ -84,8 +84,8 @@ def _whole_second(t: datetime) -> str:
 
 @dataclass(frozen=True, slots=True)
 class IntervalQuery:
-    """Records whose end lies in (start, end] - the store's and Store.interval_payloads'
-    convention: `--from 2026-11-21 --to 2026-11-22` is that local day's intervals."""
+    """Records whose end lies in (start, end] - the store's convention:
+    `--from 2026-11-21 --to 2026-11-22` is that local day's intervals."""
 
     start: datetime | None = None
     end: datetime | None = None

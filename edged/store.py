@@ -296,35 +296,6 @@ class Store:
             rows = await cursor.fetchall()
         return {(str(d), str(c)): PeakState.from_json(str(st)) for d, c, st in rows}
 
-    async def interval_payloads(
-        self,
-        start: datetime | None = None,
-        end: datetime | None = None,
-        device: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Stored interval payloads, ordered by end then device and channel."""
-        clauses, params = [], []
-        if start is not None:
-            clauses.append('"end" > ?')
-            params.append(iso_utc(start))
-        if end is not None:
-            clauses.append('"end" <= ?')
-            params.append(iso_utc(end))
-        if device is not None:
-            clauses.append("device = ?")
-            params.append(device)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        async with self._db.execute(
-            f'SELECT payload FROM intervals{where} ORDER BY "end", device, channel', params
-        ) as cursor:
-            rows = await cursor.fetchall()
-        return [json.loads(r[0]) for r in rows]
-
-    async def read_count(self) -> int:
-        async with self._db.execute("SELECT count(*) FROM reads") as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
-
 
 async def _execute_script(db: aiosqlite.Connection, script: str) -> None:
     # executescript() would COMMIT the open transaction; run statements one by one.
