@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sys
 
 from simulators.meter import MeterServer, SimulatedMeter
+from simulators.signals import until_signalled
 
 
 async def serve(count: int) -> None:
@@ -22,13 +22,11 @@ async def serve(count: int) -> None:
         ports.append(await server.start_tcp("127.0.0.1", 0))
         servers.append(server)
     print(json.dumps({"ports": ports}), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    for server in servers:
-        await server.stop()
+    try:
+        await until_signalled()
+    finally:
+        for server in servers:
+            await server.stop()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -57,6 +58,17 @@ def parse_duration_s(value: object) -> float:
 
 
 DurationS = Annotated[float, BeforeValidator(parse_duration_s)]
+
+
+def check_zone_name(name: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown IANA time zone {name!r}") from None
+    return name
+
+
+ZoneName = Annotated[str, AfterValidator(check_zone_name)]
 
 
 class _Strict(BaseModel):
@@ -360,18 +372,9 @@ class MeterClock(_Strict):
     word_order: Literal["big", "little"] = "big"
     byte_order: Literal["big", "little"] = "big"
     order: OrderCodeField | None = None
-    timezone: str = Field("UTC", description="zone of a ymdhms/datetime4 wall clock")
+    timezone: ZoneName = Field("UTC", description="zone of a ymdhms/datetime4 wall clock")
 
     _words = model_validator(mode="before")(_order_to_words)
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_clock_zone(cls, name: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(name)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown IANA time zone {name!r}") from None
-        return name
 
 
 def _one_or_many(value: Any) -> Any:
@@ -527,7 +530,7 @@ class Log(_Strict):
 
 class Settings(_Strict):
     site: str = Field(pattern=_IDENT_RE)
-    timezone: str = "UTC"
+    timezone: ZoneName = "UTC"
     storage: Storage = Storage()
     mqtt: Mqtt = Mqtt()
     log: Log = Log()
@@ -535,15 +538,6 @@ class Settings(_Strict):
     status_every: DurationS = Field(60.0, gt=0)
     devices: tuple[Device, ...] = Field(min_length=1)
     virtual_meters: tuple[VirtualMeter, ...] = ()
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, name: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(name)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown IANA time zone {name!r}") from None
-        return name
 
     @property
     def zone(self) -> zoneinfo.ZoneInfo:

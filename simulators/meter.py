@@ -42,7 +42,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import termios
 import time
@@ -83,6 +82,7 @@ from simulators.scenario import (
     order_actions,
     parse_action_flag,
 )
+from simulators.signals import until_signalled
 
 log = logging.getLogger("simulators.meter")
 
@@ -1070,12 +1070,8 @@ async def _run(args: argparse.Namespace) -> int:
         await server.stop()
         return 2
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
     finally:
         await server.stop()
     print("stopped", flush=True)

@@ -17,13 +17,14 @@ import argparse
 import asyncio
 import logging
 import math
-import signal
 import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
+
+from simulators.signals import until_signalled
 
 log = logging.getLogger("simulators.ntp")
 
@@ -182,12 +183,8 @@ async def _run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"listening ntp {args.host}:{port} offset={args.offset}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
     finally:
         await server.stop()
     print("stopped", flush=True)
