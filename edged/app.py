@@ -112,6 +112,7 @@ class App:
         self._demand_units: dict[tuple[str, str], str | None] = {}
         self._virtual: VirtualMeters | None = None
         self._links: list[Link] = []
+        self._outbox: OutboxDepth | None = None
         self._config_hash = config_hash(config_path) if config_path else None
         self._device_health: dict[str, DeviceHealth] = {}
         self.store: Store | None = None
@@ -125,6 +126,9 @@ class App:
     # -- status payloads --------------------------------------------------------
 
     def gateway_status(self, state: str, outbox: OutboxDepth | None = None) -> dict[str, Any]:
+        # Default: the depth last measured by the status loop, so a status
+        # published on a comms change does not blank it.
+        outbox = outbox or self._outbox
         oldest_s = None
         if outbox is not None and outbox.oldest is not None:
             oldest_s = round((self.clock.now() - outbox.oldest).total_seconds(), 1)
@@ -271,6 +275,7 @@ class App:
                                 "state": "offline", "version": __version__}),
         )  # fmt: skip
         self.publisher = publisher
+        self._outbox = await store.outbox_depth()
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
         recorder = Recorder(store, on_committed=publisher.wake)
         self._recorder = recorder
@@ -373,8 +378,9 @@ class App:
     async def _status_loop(self, publisher: Publisher, store: Store) -> None:
         while True:
             await asyncio.sleep(self.settings.status_every)
-            depth = await store.outbox_depth()
-            publisher.set_retained(self.topics.gateway_status, self.gateway_status("online", depth))
+            self._outbox = await store.outbox_depth()
+            self._outbox = await store.outbox_depth()
+        publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
 
 
 async def _supervised(run: Callable[[], Awaitable[None]], name: str, stop: asyncio.Event) -> None:
