@@ -379,8 +379,7 @@ class App:
         while True:
             await asyncio.sleep(self.settings.status_every)
             self._outbox = await store.outbox_depth()
-            self._outbox = await store.outbox_depth()
-        publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+            publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
 
 
 async def _supervised(run: Callable[[], Awaitable[None]], name: str, stop: asyncio.Event) -> None:
