@@ -3,27 +3,33 @@
 Shutdown (SIGTERM/SIGINT) is ordered so nothing built is lost: pollers finish
 the read in flight, the recorder commits what they handed over, the publisher
 sends the offline status, and only then is the store closed.
+
+SIGHUP reloads the config file: an invalid one is rejected with an event and
+the running configuration carries on; a valid one is applied to the devices
+(`edged.devices.DeviceSet`), and what only a restart can apply is reported.
+Under systemd (`Type=notify`) the daemon reports READY once the store is open,
+RELOADING/READY around a reload, STOPPING on shutdown, and pings the watchdog
+only while the loop and every poller make progress (`edged.sdnotify`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from edged import __version__
+from edged import __version__, logs
 from edged.clock import BoundaryWaiter, Clock, SystemClock
-from edged.config import Settings, TimeSettings, config_hash
+from edged.config import ConfigError, Settings, TimeSettings, config_hash, load_settings
 from edged.demand import PeakState
-from edged.modbus import Link, build_links
+from edged.devices import DeviceSet, PollerContext
 from edged.model import Event, Flag, Interval, TimeState
 from edged.ntpclock import NtpReferenceClock, SystemReferenceClock
 from edged.payloads import (
@@ -35,8 +41,10 @@ from edged.payloads import (
     parse_iso_utc,
     peak_payload,
 )
-from edged.poller import DeviceHealth, DevicePoller, Recorder, outbox_pending
+from edged.poller import DeviceHealth, Recorder, outbox_pending
 from edged.publish import Publisher
+from edged.reload import DeviceDiff, applied_settings, restart_required
+from edged.sdnotify import Notifier, Systemd, run_watchdog
 from edged.store import OutboxDepth, Store
 from edged.timebase import TimebaseConfig, TimeSource, TimeTransition, gateway_outage
 from edged.timeflags import TimeFlags
@@ -50,8 +58,6 @@ PUBLISHER_STOP_GRACE_S = 5.0
 # How often the liveness mark is persisted: an outage of the gateway is known
 # to within this (DESIGN.md section 3).
 LIVENESS_EVERY_S = 2.0
-# A poller that crashes (a bug, not a failed read) is restarted after this.
-POLLER_RESTART_S = 5.0
 
 
 def timebase_config(settings: TimeSettings) -> TimebaseConfig:
@@ -92,6 +98,7 @@ class App:
         config_path: Path | None,
         clock: NtpReferenceClock | SystemReferenceClock | None = None,
         system_now: Callable[[], float] = time.time,
+        systemd: Systemd | None = None,
     ):
         # system_now: the system clock (the demo passes one reset by a "dead
         # RTC battery"); edged only ever reads it.
@@ -111,9 +118,13 @@ class App:
         self._early_events: list[Event] = []
         self._demand_units: dict[tuple[str, str], str | None] = {}
         self._virtual: VirtualMeters | None = None
-        self._links: list[Link] = []
+        self._devices: DeviceSet | None = None
         self._outbox: OutboxDepth | None = None
         self._config_hash = config_hash(config_path) if config_path else None
+        # Changed settings sections that wait for a restart (after a reload).
+        self._restart_required: tuple[str, ...] = ()
+        self._reload_requested = asyncio.Event()
+        self._systemd = systemd or Systemd(Notifier(None), None)
         self._device_health: dict[str, DeviceHealth] = {}
         self.store: Store | None = None
         self.publisher: Publisher | None = None
@@ -122,6 +133,10 @@ class App:
         if not self._stop.is_set():
             log.info("shutdown requested")
         self._stop.set()
+
+    def request_reload(self) -> None:
+        log.info("config reload requested")
+        self._reload_requested.set()
 
     # -- status payloads --------------------------------------------------------
 
@@ -138,13 +153,14 @@ class App:
             "state": state,
             "version": __version__,
             "config_hash": self._config_hash,
+            "restart_required": list(self._restart_required),
             "started_at": iso_utc(self._started_at),
             "uptime_s": round(time.monotonic() - self._started_mono, 1),
             "time_state": str(self.clock.time_state),
             **self._time_status(),
             "devices": len(self.settings.devices),
             "devices_online": sum(1 for h in self._device_health.values() if h.comms == "online"),
-            "links": [link.status() for link in self._links],
+            "links": [link.status() for link in self._devices.links()] if self._devices else [],
             "outbox_depth": outbox.count if outbox is not None else None,
             "outbox_oldest_age_s": oldest_s,
             "updated_at": iso_utc(self.clock.now()),
@@ -255,6 +271,7 @@ class App:
 
     async def run(self) -> None:
         settings = self.settings
+        notifier = self._systemd.notifier
         store = await Store.open(settings.storage.path)
         self.store = store
         log.info("store open", path=str(settings.storage.path))
@@ -283,70 +300,52 @@ class App:
             self._record_event(event)
         self._early_events.clear()
         await self._note_outage(store, last_mark)
-        waiter = BoundaryWaiter(self.clock)
-        states = await store.channel_states()
         peaks = await store.peak_states()
-        self._demand_units = {
-            (d.id, c.name): c.demand_unit for d in settings.devices for c in d.channels
-        }
+        self._demand_units = self._demand_units_of(settings)
         for (device_id, channel), peak in peaks.items():
             self._on_peak(device_id, channel, peak)
-        if settings.virtual_meters:
-            self._virtual = VirtualMeters(
-                [plan_virtual_meter(vm, settings.devices) for vm in settings.virtual_meters],
-                settings.site,
-                settings.zone,
-            )
-        links = build_links(settings.devices)
-        self._links = list({id(link): link for link in links.values()}.values())
-        pollers: list[DevicePoller] = []
-        for device in settings.devices:
-            pollers.append(
-                DevicePoller(
-                    site=settings.site,
-                    device=device,
-                    zone=settings.zone,
-                    link=links[device.id],
-                    clock=self.clock,
-                    waiter=waiter,
-                    store=store,
-                    recorder=recorder,
-                    topics=self.topics,
-                    states={ch: s for (dev, ch), s in states.items() if dev == device.id},
-                    on_health=self._on_health,
-                    time_flags=self.time_flags,
-                    peaks={ch: p for (dev, ch), p in peaks.items() if dev == device.id},
-                    on_records=self._on_records,
-                    on_peak=self._on_peak,
-                    on_measurement=publisher.publish_now,
-                )
-            )
+        self._virtual = self._plan_virtual(settings, None)
+        context = PollerContext(
+            site=settings.site,
+            zone=settings.zone,
+            clock=self.clock,
+            waiter=BoundaryWaiter(self.clock),
+            store=store,
+            recorder=recorder,
+            topics=self.topics,
+            time_flags=self.time_flags,
+            on_health=self._on_health,
+            on_records=self._on_records,
+            on_peak=self._on_peak,
+            on_measurement=publisher.publish_now,
+        )
         try:
             async with asyncio.TaskGroup() as group:
                 recorder_task = group.create_task(recorder.run(), name="recorder")
                 publisher_task = group.create_task(publisher.run(), name="publisher")
-                poller_tasks = [
-                    group.create_task(_supervised(p.run, f"poller:{p.device.id}", self._stop),
-                                      name=f"poller:{p.device.id}")
-                    for p in pollers
-                ]  # fmt: skip
-                poller_tasks += [
-                    group.create_task(
-                        _supervised(p.run_measurements, f"measure:{p.device.id}", self._stop),
-                        name=f"measure:{p.device.id}",
-                    )
-                    for p in pollers
-                    if p.device.measurements is not None
-                ]
+                devices = self._devices = DeviceSet(context, group)
+                await devices.apply(settings.devices)
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
                 liveness_task = group.create_task(self._liveness_loop(store), name="liveness")
                 clock_task = group.create_task(self.reference.run(), name="clock")
-                log.info("edged running", site=settings.site, devices=len(pollers),
+                reload_task = group.create_task(self._reload_loop(), name="reload")
+                watchdog_task = None
+                if self._systemd.watchdog_s is not None:
+                    watchdog_task = group.create_task(
+                        run_watchdog(notifier, self._systemd.watchdog_s, self._stalls,
+                                     self._status_line),
+                        name="watchdog",
+                    )  # fmt: skip
+                notifier.ready(self._status_line())
+                log.info("edged running", site=settings.site, devices=len(settings.devices),
                          version=__version__)  # fmt: skip
                 await self._stop.wait()
-                for poller in pollers:
-                    poller.stop()
-                await asyncio.gather(*poller_tasks)
+                notifier.stopping()
+                await reload_task  # a reload in progress completes first
+                await devices.stop()
+                if watchdog_task is not None:
+                    # Pings up to here: a slow stop is not a hang; TimeoutStopSec bounds it.
+                    watchdog_task.cancel()
                 status_task.cancel()
                 liveness_task.cancel()
                 clock_task.cancel()
@@ -365,10 +364,132 @@ class App:
                     log.warning("mqtt not reachable at shutdown; offline status left to last will")
                     publisher_task.cancel()
         finally:
-            for link in self._links:
-                link.close()
+            if self._devices is not None:
+                self._devices.close_links()
             await store.close()
             log.info("edged stopped")
+
+    # -- reload -----------------------------------------------------------------
+
+    async def _reload_loop(self) -> None:
+        """Serve SIGHUPs one at a time until shutdown."""
+        while not self._stop.is_set():
+            reload = asyncio.ensure_future(self._reload_requested.wait())
+            stop = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({reload, stop}, return_when=asyncio.FIRST_COMPLETED)
+            reload.cancel()
+            stop.cancel()
+            if self._reload_requested.is_set() and not self._stop.is_set():
+                self._reload_requested.clear()
+                await self.reload()
+
+    async def reload(self) -> None:
+        """Re-read the config file and apply it, or reject it and keep running."""
+        notifier = self._systemd.notifier
+        notifier.reloading()
+        try:
+            await self._reload()
+        finally:
+            notifier.ready(self._status_line())
+
+    async def _reload(self) -> None:
+        path = self.config_path
+        if path is None or self._devices is None:
+            log.warning("config reload ignored: not started from a config file")
+            return
+        try:
+            # Off the loop: parsing and validating many devices must not
+            # delay a boundary read.
+            new = await asyncio.to_thread(load_settings, path)
+            diff = await self._devices.apply(new.devices)
+        except ConfigError as exc:
+            self._reject_config(path, [str(p) for p in exc.problems])
+            return
+        except ValueError as exc:  # a device the links or register planner refuse
+            self._reject_config(path, [f"{path}: {exc}"])
+            return
+        pending = restart_required(self.settings, new)
+        self.settings = applied_settings(self.settings, new)
+        self._after_reload(new)
+        self._config_hash = config_hash(path)
+        self._restart_required = pending
+        self._record_event(self._reloaded_event(diff, pending))
+        if self.publisher is not None:
+            self.publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+
+    def _after_reload(self, new: Settings) -> None:
+        """Everything that follows the device list, in line with it again."""
+        ids = {d.id for d in new.devices}
+        self._device_health = {k: h for k, h in self._device_health.items() if k in ids}
+        self._demand_units = self._demand_units_of(new)
+        self._virtual = self._plan_virtual(self.settings, self._virtual)
+        logs.configure(new.log.level, new.log.format)
+
+    def _reject_config(self, path: Path, problems: list[str]) -> None:
+        count = len(problems)
+        log.error("config reload rejected; the running configuration is kept",
+                  file=str(path), problems=problems)  # fmt: skip
+        self._record_event(
+            Event(
+                device=None,
+                kind="config_rejected",
+                at=self.clock.now(),
+                message=f"config reload rejected ({count} problem{'s' if count != 1 else ''}), "
+                f"the running configuration is kept: {problems[0] if problems else path}",
+                details={"file": str(path), "problems": problems,
+                         "running_config_hash": self._config_hash},
+            )
+        )  # fmt: skip
+
+    def _reloaded_event(self, diff: DeviceDiff, pending: Sequence[str]) -> Event:
+        parts = [f"{len(ids)} {what}" for what, ids in (("added", diff.added),
+                 ("removed", diff.removed), ("changed", diff.changed)) if ids]  # fmt: skip
+        message = "config reloaded: " + (", ".join(parts) or "no device changes")
+        if pending:
+            message += f"; restart required to apply {', '.join(pending)}"
+            log.warning("config reloaded; restart required for some sections", sections=pending)
+        log.info("config reloaded", config_hash=self._config_hash, **diff.as_details())
+        return Event(
+            device=None,
+            kind="config_reloaded",
+            at=self.clock.now(),
+            message=message,
+            details={"config_hash": self._config_hash, **diff.as_details(),
+                     "restart_required": list(pending)},
+        )  # fmt: skip
+
+    @staticmethod
+    def _demand_units_of(settings: Settings) -> dict[tuple[str, str], str | None]:
+        return {(d.id, c.name): c.demand_unit for d in settings.devices for c in d.channels}
+
+    @staticmethod
+    def _plan_virtual(settings: Settings, running: VirtualMeters | None) -> VirtualMeters | None:
+        if not settings.virtual_meters:
+            return None
+        plans = [plan_virtual_meter(vm, settings.devices) for vm in settings.virtual_meters]
+        if running is not None:
+            return running.replanned(plans)
+        return VirtualMeters(plans, settings.site, settings.zone)
+
+    # -- health -----------------------------------------------------------------
+
+    def _stalls(self) -> list[str]:
+        """What looks hung, for the watchdog (empty: healthy)."""
+        now = self.clock.now()
+        mono_s = asyncio.get_running_loop().time()
+        problems = self._devices.stalls(now, mono_s) if self._devices is not None else []
+        if self._recorder is not None and (stall := self._recorder.heartbeat.stall(now, mono_s)):
+            problems.append(stall)
+        return problems
+
+    def _status_line(self) -> str:
+        """One line for `systemctl status`."""
+        devices = len(self.settings.devices)
+        online = sum(1 for h in self._device_health.values() if h.comms == "online")
+        line = f"running: {devices} device(s), {online} online, config {self._config_hash}"
+        if self._restart_required:
+            line += f"; restart required for {', '.join(self._restart_required)}"
+        return line
 
     async def _liveness_loop(self, store: Store) -> None:
         while True:
@@ -382,24 +503,15 @@ class App:
             publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
 
 
-async def _supervised(run: Callable[[], Awaitable[None]], name: str, stop: asyncio.Event) -> None:
-    """Restart a crashed task after a pause instead of losing it silently."""
-    while not stop.is_set():
-        try:
-            await run()
-            return
-        except Exception:
-            log.exception("task crashed; restarting", task=name, restart_in_s=POLLER_RESTART_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLLER_RESTART_S)
-
-
 async def run_until_signal(app: App) -> None:
+    """SIGTERM/SIGINT stop the daemon; SIGHUP reloads its config."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, app.request_stop)
+    handlers = {signal.SIGTERM: app.request_stop, signal.SIGINT: app.request_stop,
+                signal.SIGHUP: app.request_reload}  # fmt: skip
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
     try:
         await app.run()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in handlers:
             loop.remove_signal_handler(sig)

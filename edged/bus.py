@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Generic, TypeVar
@@ -186,6 +186,25 @@ class BusScheduler(Generic[T]):
             self._units[unit_id] = _UnitInfo(rank=len(self._units), timeout_s=timeout_s)
         else:
             info.timeout_s = max(info.timeout_s, timeout_s)
+
+    def set_units(self, units: Sequence[tuple[int, float]]) -> None:
+        """Replace the registrations (a config reload): served in this order,
+        each with the longest timeout given for it; a unit still present keeps
+        its backoff and fast-poll estimate."""
+        old = self._units
+        self._units = {}
+        for unit_id, timeout_s in units:
+            info = self._units.get(unit_id)
+            if info is None:
+                kept = old.get(unit_id)
+                self._units[unit_id] = _UnitInfo(
+                    rank=len(self._units),
+                    timeout_s=timeout_s,
+                    backoff=kept.backoff if kept is not None else UnitBackoff(),
+                    fast_estimate_s=kept.fast_estimate_s if kept is not None else None,
+                )
+            else:
+                info.timeout_s = max(info.timeout_s, timeout_s)
 
     def unit(self, unit_id: int) -> _UnitInfo:
         info = self._units.get(unit_id)

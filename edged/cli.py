@@ -55,10 +55,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edged import logs
     from edged.app import App, run_until_signal
     from edged.publish import CredentialsError
+    from edged.sdnotify import Systemd
     from edged.store import StoreError
 
     logs.configure(settings.log.level, settings.log.format)
-    app = App(settings, args.config)
+    app = App(settings, args.config, systemd=Systemd.from_env())
     try:
         asyncio.run(run_until_signal(app))
     except (StoreError, CredentialsError) as exc:
@@ -232,7 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG,
                        help=f"configuration file (default {DEFAULT_CONFIG})")  # fmt: skip
 
-    p = sub.add_parser("run", help="run the daemon", description="Run the daemon until SIGTERM.")
+    p = sub.add_parser(
+        "run",
+        help="run the daemon",
+        description="Run the daemon until SIGTERM; SIGHUP reloads the configuration file.",
+    )
     config_arg(p)
     p.set_defaults(func=cmd_run)
 

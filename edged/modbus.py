@@ -74,13 +74,16 @@ __all__ = [
     "DeviceRead",
     "Link",
     "LinkConfigError",
+    "LinkIdentity",
     "Priority",
     "RawRead",
     "RtuBus",
     "RtuOverTcpEndpoint",
+    "ScheduledLink",
     "TcpEndpoint",
     "build_links",
     "check_links",
+    "link_identity",
     "plan_device",
     "read_device",
     "rtu_frame_gap_s",
@@ -347,7 +350,7 @@ def _unresponsive(error: ReadError | None) -> bool:
     return error.kind is ReadErrorKind.EXCEPTION and error.exception_code in _GATEWAY_NO_ANSWER
 
 
-class _ScheduledLink:
+class ScheduledLink:
     """A link: a scheduler and one worker per connection."""
 
     kind = "link"
@@ -381,6 +384,10 @@ class _ScheduledLink:
 
     def register_unit(self, unit_id: int, timeout_s: float) -> None:
         self._scheduler.register_unit(unit_id, timeout_s)
+
+    def set_units(self, units: Sequence[tuple[int, float]]) -> None:
+        """The units on this line after a config reload, in read order."""
+        self._scheduler.set_units(units)
 
     def expect_boundary(self, in_s: float) -> None:
         self._scheduler.expect_boundary(self._scheduler.now() + in_s)
@@ -471,7 +478,7 @@ class _ScheduledLink:
                 await task
 
 
-class TcpEndpoint(_ScheduledLink):
+class TcpEndpoint(ScheduledLink):
     """One Modbus TCP host:port, shared by every unit id behind it."""
 
     kind = "tcp"
@@ -505,7 +512,7 @@ class TcpEndpoint(_ScheduledLink):
         )
 
 
-class RtuOverTcpEndpoint(_ScheduledLink):
+class RtuOverTcpEndpoint(ScheduledLink):
     """RTU framing through a TCP serial device server: one transaction at a time."""
 
     kind = "rtu_over_tcp"
@@ -529,7 +536,7 @@ class RtuOverTcpEndpoint(_ScheduledLink):
         )
 
 
-class RtuBus(_ScheduledLink):
+class RtuBus(ScheduledLink):
     """A serial port with Modbus RTU devices on it: one transaction in flight,
     the inter-frame silence kept before each request."""
 
@@ -588,6 +595,15 @@ def _link_key(transport: AnyTransport) -> tuple[str, ...]:
     return ("net", transport.host.lower(), str(transport.port))
 
 
+# What makes two devices share one link object: the port/endpoint and how
+# the line is driven. A reload keeps a link whose identity is unchanged.
+LinkIdentity = tuple[tuple[str, ...], tuple[Any, ...]]
+
+
+def link_identity(transport: AnyTransport) -> LinkIdentity:
+    return (_link_key(transport), _line_settings(transport))
+
+
 def _line_settings(transport: AnyTransport) -> tuple[Any, ...]:
     if isinstance(transport, TcpTransport):
         return ("tcp", transport.max_connections, transport.request_gap_ms)
@@ -619,11 +635,15 @@ def check_links(devices: Iterable[Device]) -> list[str]:
     return problems
 
 
-def build_links(devices: Iterable[Device]) -> dict[str, Link]:
+def build_links(
+    devices: Iterable[Device], reuse: Mapping[LinkIdentity, ScheduledLink] | None = None
+) -> dict[str, ScheduledLink]:
     """One link per serial port / TCP endpoint, keyed by device id.
 
     Devices are registered on their link in the order given (the config
-    order), which is the order their boundary reads go on the wire. Raises
+    order), which is the order their boundary reads go on the wire. A link in
+    `reuse` with the same identity is kept (a config reload: its connection
+    and per-unit backoff carry on) and its units are replaced. Raises
     :class:`LinkConfigError` when devices sharing a port disagree on its
     settings (baud rate, parity, TCP connections …).
     """
@@ -631,20 +651,24 @@ def build_links(devices: Iterable[Device]) -> dict[str, Link]:
     problems = check_links(devices)
     if problems:
         raise LinkConfigError("; ".join(problems))
-    by_key: dict[tuple[str, ...], _ScheduledLink] = {}
-    links: dict[str, Link] = {}
+    by_identity: dict[LinkIdentity, ScheduledLink] = {}
+    units: dict[LinkIdentity, list[tuple[int, float]]] = {}
+    links: dict[str, ScheduledLink] = {}
     for device in devices:
         transport = device.transport
-        key = _link_key(transport)
-        link = by_key.get(key)
+        identity = link_identity(transport)
+        link = by_identity.get(identity)
         if link is None:
-            link = by_key[key] = _new_link(transport)
-        link.register_unit(transport.unit_id, transport.timeout)
+            link = (reuse or {}).get(identity) or _new_link(transport)
+            by_identity[identity] = link
+        units.setdefault(identity, []).append((transport.unit_id, transport.timeout))
         links[device.id] = link
+    for identity, link in by_identity.items():
+        link.set_units(units[identity])
     return links
 
 
-def _new_link(transport: AnyTransport) -> _ScheduledLink:
+def _new_link(transport: AnyTransport) -> ScheduledLink:
     if isinstance(transport, TcpTransport):
         return TcpEndpoint(
             transport.host,

@@ -23,6 +23,7 @@ from edged.bus import Priority
 from edged.clock import BoundaryWaiter, Clock
 from edged.config import Device
 from edged.demand import PeakState, peak_event, update_peaks
+from edged.heartbeat import Heartbeat
 from edged.intervals import ChannelState, IntervalContext
 from edged.modbus import DevicePlan, Link, plan_device, read_device
 from edged.model import Event, Flag, Interval, Read
@@ -77,7 +78,8 @@ class Recorder:
     def __init__(self, store: Store, on_committed: Callable[[], None]) -> None:
         self._store = store
         self._on_committed = on_committed
-        self._queue: asyncio.Queue[Pending | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[Pending | asyncio.Future[None] | None] = asyncio.Queue()
+        self.heartbeat = Heartbeat("recorder")
 
     def submit(self, pending: Pending) -> None:
         self._queue.put_nowait(pending)
@@ -86,18 +88,31 @@ class Recorder:
         """Flush what is queued and end `run`."""
         self._queue.put_nowait(None)
 
+    async def flush(self) -> None:
+        """Wait until everything submitted so far is committed."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(done)
+        await done
+
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             first = await self._queue.get()
             batch = Pending()
-            done = first is None
-            items = [first] if first is not None else []
-            while not self._queue.empty():
-                item = self._queue.get_nowait()
+            done = False
+            items: list[Pending] = []
+            flushed: list[asyncio.Future[None]] = []
+            item: Pending | asyncio.Future[None] | None = first
+            while True:
                 if item is None:
                     done = True
+                elif isinstance(item, asyncio.Future):
+                    flushed.append(item)
                 else:
                     items.append(item)
+                if self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
             for item in items:
                 batch.reads.extend(item.reads)
                 batch.intervals.extend(item.intervals)
@@ -105,10 +120,15 @@ class Recorder:
                 batch.messages.extend(item.messages)
                 batch.peaks.update(item.peaks)
             if items:
+                self.heartbeat.busy(loop.time())
                 await self._store.commit_boundary(
                     batch.reads, batch.intervals, batch.states, batch.messages, batch.peaks
                 )
+                self.heartbeat.idle()
                 self._on_committed()
+            for future in flushed:
+                if not future.done():
+                    future.set_result(None)
             if done:
                 return
 
@@ -151,6 +171,7 @@ class DevicePoller:
         on_records: Callable[[Sequence[Interval]], None] | None = None,
         on_peak: Callable[[str, str, PeakState], None] | None = None,
         on_measurement: Callable[[str, dict[str, Any]], bool] | None = None,
+        health: DeviceHealth | None = None,
     ) -> None:
         self.device = device
         self._ctx = IntervalContext(site=site, device=device, zone=zone)
@@ -173,8 +194,11 @@ class DevicePoller:
         known = [st.counter_at for st in states.values() if st.counter_at is not None]
         self._interval_since: datetime | None = min(known) if known else None
         self._stop = asyncio.Event()
-        self.health = DeviceHealth()
+        # Carried over when a config reload restarts this device's poller.
+        self.health = health or DeviceHealth()
         self._plan: DevicePlan = plan_device(device)
+        self.heartbeat = Heartbeat(f"poller:{device.id}")
+        self.measure_heartbeat = Heartbeat(f"measure:{device.id}")
 
     async def run_measurements(self) -> None:
         """Fast polling on an absolute schedule; boundary reads on the same link
@@ -195,10 +219,12 @@ class DevicePoller:
             if delay_s < 0:  # overran: skip the ticks already missed
                 next_mono += every_s * (-delay_s // every_s + 1)
                 delay_s = next_mono - loop.time()
+            self.measure_heartbeat.waiting_until(next_mono)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay_s)
             if self._stop.is_set():
                 return
+            self.measure_heartbeat.busy(loop.time())
             started = self._clock.now()
             result = await read_device(
                 self._link, plan.unit_id, plan.measurements, priority=Priority.FAST
@@ -217,15 +243,18 @@ class DevicePoller:
     async def run(self) -> None:
         # A start-up baseline read, so the first interval is PARTIAL rather
         # than lost; a counter persisted before a restart takes precedence.
+        self.heartbeat.busy(asyncio.get_running_loop().time())
         read = await self._read(boundary=None, lateness_ms=None)
         self._states = engine.baseline_device(self._states, read, self.device.channels)
         self._submit(read, [], [])
         boundary = next_boundary(self._clock.now(), self.device.interval_s, self._ctx.zone)
         self._link.expect_boundary((boundary - self._clock.now()).total_seconds())
         while not self._stop.is_set():
+            self.heartbeat.waiting_for(boundary)
             lateness_ms = await self._wait(boundary)
             if lateness_ms is None:
                 return
+            self.heartbeat.busy(asyncio.get_running_loop().time())
             read = await self._read(boundary, lateness_ms)
             step = engine.step_device(self._states, read, self._ctx)
             self._states = step.states

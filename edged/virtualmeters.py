@@ -32,6 +32,17 @@ class VirtualMeters:
         # end -> (device, channel) -> latest record for that end
         self._pending: dict[datetime, dict[tuple[str, str], Interval]] = {}
 
+    def replanned(self, plans: Sequence[VirtualMeterPlan]) -> VirtualMeters:
+        """The same meters under new plans (a config reload): inputs already
+        held for ends not yet complete are kept, so the interval in progress
+        is still combined."""
+        new = VirtualMeters(plans, self._site, self._zone)
+        for end, have in self._pending.items():
+            kept = {key: record for key, record in have.items() if key in new._inputs}
+            if kept:
+                new._pending[end] = kept
+        return new
+
     def add(self, records: Sequence[Interval]) -> list[Interval]:
         """Take a device's new records; return virtual records now complete."""
         touched: set[datetime] = set()
