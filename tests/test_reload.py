@@ -116,6 +116,23 @@ def test_sections_that_need_a_restart_are_reported_not_applied(tmp_path: Path) -
     assert schema["restart_required"]["items"]["enum"] == list(RESTART_FIELDS)
 
 
+def test_replanned_virtual_meters_keep_inputs_held_for_the_interval_in_progress() -> None:
+    from edged.virtualmeters import VirtualMeters
+    from tests.test_virtual import AKL, END, rec, station
+
+    meters = VirtualMeters([station(["unit1.energy_export", "unit2.energy_export"])], "s", AKL)
+    assert meters.add([rec("unit1", "energy_export", 5.0)]) == []  # unit2 not yet in
+    # Reloaded: the station now also subtracts aux, and unit1's input is kept.
+    replanned = meters.replanned(
+        [station(["unit1.energy_export", "unit2.energy_export"], ["aux.energy_import"])]
+    )
+    assert replanned.add([rec("unit2", "energy_export", 7.0)]) == []
+    (combined,) = replanned.add([rec("aux", "energy_import", 2.0)])
+    assert (combined.end, combined.value) == (END, 10.0)
+    # Inputs a new plan no longer reads are not kept.
+    assert END not in meters.replanned([station(["unit2.energy_export"])])._pending
+
+
 # -- DeviceSet on real simulators ---------------------------------------------------
 
 
