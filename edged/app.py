@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -36,7 +35,8 @@ from edged.payloads import (
     peak_payload,
 )
 from edged.poller import DeviceHealth, DevicePoller, Recorder, outbox_pending
-from edged.publish import Publisher
+from edged.publish import Publisher, default_client_id
+from edged.replay import ReplayCommands
 from edged.store import OutboxDepth, Store
 from edged.timebase import TimebaseConfig, TimeSource, TimeTransition, gateway_outage
 from edged.timeflags import TimeFlags
@@ -269,7 +269,7 @@ class App:
         publisher = Publisher(
             settings.mqtt,
             store,
-            client_id=settings.mqtt.client_id or f"edged-{settings.site}-{socket.gethostname()}",
+            client_id=default_client_id(settings.mqtt, settings.site),
             will_topic=self.topics.gateway_status,
             will_payload=encode({"schema": GATEWAY_STATUS_SCHEMA, "site": settings.site,
                                 "state": "offline", "version": __version__}),
@@ -279,6 +279,12 @@ class App:
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
         recorder = Recorder(store, on_committed=publisher.wake)
         self._recorder = recorder
+        commands = None
+        if settings.mqtt.commands.enabled:
+            commands = ReplayCommands(
+                settings, store, recorder, publisher, self.topics, self.clock.now
+            )
+            publisher.accept_commands(commands.topic, commands.receive, commands.acked)
         for event in self._early_events:
             self._record_event(event)
         self._early_events.clear()
@@ -341,6 +347,9 @@ class App:
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
                 liveness_task = group.create_task(self._liveness_loop(store), name="liveness")
                 clock_task = group.create_task(self.reference.run(), name="clock")
+                commands_task = (
+                    group.create_task(commands.run(), name="commands") if commands else None
+                )
                 log.info("edged running", site=settings.site, devices=len(pollers),
                          version=__version__)  # fmt: skip
                 await self._stop.wait()
@@ -350,6 +359,8 @@ class App:
                 status_task.cancel()
                 liveness_task.cancel()
                 clock_task.cancel()
+                if commands_task is not None:
+                    commands_task.cancel()
                 await recorder.close()
                 await recorder_task
                 self._recorder = None
