@@ -518,6 +518,7 @@ async def test_cli_replays_exactly_the_stored_range(populated: Populated, broker
         await asyncio.sleep(0.3)  # nothing else follows
     assert f"published {len(expected)} interval(s) of unit1 (energy_import)" in result.stdout
     assert "every one acknowledged" in result.stdout
+    assert result.stderr == ""  # quiet when all is well (no library warnings either)
     assert got.payloads() == [{**p, "replay": True} for p in expected]
     for topic, payload, _r in got.messages:
         assert topic == f"edged/cli-site/device/unit1/interval/{payload['channel']}"
