@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -42,8 +41,9 @@ from edged.payloads import (
     peak_payload,
 )
 from edged.poller import DeviceHealth, Recorder, outbox_pending
-from edged.publish import Publisher
+from edged.publish import Publisher, default_client_id
 from edged.reload import DeviceDiff, applied_settings, restart_required
+from edged.replay import ReplayCommands
 from edged.sdnotify import Notifier, Systemd, run_watchdog
 from edged.store import OutboxDepth, Store
 from edged.timebase import TimebaseConfig, TimeSource, TimeTransition, gateway_outage
@@ -128,6 +128,7 @@ class App:
         self._device_health: dict[str, DeviceHealth] = {}
         self.store: Store | None = None
         self.publisher: Publisher | None = None
+        self._commands: ReplayCommands | None = None
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -286,7 +287,7 @@ class App:
         publisher = Publisher(
             settings.mqtt,
             store,
-            client_id=settings.mqtt.client_id or f"edged-{settings.site}-{socket.gethostname()}",
+            client_id=default_client_id(settings.mqtt, settings.site),
             will_topic=self.topics.gateway_status,
             will_payload=encode({"schema": GATEWAY_STATUS_SCHEMA, "site": settings.site,
                                 "state": "offline", "version": __version__}),
@@ -296,6 +297,12 @@ class App:
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
         recorder = Recorder(store, on_committed=publisher.wake)
         self._recorder = recorder
+        commands = self._commands = None
+        if settings.mqtt.commands.enabled:
+            commands = self._commands = ReplayCommands(
+                settings, store, recorder, publisher, self.topics, self.clock.now
+            )
+            publisher.accept_commands(commands.topic, commands.receive, commands.acked)
         for event in self._early_events:
             self._record_event(event)
         self._early_events.clear()
@@ -328,6 +335,9 @@ class App:
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
                 liveness_task = group.create_task(self._liveness_loop(store), name="liveness")
                 clock_task = group.create_task(self.reference.run(), name="clock")
+                commands_task = (
+                    group.create_task(commands.run(), name="commands") if commands else None
+                )
                 reload_task = group.create_task(self._reload_loop(), name="reload")
                 watchdog_task = None
                 if self._systemd.watchdog_s is not None:
@@ -349,6 +359,8 @@ class App:
                 status_task.cancel()
                 liveness_task.cancel()
                 clock_task.cancel()
+                if commands_task is not None:
+                    commands_task.cancel()
                 await recorder.close()
                 await recorder_task
                 self._recorder = None
@@ -423,6 +435,8 @@ class App:
         self._device_health = {k: h for k, h in self._device_health.items() if k in ids}
         self._demand_units = self._demand_units_of(new)
         self._virtual = self._plan_virtual(self.settings, self._virtual)
+        if self._commands is not None:
+            self._commands.use_settings(self.settings)
         logs.configure(new.log.level, new.log.format)
 
     def _reject_config(self, path: Path, problems: list[str]) -> None:

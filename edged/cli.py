@@ -10,7 +10,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -118,34 +118,43 @@ def cmd_intervals(args: argparse.Namespace) -> int:
         return 141  # 128 + SIGPIPE, as a shell reports it
 
 
+def _time_range(
+    prog: str, args: argparse.Namespace, settings: Settings
+) -> tuple[datetime, datetime] | None:
+    """--from/--to in the site zone; None (after saying why) when they are unusable."""
+    from edged.export import TimeArgumentError, parse_range
+
+    try:
+        return parse_range(args.start, args.end, settings.zone, datetime.now(UTC))
+    except TimeArgumentError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
+
+
+def _warn_unknown_devices(prog: str, args: argparse.Namespace, settings: Settings) -> None:
+    known = [d.id for d in settings.devices] + [v.id for v in settings.virtual_meters]
+    for device in args.device:
+        if device not in known:
+            print(
+                f"{prog}: warning: device {device!r} is not in {args.config} "
+                f"(known: {', '.join(known)}); searching the store anyway",
+                file=sys.stderr,
+            )
+
+
 def _intervals(args: argparse.Namespace) -> int:
-    from edged.export import Format, TimeArgumentError, make_writer, parse_time
+    from edged.export import Format, make_writer
     from edged.queries import IntervalQuery, count_intervals, iter_interval_payloads
 
     settings = _load(args.config)
     if settings is None:
         return 1
     zone = settings.zone
-    now = datetime.now(UTC)
-    try:
-        end = parse_time(args.end, zone, now) if args.end is not None else now
-        start = (
-            parse_time(args.start, zone, now) if args.start is not None else end - timedelta(days=1)
-        )
-    except TimeArgumentError as exc:
-        print(f"edged intervals: {exc}", file=sys.stderr)
+    span_range = _time_range("edged intervals", args, settings)
+    if span_range is None:
         return 2
-    if start >= end:
-        print("edged intervals: --from must be before --to", file=sys.stderr)
-        return 2
-    known = {d.id: d for d in settings.devices}
-    for device in args.device:
-        if device not in known:
-            print(
-                f"edged intervals: warning: device {device!r} is not in {args.config} "
-                f"(known: {', '.join(known)}); searching the store anyway",
-                file=sys.stderr,
-            )
+    start, end = span_range
+    _warn_unknown_devices("edged intervals", args, settings)
     if args.plot is not None:
         from edged.plot import PlotUnavailable, require_matplotlib
 
@@ -194,13 +203,74 @@ def _intervals(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from edged.publish import CredentialsError, default_client_id, resolve_password
+    from edged.queries import IntervalQuery, count_intervals, iter_interval_payloads
+    from edged.replay import ReplayError, publish_stored
+
+    prog = "edged replay"
+    settings = _load(args.config)
+    if settings is None:
+        return 1
+    span_range = _time_range(prog, args, settings)
+    if span_range is None:
+        return 2
+    start, end = span_range
+    _warn_unknown_devices(prog, args, settings)
+    conn = _open_store(args, settings)
+    if conn is None:
+        return 1
+    query = IntervalQuery(start, end, tuple(args.device), tuple(args.channel))
+    what = ", ".join(args.device) or "all devices"
+    if args.channel:
+        what += f" ({', '.join(args.channel)})"
+    span = f"ending in ({iso_utc(start)} .. {iso_utc(end)}]"
+    try:
+        total = count_intervals(conn, query)
+        if total == 0:
+            print(f"{prog}: no stored intervals for {what} {span}; nothing to replay",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        if args.dry_run:
+            print(f"{prog}: would replay {total} interval(s) of {what} {span}")
+            return 0
+        password = resolve_password(settings.mqtt)
+        # Never the daemon's own client id: the broker would disconnect the daemon.
+        client_id = f"{default_client_id(settings.mqtt, settings.site)}-replay-{os.getpid()}"
+        with _progress(total, "replay") as advance:
+
+            def published(count: int) -> None:
+                for _ in range(count):
+                    advance()
+
+            broker, sent = asyncio.run(
+                publish_stored(
+                    settings,
+                    iter_interval_payloads(conn, query),
+                    client_id=client_id,
+                    password=password,
+                    on_published=published,
+                )
+            )
+    except (CredentialsError, ReplayError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    print(
+        f"{prog}: published {sent} interval(s) of {what} {span} with replay: true to "
+        f"{broker.host}:{broker.port}; every one acknowledged by the broker"
+    )
+    return 0
+
+
 # An export of at least this many rows shows a progress bar (on a terminal).
 PROGRESS_MIN_ROWS = 2000
 
 
 @contextlib.contextmanager
-def _progress(total: int) -> Iterator[Callable[[], None]]:
-    """A rich progress bar on stderr for long exports, only when stderr is a terminal."""
+def _progress(total: int, description: str = "intervals") -> Iterator[Callable[[], None]]:
+    """A rich progress bar on stderr for long operations, only when stderr is a terminal."""
     if total < PROGRESS_MIN_ROWS or not sys.stderr.isatty():
         yield lambda: None
         return
@@ -216,7 +286,7 @@ def _progress(total: int) -> Iterator[Callable[[], None]]:
         transient=True,
     )
     with progress:
-        task = progress.add_task("intervals", total=total)
+        task = progress.add_task(description, total=total)
         yield lambda: progress.advance(task)
 
 
@@ -287,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from edged.export import FORMATS, TIME_HELP
 
+    def filter_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", action="append", default=[], metavar="D",
+                       help="device id (repeat for several; default: all)")  # fmt: skip
+        p.add_argument("--channel", action="append", default=[], metavar="C",
+                       help="channel name (repeat for several; default: all)")  # fmt: skip
+
     p = sub.add_parser(
         "intervals",
         help="export interval records from the local store (table, CSV, JSON, PNG plot)",
@@ -301,10 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_arg(p)
     db_arg(p)
-    p.add_argument("--device", action="append", default=[], metavar="D",
-                   help="device id (repeat for several; default: all)")  # fmt: skip
-    p.add_argument("--channel", action="append", default=[], metavar="C",
-                   help="channel name (repeat for several; default: all)")  # fmt: skip
+    filter_args(p)
     p.add_argument("--from", dest="start", default=None, metavar="T",
                    help="start of the range, exclusive (default: 24 h before --to)")  # fmt: skip
     p.add_argument("--to", dest="end", default=None, metavar="T",
@@ -317,6 +390,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also draw interval demand over the range, flagged intervals marked, "
                    "as a PNG (needs the optional extra: pip install 'edged[plot]')")  # fmt: skip
     p.set_defaults(func=cmd_intervals)
+
+    p = sub.add_parser(
+        "replay",
+        help="publish stored interval records again, marked replay: true",
+        description="Publish the interval records stored on this gateway whose end lies in "
+        "(--from, --to] again, for an upstream system that lost data: each is the stored "
+        "record with replay: true (same id and seq, so consumers de-duplicate it), sent at "
+        "QoS 1 to the configured broker with the daemon's connection settings (TLS, "
+        "credentials, failover order). Reads the store read-only; the daemon may keep "
+        "running. Waits for the broker to acknowledge every record. Exit status: 0 all "
+        "published, 1 nothing stored in the range, or the config, store or broker is "
+        "unusable, 2 unusable --from/--to.",
+        epilog="Times: " + TIME_HELP + ". A progress bar is shown on stderr for long "
+        "replays when stderr is a terminal.",
+    )
+    config_arg(p)
+    db_arg(p)
+    p.add_argument("--from", dest="start", required=True, metavar="T",
+                   help="start of the range, exclusive")  # fmt: skip
+    p.add_argument("--to", dest="end", required=True, metavar="T",
+                   help="end of the range, inclusive")  # fmt: skip
+    filter_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="only count the records that would be published")  # fmt: skip
+    p.set_defaults(func=cmd_replay)
     return parser
 
 

@@ -463,6 +463,23 @@ class MqttTls(_Strict):
     insecure: bool = Field(False, description="skip hostname verification (testing only)")
 
 
+class Commands(_Strict):
+    """Commands edged accepts over MQTT (docs/mqtt.md#commands). Off by default: then
+    edged subscribes to nothing. When on, it subscribes to exactly one topic,
+    `{prefix}/{site}/gateway/command/replay`; restrict who may publish there with
+    the broker's ACLs."""
+
+    enabled: bool = Field(
+        False, description="accept replay requests on `{prefix}/{site}/gateway/command/replay`"
+    )
+    max_intervals: int = Field(
+        50_000,
+        ge=1,
+        description="most interval records one request may replay, counting replays still "
+        "being sent; a larger request is refused",
+    )
+
+
 _BROKER_URL = r"^(mqtt|mqtts)://[^:/\s]+(:\d{1,5})?/?$"
 
 
@@ -484,6 +501,9 @@ class Mqtt(_Strict):
     tls: MqttTls | None = None
     backlog_rate: float = Field(
         2000.0, gt=0, description="messages/s when draining a backlog beside live data"
+    )
+    commands: Commands = Field(
+        Commands(), description="commands over MQTT (replay); off by default"
     )
 
     @field_validator("brokers")

@@ -133,6 +133,29 @@ def parse_time(text: str, zone: tzinfo, now: datetime) -> datetime:
     return localize(parsed, zone, s)
 
 
+DEFAULT_SPAN = timedelta(days=1)
+
+
+def parse_range(
+    start: str | None,
+    end: str | None,
+    zone: tzinfo,
+    now: datetime,
+    names: tuple[str, str] = ("--from", "--to"),
+) -> tuple[datetime, datetime]:
+    """--from/--to (either may be omitted: `end` defaults to now, `start` to a day
+    before `end`) -> the range (start, end] of interval ends, start before end.
+    `names` are what the caller calls the two in messages."""
+    end_at = parse_time(end, zone, now) if end is not None else now.astimezone(UTC)
+    start_at = parse_time(start, zone, now) if start is not None else end_at - DEFAULT_SPAN
+    if start_at >= end_at:
+        raise TimeArgumentError(
+            f"{names[0]} must be before {names[1]} "
+            f"({iso_utc(start_at)} is not before {iso_utc(end_at)})"
+        )
+    return start_at, end_at
+
+
 # -- formatting helpers -------------------------------------------------------------
 
 

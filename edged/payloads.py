@@ -18,6 +18,7 @@ GATEWAY_STATUS_SCHEMA = "edged.gateway_status/1"
 DEVICE_STATUS_SCHEMA = "edged.device_status/1"
 PEAK_SCHEMA = "edged.peak/1"
 MEASUREMENT_SCHEMA = "edged.measurement/1"
+COMMAND_RESPONSE_SCHEMA = "edged.command_response/1"
 
 
 def iso_utc(t: datetime) -> str:
@@ -34,6 +35,7 @@ def parse_iso_utc(text: str) -> datetime:
 
 class Topics:
     def __init__(self, prefix: str, site: str) -> None:
+        self.prefix = prefix
         self.base = f"{prefix}/{site}"
 
     @property
@@ -56,6 +58,16 @@ class Topics:
 
     def measurement(self, device: str) -> str:
         return f"{self.base}/device/{device}/measurement"
+
+    def command(self, name: str) -> str:
+        """Where requests for a command arrive (subscribed only when enabled)."""
+        return f"{self.base}/gateway/command/{name}"
+
+    def response(self, name: str) -> str:
+        """Where a command is answered when the request names no response topic.
+        Outside `gateway/command/#`, so a subscriber to the commands never sees answers
+        as requests (and edged never receives its own answers)."""
+        return f"{self.base}/gateway/response/{name}"
 
 
 def _round(value: float | None, places: int = 6) -> float | None:
@@ -93,6 +105,38 @@ def interval_payload(interval: Interval, seq: int, *, replay: bool = False) -> d
     if interval.rolling_demand is not None:
         payload["rolling_demand"] = _round(interval.rolling_demand)
     return payload
+
+
+def replay_copy(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored interval payload re-sent on request: the same record (same `id`,
+    same `seq`, so consumers de-duplicate it and keep the newest version of an id
+    by `seq` as before) marked `replay: true`."""
+    return {**stored, "replay": True}
+
+
+def command_response_payload(
+    site: str,
+    command: str,
+    request_id: str | None,
+    status: str,
+    *,
+    count: int | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """An answer to a command request: accepted, done, or error (with why)."""
+    return {
+        "schema": COMMAND_RESPONSE_SCHEMA,
+        "site": site,
+        "command": command,
+        "request_id": request_id,
+        "status": status,
+        "count": count,
+        "from": iso_utc(start) if start is not None else None,
+        "to": iso_utc(end) if end is not None else None,
+        "error": error,
+    }
 
 
 def event_payload(event: Event, site: str, seq: int) -> dict[str, Any]:

@@ -51,6 +51,10 @@ class Pending:
     states: dict[tuple[str, str], ChannelState] = field(default_factory=dict)
     messages: list[tuple[int, OutboxMessage]] = field(default_factory=list)
     peaks: dict[tuple[str, str], PeakState] = field(default_factory=dict)
+    # Stored records queued again on request, under their original seq.
+    replays: list[tuple[int, OutboxMessage]] = field(default_factory=list)
+    # Called once this is durable (after the commit that holds it).
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
 
 
 def outbox_pending(
@@ -119,13 +123,22 @@ class Recorder:
                 batch.states.update(item.states)
                 batch.messages.extend(item.messages)
                 batch.peaks.update(item.peaks)
+                batch.replays.extend(item.replays)
+                batch.after_commit.extend(item.after_commit)
             if items:
                 self.heartbeat.busy(loop.time())
                 await self._store.commit_boundary(
-                    batch.reads, batch.intervals, batch.states, batch.messages, batch.peaks
+                    batch.reads,
+                    batch.intervals,
+                    batch.states,
+                    batch.messages,
+                    batch.peaks,
+                    replays=batch.replays,
                 )
                 self.heartbeat.idle()
                 self._on_committed()
+                for callback in batch.after_commit:
+                    callback()
             for future in flushed:
                 if not future.done():
                     future.set_result(None)

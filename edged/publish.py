@@ -10,6 +10,12 @@ the backlog, drained oldest first beside the live messages at
 `mqtt.backlog_rate`, so a long outage neither starves live data nor floods
 the broker. Retained statuses are state, not history: only the latest is
 kept and it is re-published on every (re)connection.
+
+With commands enabled the session also subscribes to the one command topic and
+hands each request to the command handler; answers are published QoS 1 as
+they come (kept in memory across a reconnect, never stored). Replayed records
+are outbox rows under their original seq, below the live cursor: they are
+announced with `backlog_added` and drained as backlog.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edged.config import Mqtt
 from edged.modbus import Backoff
@@ -38,6 +47,9 @@ PUBLISH_WINDOW = 64
 OUTBOX_BATCH = 512
 # The backlog's token bucket holds at most this many seconds of its rate.
 BACKLOG_BURST_S = 0.5
+# Answers to commands waiting for a connection; beyond this the oldest are dropped
+# (the requester times out and asks again).
+MAX_PENDING_RESPONSES = 100
 
 
 class CredentialsError(Exception):
@@ -81,6 +93,80 @@ def resolve_password(settings: Mqtt) -> str | None:
     return None
 
 
+def default_client_id(settings: Mqtt, site: str) -> str:
+    return settings.client_id or f"edged-{site}-{socket.gethostname()}"
+
+
+def mqtt_client(
+    settings: Mqtt,
+    broker: BrokerAddress,
+    *,
+    client_id: str,
+    password: str | None,
+    will: aiomqtt.Will | None = None,
+) -> aiomqtt.Client:
+    """A client with the configured protocol, credentials and TLS (the daemon's
+    publisher and `edged replay` connect the same way)."""
+    tls_params = None
+    if broker.tls:
+        tls = settings.tls
+        tls_params = aiomqtt.TLSParameters(
+            ca_certs=str(tls.ca_file) if tls and tls.ca_file else None,
+            certfile=str(tls.cert_file) if tls and tls.cert_file else None,
+            keyfile=str(tls.key_file) if tls and tls.key_file else None,
+        )
+    protocol = (
+        aiomqtt.ProtocolVersion.V5 if settings.protocol == "5" else aiomqtt.ProtocolVersion.V311
+    )
+    client = aiomqtt.Client(
+        broker.host,
+        broker.port,
+        identifier=client_id,
+        username=settings.username,
+        password=password,
+        protocol=protocol,
+        will=will,
+        keepalive=int(settings.keepalive),
+        timeout=10,
+        max_inflight_messages=PUBLISH_WINDOW,
+        tls_params=tls_params,
+        tls_insecure=bool(settings.tls and settings.tls.insecure) if broker.tls else None,
+    )
+    # aiomqtt warns ("There are N pending publish calls") past 10 calls awaiting
+    # their acknowledgement; a full publish window is normal here, not a leak.
+    client.pending_calls_threshold = 2 * PUBLISH_WINDOW
+    return client
+
+
+async def publish_window(
+    client: aiomqtt.Client, window: Sequence[tuple[str, bytes, int, bool]]
+) -> list[BaseException | None]:
+    """Publish (topic, payload, qos, retain) messages at once; for each, None once
+    the broker acknowledged it (QoS 1: PUBACK) or the exception that stopped it."""
+    results: list[BaseException | None] = await asyncio.gather(
+        *(client.publish(t, p, qos=q, retain=r) for t, p, q, r in window),
+        return_exceptions=True,
+    )
+    return results
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingCommand:
+    """A request received on the command topic."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None  # MQTT v5 property
+    correlation_data: bytes | None  # MQTT v5 property, echoed in the answer
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    topic: str
+    payload: bytes
+    correlation_data: bytes | None
+
+
 class Publisher:
     def __init__(
         self,
@@ -105,6 +191,39 @@ class Publisher:
         self._backoff = Backoff(first_s=0.2, max_s=10.0)
         self._client_now: aiomqtt.Client | None = None
         self._fire_and_forget: set[asyncio.Task[None]] = set()
+        self._command_topic: str | None = None
+        self._on_command: Callable[[IncomingCommand], None] | None = None
+        self._on_acked: Callable[[Sequence[int]], None] | None = None
+        self._responses: list[_Response] = []
+        # Lowest seq of replayed rows queued since the session last looked.
+        self._backlog_from: int | None = None
+
+    def accept_commands(
+        self,
+        topic: str,
+        on_command: Callable[[IncomingCommand], None],
+        on_acked: Callable[[Sequence[int]], None],
+    ) -> None:
+        """Subscribe to `topic` (only that topic) in every session and hand its
+        requests to `on_command`; `on_acked` learns which outbox seqs the broker
+        has acknowledged."""
+        self._command_topic = topic
+        self._on_command = on_command
+        self._on_acked = on_acked
+
+    def respond(self, topic: str, payload: dict[str, Any], correlation_data: bytes | None) -> None:
+        """Answer a command (QoS 1, not retained, not stored), in the order asked."""
+        encoded = json.dumps(payload, separators=(",", ":")).encode()
+        self._responses.append(_Response(topic, encoded, correlation_data))
+        del self._responses[:-MAX_PENDING_RESPONSES]
+        self._wake.set()
+
+    def backlog_added(self, first_seq: int) -> None:
+        """Rows from `first_seq` on were committed below the live cursor (replays):
+        drain them as backlog."""
+        if self._backlog_from is None or first_seq < self._backlog_from:
+            self._backlog_from = first_seq
+        self._wake.set()
 
     def wake(self) -> None:
         """Something new is in the outbox."""
@@ -159,80 +278,79 @@ class Publisher:
             await asyncio.wait_for(self._wake.wait(), timeout=delay_s)
 
     def _client(self, broker: BrokerAddress) -> aiomqtt.Client:
-        settings = self._settings
-        tls_params = None
-        if broker.tls:
-            tls = settings.tls
-            tls_params = aiomqtt.TLSParameters(
-                ca_certs=str(tls.ca_file) if tls and tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls and tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls and tls.key_file else None,
-            )
-        protocol = (
-            aiomqtt.ProtocolVersion.V5 if settings.protocol == "5" else aiomqtt.ProtocolVersion.V311
-        )
-        return aiomqtt.Client(
-            broker.host,
-            broker.port,
-            identifier=self._client_id,
-            username=settings.username,
+        return mqtt_client(
+            self._settings,
+            broker,
+            client_id=self._client_id,
             password=self._password,
-            protocol=protocol,
             will=aiomqtt.Will(self._will_topic, self._will_payload, qos=1, retain=True),
-            keepalive=int(settings.keepalive),
-            timeout=10,
-            max_inflight_messages=PUBLISH_WINDOW,
-            tls_params=tls_params,
-            tls_insecure=bool(settings.tls and settings.tls.insecure) if broker.tls else None,
         )
 
     async def _session(self, broker: BrokerAddress) -> None:
-        loop = asyncio.get_running_loop()
         async with self._client(broker) as client:
             self._backoff.succeeded()
             log.info("mqtt connected", broker=f"{broker.host}:{broker.port}", tls=broker.tls)
             self._retained_dirty = set(self._retained)  # a new session re-asserts state
             self._client_now = client
-            # What is waiting now is backlog; anything committed later is live.
-            backlog_end = await self._store.outbox_max_seq()
-            backlog_cursor = 0
-            live_cursor = backlog_end
-            rate = self._settings.backlog_rate
-            tokens, refilled_at = 0.0, loop.time()
-            while True:
-                self._wake.clear()
-                await self._publish_retained(client)
-                live = await self._store.outbox_batch(OUTBOX_BATCH, after_seq=live_cursor)
-                if live:
-                    await self._publish_rows(client, live)
-                    live_cursor = live[-1].seq
+            reader = await self._subscribe_commands(client)
+            try:
+                await self._drain(client)
+            finally:
+                if reader is not None:
+                    reader.cancel()
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        loop = asyncio.get_running_loop()
+        # What is committed now is backlog; anything committed later is live.
+        # (The last seq ever committed, not the highest still waiting: a replay
+        # queued later under an older seq must not count as live.)
+        self._backlog_from = None
+        backlog_end = await self._store.outbox_last_seq()
+        backlog_cursor = 0
+        live_cursor = backlog_end
+        rate = self._settings.backlog_rate
+        tokens, refilled_at = 0.0, loop.time()
+        while True:
+            self._wake.clear()
+            await self._publish_retained(client)
+            await self._publish_responses(client)
+            if self._backlog_from is not None:
+                # Replays were queued: everything below the live cursor still in
+                # the outbox is backlog again (what was sent is gone from it).
+                backlog_cursor = min(backlog_cursor, self._backlog_from - 1)
+                backlog_end = max(backlog_end, live_cursor)
+                self._backlog_from = None
+            live = await self._store.outbox_batch(OUTBOX_BATCH, after_seq=live_cursor)
+            if live:
+                await self._publish_rows(client, live)
+                live_cursor = live[-1].seq
+            backlog_pending = backlog_cursor < backlog_end
+            if backlog_pending:
+                now = loop.time()
+                tokens = min(rate * BACKLOG_BURST_S, tokens + (now - refilled_at) * rate)
+                refilled_at = now
+                allowed = min(int(tokens), OUTBOX_BATCH)
+                if allowed > 0:
+                    rows = await self._store.outbox_batch(
+                        allowed, after_seq=backlog_cursor, up_to_seq=backlog_end
+                    )
+                    if rows:
+                        await self._publish_rows(client, rows)
+                        backlog_cursor = rows[-1].seq
+                        tokens -= len(rows)
+                    else:
+                        backlog_cursor = backlog_end
                 backlog_pending = backlog_cursor < backlog_end
-                if backlog_pending:
-                    now = loop.time()
-                    tokens = min(rate * BACKLOG_BURST_S, tokens + (now - refilled_at) * rate)
-                    refilled_at = now
-                    allowed = min(int(tokens), OUTBOX_BATCH)
-                    if allowed > 0:
-                        rows = await self._store.outbox_batch(
-                            allowed, after_seq=backlog_cursor, up_to_seq=backlog_end
-                        )
-                        if rows:
-                            await self._publish_rows(client, rows)
-                            backlog_cursor = rows[-1].seq
-                            tokens -= len(rows)
-                        else:
-                            backlog_cursor = backlog_end
-                    backlog_pending = backlog_cursor < backlog_end
-                if self._stopping:
-                    await self._publish_retained(client)
-                    self._client_now = None
-                    return
-                if len(live) == OUTBOX_BATCH:
-                    continue
-                if backlog_pending:
-                    await self._sleep_or_stop(max(0.01, 1.0 / rate))
-                else:
-                    await self._wake.wait()
+            if self._stopping:
+                await self._publish_retained(client)
+                self._client_now = None
+                return
+            if len(live) == OUTBOX_BATCH:
+                continue
+            if backlog_pending:
+                await self._sleep_or_stop(max(0.01, 1.0 / rate))
+            else:
+                await self._wake.wait()
 
     async def _publish_retained(self, client: aiomqtt.Client) -> None:
         while self._retained_dirty:
@@ -247,12 +365,63 @@ class Publisher:
         """Publish in windows; delete each row once acknowledged."""
         for start in range(0, len(rows), PUBLISH_WINDOW):
             window = rows[start : start + PUBLISH_WINDOW]
-            results = await asyncio.gather(
-                *(client.publish(r.topic, r.payload, qos=r.qos, retain=r.retain) for r in window),
-                return_exceptions=True,
+            results = await publish_window(
+                client, [(r.topic, r.payload, r.qos, r.retain) for r in window]
             )
             acked = [row.seq for row, result in zip(window, results, strict=True) if result is None]
             await self._store.ack(acked)
+            if self._on_acked is not None and acked:
+                self._on_acked(acked)
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
+
+    async def _publish_responses(self, client: aiomqtt.Client) -> None:
+        while self._responses:
+            response = self._responses[0]
+            properties = None
+            if response.correlation_data is not None and self._settings.protocol == "5":
+                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                properties.CorrelationData = response.correlation_data
+            await client.publish(response.topic, response.payload, qos=1, properties=properties)
+            # Only once sent: a dropped connection leaves it for the next session.
+            if self._responses and self._responses[0] is response:
+                self._responses.pop(0)
+
+    async def _subscribe_commands(self, client: aiomqtt.Client) -> asyncio.Task[None] | None:
+        topic = self._command_topic
+        if topic is None:
+            return None
+        await client.subscribe(topic, qos=1)
+        log.info("accepting commands", topic=topic)
+        return asyncio.create_task(self._read_commands(client, topic), name="mqtt-commands")
+
+    async def _read_commands(self, client: aiomqtt.Client, topic: str) -> None:
+        try:
+            async for message in client.messages:
+                self._take_command(topic, message)
+        except aiomqtt.MqttError:
+            self._wake.set()  # the drain loop finds out on its next publish
+
+    def _take_command(self, topic: str, message: aiomqtt.Message) -> None:
+        if message.topic.value != topic or self._on_command is None:
+            log.warning("message on an unexpected topic ignored", topic=message.topic.value)
+            return
+        if message.retain:
+            # A retained request would be replayed at every reconnect: refuse it.
+            log.warning("retained command ignored; clear it on the broker", topic=topic)
+            return
+        props = message.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        payload = message.payload  # bytes as received; typed loosely by aiomqtt
+        command = IncomingCommand(
+            topic=topic,
+            payload=bytes(payload) if isinstance(payload, bytes | bytearray) else b"",
+            response_topic=str(response_topic) if response_topic else None,
+            correlation_data=bytes(correlation) if correlation is not None else None,
+        )
+        try:
+            self._on_command(command)
+        except Exception:
+            log.exception("command handler failed", topic=topic)

@@ -22,6 +22,7 @@ from edged.demand import PeakState
 from edged.intervals import ChannelState, parse_counter
 from edged.model import Interval, Read
 from edged.payloads import iso_utc, parse_iso_utc
+from edged.queries import IntervalQuery
 
 # Each entry migrates the schema from version i to i + 1. Never edit a released
 # entry: append a new one.
@@ -183,8 +184,12 @@ class Store:
         states: Mapping[tuple[str, str], ChannelState],
         messages: Sequence[tuple[int, OutboxMessage]],
         peaks: Mapping[tuple[str, str], PeakState] | None = None,
+        replays: Sequence[tuple[int, OutboxMessage]] = (),
     ) -> None:
-        """One durable transaction for everything a boundary produced."""
+        """One durable transaction for everything a boundary produced.
+
+        `replays` are copies of stored records queued again under their original
+        seq: a record whose row is still unsent is not queued twice."""
         now = iso_utc(datetime.now(UTC))
         db = self._db
         await db.execute("BEGIN IMMEDIATE")
@@ -221,6 +226,12 @@ class Store:
                     "INSERT INTO outbox (seq, topic, payload, qos, retain, created_at)"
                     " VALUES (?,?,?,?,?,?)",
                     [(seq, m.topic, m.payload, m.qos, int(m.retain), now) for seq, m in messages],
+                )
+            if replays:
+                await db.executemany(
+                    "INSERT OR IGNORE INTO outbox (seq, topic, payload, qos, retain, created_at)"
+                    " VALUES (?,?,?,?,?,?)",
+                    [(seq, m.topic, m.payload, m.qos, int(m.retain), now) for seq, m in replays],
                 )
             await db.execute("COMMIT")
         except BaseException:
@@ -265,6 +276,15 @@ class Store:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
+    async def outbox_last_seq(self) -> int:
+        """The highest seq ever committed to the outbox (sent or not). Seqs are
+        allocated and committed in order, so every seq up to this one is committed."""
+        async with self._db.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name='outbox'"
+        ) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
     async def outbox_depth(self) -> OutboxDepth:
         async with self._db.execute("SELECT count(*), min(created_at) FROM outbox") as cursor:
             row = await cursor.fetchone()
@@ -272,6 +292,29 @@ class Store:
         return OutboxDepth(int(row[0]), parse_iso_utc(row[1]) if row[1] else None)
 
     # -- reading back ---------------------------------------------------------
+
+    async def count_intervals(self, query: IntervalQuery) -> int:
+        where, params = query.where()
+        async with self._db.execute(f"SELECT count(*) FROM intervals{where}", params) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def interval_payloads(
+        self, query: IntervalQuery, after_rowid: int, limit: int
+    ) -> list[tuple[int, str]]:
+        """(rowid, payload) of stored records, `limit` at a time after `after_rowid`.
+
+        Paged by rowid rather than by holding a cursor open, so the recorder can
+        commit on this connection between pages. A record replaced meanwhile gets
+        a higher rowid and is met again later, never skipped."""
+        where, params = query.where()
+        where += (" AND" if where else " WHERE") + " rowid > ?"
+        async with self._db.execute(
+            f"SELECT rowid, payload FROM intervals{where} ORDER BY rowid LIMIT ?",
+            [*params, after_rowid, limit],
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [(int(r[0]), str(r[1])) for r in rows]
 
     async def channel_states(self) -> dict[tuple[str, str], ChannelState]:
         async with self._db.execute(

@@ -24,13 +24,26 @@ from typing import Any
 import jsonschema  # type: ignore[import-untyped,unused-ignore]
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-SCHEMA_NAMES = ("interval", "event", "gateway_status", "device_status", "peak", "measurement")
+SCHEMA_NAMES = (
+    "interval",
+    "event",
+    "gateway_status",
+    "device_status",
+    "peak",
+    "measurement",
+    "command_response",
+    "replay_request",  # published to edged, not by it: checked with validate_payload
+)
 RETAINED = frozenset({"gateway_status", "device_status", "peak"})
 
 # Matched from the end: the prefix may itself contain '/'.
 TOPICS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^(?P<prefix>.+)/(?P<site>[^/]+)/gateway/status$"), "gateway_status"),
     (re.compile(r"^(?P<prefix>.+)/(?P<site>[^/]+)/gateway/event$"), "event"),
+    (
+        re.compile(r"^(?P<prefix>.+)/(?P<site>[^/]+)/gateway/response/(?P<command>[^/]+)$"),
+        "command_response",
+    ),
     (
         re.compile(r"^(?P<prefix>.+)/(?P<site>[^/]+)/device/(?P<device>[^/]+)/status$"),
         "device_status",
@@ -118,6 +131,10 @@ def validate_message(topic: str, payload: Mapping[str, Any], *, retained: bool =
         problems.append(f"site {payload.get('site')!r} is not the topic's {parts['site']!r}")
     if "device" in parts and payload.get("device") != parts["device"]:
         problems.append(f"device {payload.get('device')!r} is not the topic's {parts['device']!r}")
+    if "command" in parts and payload.get("command") != parts["command"]:
+        problems.append(
+            f"command {payload.get('command')!r} is not the topic's {parts['command']!r}"
+        )
     if name == "event" and "device" not in parts and payload.get("device") is not None:
         problems.append("a gateway event must have device null")
     if "channel" in parts and payload.get("channel") != parts["channel"]:

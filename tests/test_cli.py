@@ -57,7 +57,7 @@ from tests.conftest import Broker
 
 ROOT = Path(__file__).resolve().parent.parent
 NZ = ZoneInfo("Pacific/Auckland")
-COMMANDS = ("run", "check-config", "demo", "status", "intervals")
+COMMANDS = ("run", "check-config", "demo", "status", "intervals", "replay")
 
 # 2026-09-26 23:50:00.5 NZST: the start-up read; 16 quarter hours follow, across
 # the DST change at 02:00 NZST (14:00Z).

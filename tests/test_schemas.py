@@ -339,6 +339,7 @@ def test_payload_must_agree_with_its_topic() -> None:
         ("edged/s/device/d/event", "event"),
         ("edged/s/device/d/interval/energy_import", "interval"),
         ("edged/s/device/d/peak/energy_import", "peak"),
+        ("edged/s/gateway/response/replay", "command_response"),
     ],
 )
 def test_topic_to_schema(topic: str, name: str) -> None:
