@@ -23,6 +23,13 @@ from edged import __version__
 from edged.clock import BoundaryWaiter, Clock, SystemClock
 from edged.config import Settings, TimeSettings, config_hash
 from edged.demand import PeakState
+from edged.housekeeping import (
+    BudgetDecision,
+    DiskUsage,
+    Housekeeper,
+    budget_event,
+    store_corrupt_event,
+)
 from edged.modbus import Link, build_links
 from edged.model import Event, Flag, Interval, TimeState
 from edged.ntpclock import NtpReferenceClock, SystemReferenceClock
@@ -117,6 +124,7 @@ class App:
         self._device_health: dict[str, DeviceHealth] = {}
         self.store: Store | None = None
         self.publisher: Publisher | None = None
+        self.housekeeper: Housekeeper | None = None
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -147,7 +155,26 @@ class App:
             "links": [link.status() for link in self._links],
             "outbox_depth": outbox.count if outbox is not None else None,
             "outbox_oldest_age_s": oldest_s,
+            **self._disk_status(),
             "updated_at": iso_utc(self.clock.now()),
+        }
+
+    def _disk_status(self) -> dict[str, Any]:
+        if self.housekeeper is None:
+            return {
+                "disk_used_bytes": None,
+                "disk_free_bytes": None,
+                "disk_budget_bytes": self.settings.storage.disk_budget,
+                "disk_alarm": None,
+                "storage_shedding": [],
+            }
+        disk = self.housekeeper.status()
+        return {
+            "disk_used_bytes": disk.used_bytes,
+            "disk_free_bytes": disk.free_bytes,
+            "disk_budget_bytes": disk.budget_bytes,
+            "disk_alarm": None if disk.alarm is None else str(disk.alarm),
+            "storage_shedding": list(disk.shedding),
         }
 
     def _time_status(self) -> dict[str, Any]:
@@ -178,6 +205,13 @@ class App:
         self._recorder.submit(
             outbox_pending(self.store, self.topics, self.settings.site, [], [event])
         )
+
+    def _on_budget(self, decision: BudgetDecision, usage: DiskUsage) -> None:
+        """The disk alarm came, went or sheds more: an event, and the status now."""
+        assert self.housekeeper is not None
+        self._record_event(budget_event(decision, usage, self.housekeeper.limits, self.clock.now()))
+        if self.publisher is not None:
+            self.publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
 
     def _on_peak(self, device_id: str, channel: str, peak: PeakState) -> None:
         if self.publisher is None:
@@ -255,9 +289,13 @@ class App:
 
     async def run(self) -> None:
         settings = self.settings
-        store = await Store.open(settings.storage.path)
+        store = await Store.open(
+            settings.storage.path, now=lambda: datetime.fromtimestamp(self._system_now(), UTC)
+        )
         self.store = store
         log.info("store open", path=str(settings.storage.path))
+        if store.recovered_from is not None:
+            self._record_event(store_corrupt_event(store.recovered_from))
         mark = await store.get_mark("liveness")
         last_mark = parse_iso_utc(mark) if mark else None
         if self._clock_override is None:
@@ -279,6 +317,14 @@ class App:
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
         recorder = Recorder(store, on_committed=publisher.wake)
         self._recorder = recorder
+        housekeeper = Housekeeper(
+            store,
+            settings.storage,
+            self.clock,
+            apply_shedding=recorder.set_shedding,
+            on_change=self._on_budget,
+        )
+        self.housekeeper = housekeeper
         for event in self._early_events:
             self._record_event(event)
         self._early_events.clear()
@@ -339,6 +385,9 @@ class App:
                     if p.device.measurements is not None
                 ]
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
+                housekeeping_task = group.create_task(
+                    _supervised(housekeeper.run, "housekeeping", self._stop), name="housekeeping"
+                )
                 liveness_task = group.create_task(self._liveness_loop(store), name="liveness")
                 clock_task = group.create_task(self.reference.run(), name="clock")
                 log.info("edged running", site=settings.site, devices=len(pollers),
@@ -348,6 +397,7 @@ class App:
                     poller.stop()
                 await asyncio.gather(*poller_tasks)
                 status_task.cancel()
+                housekeeping_task.cancel()
                 liveness_task.cancel()
                 clock_task.cancel()
                 await recorder.close()
