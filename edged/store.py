@@ -590,12 +590,14 @@ def move_aside(path: Path, target: Path) -> tuple[Path, ...]:
         n += 1
         target = base.with_name(f"{base.name}.{n}")
     moved: list[Path] = []
-    for suffix in ("", "-wal", "-shm", "-journal"):
+    # The database last: interrupted half-way, a restart finds the damaged
+    # file again rather than a fresh one beside a stale WAL it would replay.
+    for suffix in ("-wal", "-shm", "-journal", ""):
         source = path.with_name(path.name + suffix)
         if source.exists():
             destination = target.with_name(target.name + suffix)
             os.rename(source, destination)
-            moved.append(destination)
+            moved.insert(len(moved) if suffix else 0, destination)
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # the renames survive a power cut
