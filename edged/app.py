@@ -28,7 +28,14 @@ from edged import __version__, logs
 from edged.clock import BoundaryWaiter, Clock, SystemClock
 from edged.config import ConfigError, Settings, TimeSettings, config_hash, load_settings
 from edged.demand import PeakState
-from edged.devices import DeviceSet, PollerContext
+from edged.devices import DeviceSet, PollerContext, supervised
+from edged.housekeeping import (
+    BudgetDecision,
+    DiskUsage,
+    Housekeeper,
+    budget_event,
+    store_corrupt_event,
+)
 from edged.model import Event, Flag, Interval, TimeState
 from edged.ntpclock import NtpReferenceClock, SystemReferenceClock
 from edged.payloads import (
@@ -129,6 +136,7 @@ class App:
         self.store: Store | None = None
         self.publisher: Publisher | None = None
         self._commands: ReplayCommands | None = None
+        self.housekeeper: Housekeeper | None = None
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -164,7 +172,26 @@ class App:
             "links": [link.status() for link in self._devices.links()] if self._devices else [],
             "outbox_depth": outbox.count if outbox is not None else None,
             "outbox_oldest_age_s": oldest_s,
+            **self._disk_status(),
             "updated_at": iso_utc(self.clock.now()),
+        }
+
+    def _disk_status(self) -> dict[str, Any]:
+        if self.housekeeper is None:
+            return {
+                "disk_used_bytes": None,
+                "disk_free_bytes": None,
+                "disk_budget_bytes": self.settings.storage.disk_budget,
+                "disk_alarm": None,
+                "storage_shedding": [],
+            }
+        disk = self.housekeeper.status()
+        return {
+            "disk_used_bytes": disk.used_bytes,
+            "disk_free_bytes": disk.free_bytes,
+            "disk_budget_bytes": disk.budget_bytes,
+            "disk_alarm": None if disk.alarm is None else str(disk.alarm),
+            "storage_shedding": list(disk.shedding),
         }
 
     def _time_status(self) -> dict[str, Any]:
@@ -195,6 +222,13 @@ class App:
         self._recorder.submit(
             outbox_pending(self.store, self.topics, self.settings.site, [], [event])
         )
+
+    def _on_budget(self, decision: BudgetDecision, usage: DiskUsage) -> None:
+        """The disk alarm came, went or sheds more: an event, and the status now."""
+        assert self.housekeeper is not None
+        self._record_event(budget_event(decision, usage, self.housekeeper.limits, self.clock.now()))
+        if self.publisher is not None:
+            self.publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
 
     def _on_peak(self, device_id: str, channel: str, peak: PeakState) -> None:
         if self.publisher is None:
@@ -273,9 +307,13 @@ class App:
     async def run(self) -> None:
         settings = self.settings
         notifier = self._systemd.notifier
-        store = await Store.open(settings.storage.path)
+        store = await Store.open(
+            settings.storage.path, now=lambda: datetime.fromtimestamp(self._system_now(), UTC)
+        )
         self.store = store
         log.info("store open", path=str(settings.storage.path))
+        if store.recovered_from is not None:
+            self._record_event(store_corrupt_event(store.recovered_from))
         mark = await store.get_mark("liveness")
         last_mark = parse_iso_utc(mark) if mark else None
         if self._clock_override is None:
@@ -303,6 +341,14 @@ class App:
                 settings, store, recorder, publisher, self.topics, self.clock.now
             )
             publisher.accept_commands(commands.topic, commands.receive, commands.acked)
+        housekeeper = Housekeeper(
+            store,
+            settings.storage,
+            self.clock,
+            apply_shedding=recorder.set_shedding,
+            on_change=self._on_budget,
+        )
+        self.housekeeper = housekeeper
         for event in self._early_events:
             self._record_event(event)
         self._early_events.clear()
@@ -333,6 +379,9 @@ class App:
                 devices = self._devices = DeviceSet(context, group)
                 await devices.apply(settings.devices)
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
+                housekeeping_task = group.create_task(
+                    supervised(housekeeper.run, "housekeeping", self._stop), name="housekeeping"
+                )
                 liveness_task = group.create_task(self._liveness_loop(store), name="liveness")
                 clock_task = group.create_task(self.reference.run(), name="clock")
                 commands_task = (
@@ -357,6 +406,7 @@ class App:
                     # Pings up to here: a slow stop is not a hang; TimeoutStopSec bounds it.
                     watchdog_task.cancel()
                 status_task.cancel()
+                housekeeping_task.cancel()
                 liveness_task.cancel()
                 clock_task.cancel()
                 if commands_task is not None:

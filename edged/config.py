@@ -59,6 +59,28 @@ def parse_duration_s(value: object) -> float:
 
 DurationS = Annotated[float, BeforeValidator(parse_duration_s)]
 
+# Decimal units as disk vendors and `df -H` count, binary ones as `df -h` does.
+SIZE_UNITS_BYTES = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*$", re.IGNORECASE)
+
+
+def parse_size_bytes(value: object) -> int:
+    """'2 GB' -> 2_000_000_000, '512MiB' -> 536_870_912; bare integers are bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match:
+            return round(float(match.group(1)) * SIZE_UNITS_BYTES[match.group(2).upper()])
+    raise ValueError(
+        f"expected a size such as 2 GB, 500 MB or 512 MiB (units B, kB, MB, GB, TB, "
+        f"KiB, MiB, GiB, TiB), got {value!r}"
+    )
+
+
+SizeBytes = Annotated[int, BeforeValidator(parse_size_bytes)]
+
 
 def check_zone_name(name: str) -> str:
     try:
@@ -452,8 +474,69 @@ class VirtualMeter(_Strict):
     channels: tuple[VirtualChannel, ...] = Field(min_length=1)
 
 
+class Retention(_Strict):
+    """How long stored rows are kept, by their own timestamp (a read's `read_at`, an
+    interval's `end`, a measurement's `at`); `null` keeps them for ever. An interval
+    whose message the broker has not acknowledged yet is kept whatever its age, and
+    unsent messages (the outbox, events included) are never deleted by retention.
+    Nothing is deleted while the time state is `assumed`: an unconfirmed clock
+    (a dead RTC battery, a bogus date) must not decide what is old."""
+
+    reads: DurationS | None = Field(
+        35 * SECONDS_PER_DAY, gt=0, description="raw boundary reads (registers, values, errors)"
+    )
+    intervals: DurationS | None = Field(
+        400 * SECONDS_PER_DAY, gt=0, description="interval records (the billing data)"
+    )
+    measurements: DurationS | None = Field(
+        7 * SECONDS_PER_DAY, gt=0, description="fast-poll measurements"
+    )
+
+
+# What the disk budget policy may stop storing, lowest value first by default.
+# Intervals, events and unsent messages are never shed.
+SHEDDABLE = ("measurements", "reads")
+
+
+def _check_budget_policy(policy: tuple[str, ...]) -> tuple[str, ...]:
+    for name in policy:
+        if name not in SHEDDABLE:
+            raise ValueError(
+                f"{name!r} cannot be shed: the policy lists measurements and/or reads "
+                "(intervals, events and unsent messages are always kept)"
+            )
+    if len(set(policy)) != len(policy):
+        raise ValueError("each kind may appear only once")
+    return policy
+
+
 class Storage(_Strict):
+    """The local SQLite store, its retention and its disk budget (docs/deployment.md
+    has the sizing and what happens when the budget is reached)."""
+
     path: Path = Path("/var/lib/edged/edged.db")
+    retention: Retention = Retention()
+    disk_budget: SizeBytes = Field(
+        2 * 10**9,
+        gt=0,
+        description="most disk the database (main file + WAL) should use, e.g. 2 GB or "
+        "1.5 GiB; reaching it raises the disk alarm and applies budget_policy",
+    )
+    min_free: SizeBytes = Field(
+        100 * 10**6,
+        ge=0,
+        description="free space on the database's file system under which the same alarm "
+        "is raised (0: off)",
+    )
+    budget_policy: Annotated[tuple[str, ...], AfterValidator(_check_budget_policy)] = Field(
+        SHEDDABLE,
+        description="kinds (`measurements`, `reads`) to stop storing in the disk alarm, in "
+        "this order: each kind is no longer stored and its oldest rows are deleted until use "
+        "is back under 90% of the budget; the next kind only when that freed too little",
+    )
+    check_every: DurationS = Field(
+        60.0, ge=0.1, le=3600, description="how often retention and the disk budget run"
+    )
 
 
 class MqttTls(_Strict):

@@ -180,12 +180,12 @@ class DeviceSet:
         )
         running = _Running(poller, link)
         name = f"poller:{device.id}"
-        task = self._group.create_task(_supervised(poller.run, name, running.stop), name=name)
+        task = self._group.create_task(supervised(poller.run, name, running.stop), name=name)
         running.tasks.append((task, poller.heartbeat))
         if device.measurements is not None:
             name = f"measure:{device.id}"
             task = self._group.create_task(
-                _supervised(poller.run_measurements, name, running.stop), name=name
+                supervised(poller.run_measurements, name, running.stop), name=name
             )
             running.tasks.append((task, poller.measure_heartbeat))
         self._running[device.id] = running
@@ -216,7 +216,7 @@ class DeviceSet:
         return problems
 
 
-async def _supervised(run: Callable[[], Awaitable[None]], name: str, stop: asyncio.Event) -> None:
+async def supervised(run: Callable[[], Awaitable[None]], name: str, stop: asyncio.Event) -> None:
     """Restart a crashed task after a pause instead of losing it silently."""
     while not stop.is_set():
         try:

@@ -50,6 +50,7 @@ DESCRIPTIONS: dict[str, str] = {
     "Settings.devices": "the meters to read",
     "Settings.virtual_meters": "per-interval sums and differences of real channels",
     "Storage.path": "SQLite database (WAL, synchronous=FULL); its directory is created",
+    "Storage.retention": "how long each kind of stored row is kept",
     "Mqtt.host": "broker host name or address (when `brokers` is empty)",
     "Mqtt.port": "broker port (when `brokers` is empty)",
     "Mqtt.topic_prefix": "first level(s) of every topic: `{prefix}/{site}/...`",
@@ -155,6 +156,8 @@ file, line and key (`edged.yaml:17 devices[0].channels[0].multipler: unknown key
   default.
 - **Durations** are a number and a unit: `500ms`, `30s`, `15m`, `1h`, `1d` (units
   {units}); a bare number is seconds.
+- **Sizes** are a number and a unit: `2 GB`, `500 MB`, `1.5 GiB` (decimal units `kB`, `MB`,
+  `GB`, `TB`; binary `KiB`, `MiB`, `GiB`, `TiB`; any case); a bare whole number is bytes.
 - **Identifiers** (site, device ids, channel names) use letters, digits and `_ . -`, and
   start with a letter or digit; they become MQTT topic levels and record ids.
 - **Profiles**: a device may name a profile (`profile: pmc-1`) and inherit its register map;
@@ -187,6 +190,7 @@ class TypeInfo:
     text: str
     children: tuple[tuple[type[BaseModel], str, str | None], ...] = ()  # model, suffix, tag
     duration: bool = False
+    size: bool = False
 
 
 @dataclass
@@ -265,7 +269,7 @@ def describe(annotation: Any, metadata: Sequence[Any] = ()) -> TypeInfo:
         if nullable and not any(p.children for p in parts):
             text += " or null"
         children = tuple(c for p in parts for c in p.children)
-        return TypeInfo(text, children, any(p.duration for p in parts))
+        return TypeInfo(text, children, any(p.duration for p in parts), any(p.size for p in parts))
     if origin is Literal:
         values = ", ".join(f"`{v}`" for v in get_args(annotation))
         return TypeInfo(f"one of {values}" if len(get_args(annotation)) > 1 else values)
@@ -285,6 +289,8 @@ def describe(annotation: Any, metadata: Sequence[Any] = ()) -> TypeInfo:
         return TypeInfo("one of " + ", ".join(f"`{m.value}`" for m in annotation))
     if duration:
         return TypeInfo("duration", duration=True)
+    if cfg.parse_size_bytes.__name__ in validators:
+        return TypeInfo("size", size=True)
     names = {int: "integer", float: "number", str: "string", bool: "boolean", Path: "path"}
     if annotation in names:
         return TypeInfo(f"{names[annotation]} {shorthand}".rstrip())
@@ -297,6 +303,15 @@ def _number(value: float, duration: bool) -> str:
 
         return format_duration(value)
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def format_size(size_bytes: int) -> str:
+    """2_000_000_000 -> '2 GB', 536_870_912 -> '512 MiB' (the config's own size syntax)."""
+    for unit in ("TB", "TiB", "GB", "GiB", "MB", "MiB", "kB", "KiB"):
+        factor = cfg.SIZE_UNITS_BYTES[unit.upper()]
+        if size_bytes >= factor and size_bytes % factor == 0:
+            return f"{size_bytes // factor} {unit}"
+    return f"{size_bytes} B"
 
 
 def constraints(metadata: Sequence[Any], duration: bool) -> str:
@@ -335,6 +350,8 @@ def render_default(info: FieldInfo, type_info: TypeInfo, section_for: Callable[[
         return f"[its keys' defaults](#{section_for(value)})"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
+    if isinstance(value, int) and type_info.size:
+        return f"`{format_size(value)}`"
     if isinstance(value, int | float):
         return f"`{_number(value, type_info.duration)}`"
     if isinstance(value, tuple | list):

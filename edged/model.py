@@ -140,3 +140,17 @@ class Event:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """One fast poll of a device's instantaneous values: published at QoS 0 and
+    kept locally (to backfill a historian) unless the disk budget sheds them.
+    A value the meter reported as NaN or infinite is None."""
+
+    device: str
+    at: datetime
+    values: Mapping[str, float | int | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", MappingProxyType(dict(self.values)))

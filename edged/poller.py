@@ -5,6 +5,9 @@ its requests the moment the boundary arrives, hands the read to the pure
 interval engine and gives the results to the recorder. The recorder commits
 everything queued since its last commit in one transaction (group commit: a
 thousand devices on one boundary cost one fsync), then wakes the publisher.
+Fast-poll measurements ride along with the next commit, or are flushed on
+their own every few seconds. What the disk budget sheds (edged.housekeeping)
+the recorder simply does not write: the pollers work the same either way.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from edged.demand import PeakState, peak_event, update_peaks
 from edged.heartbeat import Heartbeat
 from edged.intervals import ChannelState, IntervalContext
 from edged.modbus import DevicePlan, Link, plan_device, read_device
-from edged.model import Event, Flag, Interval, Read
+from edged.model import Event, Flag, Interval, Measurement, Read
 from edged.payloads import (
     Topics,
     encode,
@@ -40,6 +43,12 @@ from edged.store import OutboxMessage, Store
 from edged.timeflags import TimeFlags
 
 log = structlog.get_logger("edged.poller")
+
+# Fast-poll measurements are written with the next boundary commit, or after
+# this long, or once this many are buffered: one transaction per batch, never
+# one per poll (an fsync a second per device would wear the flash).
+MEASUREMENT_FLUSH_S = 5.0
+MEASUREMENT_BATCH_ROWS = 1000
 
 
 @dataclass(slots=True)
@@ -79,14 +88,44 @@ def outbox_pending(
 class Recorder:
     """Single writer: batches pollers' results into durable transactions."""
 
-    def __init__(self, store: Store, on_committed: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        on_committed: Callable[[], None],
+        measurement_flush_s: float = MEASUREMENT_FLUSH_S,
+    ) -> None:
         self._store = store
         self._on_committed = on_committed
         self._queue: asyncio.Queue[Pending | asyncio.Future[None] | None] = asyncio.Queue()
         self.heartbeat = Heartbeat("recorder")
+        self._measurement_flush_s = measurement_flush_s
+        self._measurements: list[Measurement] = []
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._shedding: frozenset[str] = frozenset()
+
+    @property
+    def shedding(self) -> frozenset[str]:
+        return self._shedding
+
+    def set_shedding(self, kinds: frozenset[str]) -> None:
+        """Kinds of rows not to store ("measurements", "reads"): the disk budget's call."""
+        self._shedding = kinds
+        if "measurements" in kinds:
+            self._measurements.clear()
 
     def submit(self, pending: Pending) -> None:
         self._queue.put_nowait(pending)
+
+    def add_measurement(self, measurement: Measurement) -> None:
+        if "measurements" in self._shedding:
+            return
+        self._measurements.append(measurement)
+        if len(self._measurements) >= MEASUREMENT_BATCH_ROWS:
+            self._queue.put_nowait(Pending())  # an empty step: commit what is buffered
+        elif self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(
+                self._measurement_flush_s, self._queue.put_nowait, Pending()
+            )
 
     async def close(self) -> None:
         """Flush what is queued and end `run`."""
@@ -125,7 +164,22 @@ class Recorder:
                 batch.peaks.update(item.peaks)
                 batch.replays.extend(item.replays)
                 batch.after_commit.extend(item.after_commit)
-            if items:
+            if "reads" in self._shedding:
+                batch.reads.clear()
+            measurements, self._measurements = self._measurements, []
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+                self._flush_timer = None
+            if measurements or any(
+                (
+                    batch.reads,
+                    batch.intervals,
+                    batch.states,
+                    batch.messages,
+                    batch.peaks,
+                    batch.replays,
+                )
+            ):
                 self.heartbeat.busy(loop.time())
                 await self._store.commit_boundary(
                     batch.reads,
@@ -134,11 +188,12 @@ class Recorder:
                     batch.messages,
                     batch.peaks,
                     replays=batch.replays,
+                    measurements=measurements,
                 )
                 self.heartbeat.idle()
                 self._on_committed()
-                for callback in batch.after_commit:
-                    callback()
+            for callback in batch.after_commit:
+                callback()
             for future in flushed:
                 if not future.done():
                     future.set_result(None)
@@ -242,12 +297,15 @@ class DevicePoller:
             result = await read_device(
                 self._link, plan.unit_id, plan.measurements, priority=Priority.FAST
             )
-            if result.error is None and self._on_measurement is not None:
-                at = started + timedelta(seconds=result.queued_s)
-                self._on_measurement(
-                    self._topics.measurement(self.device.id),
-                    measurement_payload(self._site, self.device.id, at, result.values, units),
-                )
+            if result.error is not None:
+                continue
+            at = started + timedelta(seconds=result.queued_s)
+            payload = measurement_payload(self._site, self.device.id, at, result.values, units)
+            if self._on_measurement is not None:
+                self._on_measurement(self._topics.measurement(self.device.id), payload)
+            # Kept locally too (unless the disk budget sheds them), so a
+            # historian can be backfilled; payload["values"] has NaN as None.
+            self._recorder.add_measurement(Measurement(self.device.id, at, payload["values"]))
 
     def stop(self) -> None:
         """Finish the read in flight (if any), then end `run`."""

@@ -230,8 +230,9 @@ class Publisher:
         self._wake.set()
 
     def publish_now(self, topic: str, payload: dict[str, Any]) -> bool:
-        """Fire-and-forget QoS 0 (fast-poll measurements): never stored, and
-        dropped while disconnected, so they cannot crowd out interval data."""
+        """Fire-and-forget QoS 0 (fast-poll measurements): never queued in the
+        outbox, and dropped while disconnected, so they cannot crowd out
+        interval data (the recorder keeps its own copy in the store)."""
         client = self._client_now
         if client is None:
             return False
