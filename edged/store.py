@@ -270,7 +270,10 @@ class Store:
         self.path = path
         self._next_seq = 1
         # Multi-statement transactions (a boundary commit, a batch of deletes)
-        # must not interleave on the one connection.
+        # must not interleave on the one connection, and no other statement may
+        # run inside one: it would join the transaction (a mark or an ack rolled
+        # back with it) or read its uncommitted rows (the publisher sending a
+        # record that a failed commit then loses).
         self._write_lock = asyncio.Lock()
         self.recovered_from: CorruptStore | None = None
 
@@ -524,9 +527,10 @@ class Store:
         return max(0, total - free_pages * await self._pragma_int("page_size"))
 
     async def set_mark(self, name: str, value: str) -> None:
-        await self._db.execute(
-            "INSERT OR REPLACE INTO marks (name, value) VALUES (?, ?)", (name, value)
-        )
+        async with self._write_lock:
+            await self._db.execute(
+                "INSERT OR REPLACE INTO marks (name, value) VALUES (?, ?)", (name, value)
+            )
 
     async def get_mark(self, name: str) -> str | None:
         async with self._db.execute("SELECT value FROM marks WHERE name=?", (name,)) as cursor:
@@ -539,11 +543,14 @@ class Store:
         self, limit: int, after_seq: int = 0, up_to_seq: int | None = None
     ) -> list[OutboxRow]:
         """Unsent messages with after_seq < seq <= up_to_seq, oldest first."""
-        async with self._db.execute(
-            "SELECT seq, topic, payload, qos, retain, created_at FROM outbox"
-            " WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-            (after_seq, up_to_seq if up_to_seq is not None else 2**63 - 1, limit),
-        ) as cursor:
+        async with (
+            self._write_lock,
+            self._db.execute(
+                "SELECT seq, topic, payload, qos, retain, created_at FROM outbox"
+                " WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (after_seq, up_to_seq if up_to_seq is not None else 2**63 - 1, limit),
+            ) as cursor,
+        ):
             rows = await cursor.fetchall()
         return [
             OutboxRow(int(r[0]), str(r[1]), bytes(r[2]), int(r[3]), bool(r[4]), parse_iso_utc(r[5]))
@@ -554,24 +561,32 @@ class Store:
         """Delete messages the broker has acknowledged (after PUBACK)."""
         batch = [(s,) for s in seqs]
         if batch:
-            await self._db.executemany("DELETE FROM outbox WHERE seq=?", batch)
+            async with self._write_lock:
+                await self._db.executemany("DELETE FROM outbox WHERE seq=?", batch)
 
     async def outbox_max_seq(self) -> int:
-        async with self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox") as cursor:
+        async with (
+            self._write_lock,
+            self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox") as cursor,
+        ):
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
     async def outbox_last_seq(self) -> int:
         """The highest seq ever committed to the outbox (sent or not). Seqs are
         allocated and committed in order, so every seq up to this one is committed."""
-        async with self._db.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name='outbox'"
-        ) as cursor:
+        async with (
+            self._write_lock,
+            self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'") as cursor,
+        ):
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
     async def outbox_depth(self) -> OutboxDepth:
-        async with self._db.execute("SELECT count(*), min(created_at) FROM outbox") as cursor:
+        async with (
+            self._write_lock,
+            self._db.execute("SELECT count(*), min(created_at) FROM outbox") as cursor,
+        ):
             row = await cursor.fetchone()
         assert row is not None
         return OutboxDepth(int(row[0]), parse_iso_utc(row[1]) if row[1] else None)
