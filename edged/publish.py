@@ -19,9 +19,9 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 import structlog
@@ -31,6 +31,8 @@ from edged.modbus import Backoff
 from edged.store import OutboxRow, Store
 
 log = structlog.get_logger("edged.publish")
+
+T = TypeVar("T")
 
 # Messages in flight at once: enough to keep a LAN broker busy, few enough
 # that a dropped connection resends little.
@@ -81,6 +83,45 @@ def resolve_password(settings: Mqtt) -> str | None:
     return None
 
 
+@contextlib.asynccontextmanager
+async def _watch_connection(client: aiomqtt.Client) -> AsyncIterator[asyncio.Task[None]]:
+    """A task that fails with MqttError when the connection drops.
+
+    aiomqtt fails a QoS 1 publish waiting for its PUBACK only at its timeout
+    (10 s), not when the connection drops (a broker that crashed), so live
+    data would wait that long for a reconnection. Its message iterator fails
+    at once (the publisher subscribes to nothing, so no message arrives)."""
+
+    async def until_dropped() -> None:
+        async for _message in client.messages:
+            pass
+
+    task = asyncio.create_task(until_dropped())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await task
+
+
+async def _unless_dropped(work: Awaitable[T], dropped: asyncio.Task[None] | None) -> T:
+    """``work``'s result, or MqttError if the connection drops first (``work``
+    is then cancelled: rows it did not get acknowledged stay in the outbox)."""
+    task = asyncio.ensure_future(work)
+    if dropped is None:
+        return await task
+    try:
+        await asyncio.wait((task, dropped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    if task.cancelled() or not task.done():
+        raise aiomqtt.MqttError("connection dropped") from dropped.exception()
+    return task.result()
+
+
 class Publisher:
     def __init__(
         self,
@@ -104,6 +145,7 @@ class Publisher:
         self._stopping = False
         self._backoff = Backoff(first_s=0.2, max_s=10.0)
         self._client_now: aiomqtt.Client | None = None
+        self._dropped: asyncio.Task[None] | None = None  # see _watch_connection
         self._fire_and_forget: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
@@ -188,7 +230,8 @@ class Publisher:
 
     async def _session(self, broker: BrokerAddress) -> None:
         loop = asyncio.get_running_loop()
-        async with self._client(broker) as client:
+        async with self._client(broker) as client, _watch_connection(client) as dropped:
+            self._dropped = dropped
             self._backoff.succeeded()
             log.info("mqtt connected", broker=f"{broker.host}:{broker.port}", tls=broker.tls)
             self._retained_dirty = set(self._retained)  # a new session re-asserts state
@@ -238,7 +281,9 @@ class Publisher:
         while self._retained_dirty:
             topic = self._retained_dirty.pop()
             try:
-                await client.publish(topic, self._retained[topic], qos=1, retain=True)
+                await _unless_dropped(
+                    client.publish(topic, self._retained[topic], qos=1, retain=True), self._dropped
+                )
             except BaseException:
                 self._retained_dirty.add(topic)
                 raise
@@ -247,9 +292,15 @@ class Publisher:
         """Publish in windows; delete each row once acknowledged."""
         for start in range(0, len(rows), PUBLISH_WINDOW):
             window = rows[start : start + PUBLISH_WINDOW]
-            results = await asyncio.gather(
-                *(client.publish(r.topic, r.payload, qos=r.qos, retain=r.retain) for r in window),
-                return_exceptions=True,
+            results = await _unless_dropped(
+                asyncio.gather(
+                    *(
+                        client.publish(r.topic, r.payload, qos=r.qos, retain=r.retain)
+                        for r in window
+                    ),
+                    return_exceptions=True,
+                ),
+                self._dropped,
             )
             acked = [row.seq for row, result in zip(window, results, strict=True) if result is None]
             await self._store.ack(acked)
