@@ -324,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run simulated meters, a broker and the daemon with a live view",
         description="Start two simulated meters, an MQTT broker (mosquitto if installed, "
-        "else the embedded amqtt) and the daemon with short intervals, and show the "
-        "intervals as an upstream consumer receives them. Nothing to configure.",
+        "else the embedded amqtt) and the daemon with short intervals and a virtual "
+        "station total of both meters, and show the intervals as an upstream consumer "
+        "receives them. Nothing to configure.",
     )
     p.add_argument("--duration", type=float, default=None, metavar="N",
                    help="exit after N seconds (default: run until Ctrl-C)")  # fmt: skip

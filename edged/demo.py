@@ -4,7 +4,8 @@ Everything a newcomer needs runs in this one process (the broker is
 mosquitto when it is installed, otherwise the embedded amqtt): two simulated
 meters over real Modbus TCP on loopback, the real daemon with short
 intervals, and a view that subscribes to the broker exactly as an upstream
-consumer would, so what it shows is what was published. A scripted scenario
+consumer would, so what it shows is what was published. A virtual meter, the
+station total, sums both meters' energy per interval. A scripted scenario
 exercises the flags: a meter outage and a counter rollover.
 """
 
@@ -29,6 +30,9 @@ from edged.logs import configure
 
 SITE = "demo-site"
 PREFIX = "edged"
+# The virtual meter summing both meters' energy, and its channel.
+STATION = "station"
+STATION_TOTAL = "total_import"
 
 ION_LOAD_KW = 2400.0
 ION_KWH_PER_COUNT = 0.01
@@ -88,7 +92,7 @@ def demo_config(
     path.write_text(
         f"""\
 # Written by `edged demo`: two simulated meters on 127.0.0.1:{modbus_port},
-# a simulated NTP server on 127.0.0.1:{ntp_port}.
+# a simulated NTP server on 127.0.0.1:{ntp_port}, and a virtual station total.
 site: {SITE}
 timezone: Pacific/Auckland
 storage:
@@ -117,6 +121,13 @@ devices:
         unit: kWh
         multiplier: {ION_KWH_PER_COUNT}
         rollover: {COUNTER_MODULUS}
+virtual_meters:
+  # Per interval, the sum of both meters' energy; MISSING when either is.
+  - id: {STATION}
+    channels:
+      - name: {STATION_TOTAL}
+        add: [pmc1.energy_import, ion8600.energy_delivered]
+        unit: kWh
 """
     )
     return path
@@ -294,6 +305,7 @@ async def run_demo(
                 f"edged demo: broker {broker.kind} at {broker.host}:{broker.port}, "
                 f"meters at 127.0.0.1:{modbus_port}, {interval_s} s intervals\n"
                 f"  config: {config}\n"
+                f"  virtual meter {STATION}/{STATION_TOTAL} = pmc1 + ion8600 energy per interval\n"
                 f"  watch the raw topics: mosquitto_sub -h {broker.host} -p {broker.port} "
                 f"-t '{PREFIX}/#' -v",
                 file=out,

@@ -110,9 +110,10 @@ EXCEPTION_NAMES = {
 _GATEWAY_NO_ANSWER = frozenset({10, 11})
 # Added to a request's timeout for the bus-level guard around pymodbus.
 GUARD_S = 0.5
-# Inter-frame silences shorter than this are timed by polling the clock for the
-# last fraction of a millisecond (see _Connection._quiet).
-SPIN_BELOW_S = 0.0025
+# Inter-frame silences shorter than this (every RTU silence: 32 ms at 1200 Bd)
+# are timed by polling the clock for their last millisecond (see
+# _Connection._quiet); longer, configured TCP gaps need no such precision.
+SPIN_BELOW_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +188,11 @@ class _Payload:
     optional: tuple[ReadRequest, ...]
 
 
-ClientFactory = Callable[[], ModbusBaseClient]
+# pymodbus' trace_packet hook: (sending, bytes) -> bytes, called as bytes go
+# out and as they come in.
+PacketTrace = Callable[[bool, bytes], bytes]
+# Builds a link's client; the client must call the given trace on every packet.
+ClientFactory = Callable[[PacketTrace], ModbusBaseClient]
 
 
 class _Connection:
@@ -200,8 +205,14 @@ class _Connection:
         self._client: ModbusBaseClient | None = None
         self._backoff = Backoff()
         self._retry_at = 0.0
-        self._last_end = 0.0
+        self._last_end = 0.0  # when the line last fell silent (loop time)
+        self._last_rx = 0.0  # when the client last received bytes (loop time)
         self.connects = 0
+
+    def _trace(self, sending: bool, data: bytes) -> bytes:
+        if not sending:
+            self._last_rx = asyncio.get_running_loop().time()
+        return data
 
     async def _connected(self) -> ModbusBaseClient | ReadError:
         client = self._client
@@ -215,7 +226,7 @@ class _Connection:
             )
         if client is not None:
             client.close()
-        client = self._client = self._factory()
+        client = self._client = self._factory(self._trace)
         try:
             ok = await client.connect()
         except Exception as exc:  # pymodbus/pyserial raise a variety here
@@ -264,13 +275,14 @@ class _Connection:
         return RawRead(values, tuple(registers), None, notes=tuple(notes))
 
     async def _quiet(self) -> None:
-        """Keep the inter-frame silence (RTU) / configured gap before sending.
+        """Keep the inter-frame silence (RTU) / configured gap before sending,
+        counted from the previous reply's last byte (see `_exchange`).
 
-        The event loop sleeps in whole milliseconds (epoll), which would stretch
-        a 1.75 ms silence at 38400 Bd to 2-3 ms, a fifth of a transaction. So a
+        The event loop sleeps in whole milliseconds (epoll), rounded up, which
+        would stretch a 1.75 ms silence at 38400 Bd to 2-3 ms, a fifth of a
+        transaction, and a 4 ms one at 9600 Bd by up to a millisecond. So a
         silence shorter than `SPIN_BELOW_S` is finished by polling the clock
-        for its last fraction of a millisecond (at most ~1 ms of CPU per
-        transaction, only on fast serial lines)."""
+        for its last millisecond (at most ~1 ms of CPU per transaction)."""
         if not self._gap_s:
             return
         loop = asyncio.get_running_loop()
@@ -290,6 +302,9 @@ class _Connection:
         self, client: ModbusBaseClient, unit_id: int, request: ReadRequest, timeout_s: float
     ) -> tuple[int, ...] | ReadError:
         await self._quiet()
+        loop = asyncio.get_running_loop()
+        sent_s = loop.time()
+        answered = False
         # The timeout is per device, the client per link: set it for this request.
         client.ctx.comm_params.timeout_connect = timeout_s
         # Only function 3 or 4 can be sent: ReadRequest.function admits nothing else.
@@ -299,10 +314,11 @@ class _Connection:
             else client.read_input_registers
         )
         try:
-            response: Any = await asyncio.wait_for(
-                call(request.address, count=request.count, device_id=unit_id),
-                timeout_s + GUARD_S,
-            )
+            # asyncio.timeout, not wait_for: wait_for runs the call in a task of
+            # its own, a loop iteration (0.1-0.2 ms) before the request goes out.
+            async with asyncio.timeout(timeout_s + GUARD_S):
+                response: Any = await call(request.address, count=request.count, device_id=unit_id)
+            answered = True
         except TimeoutError:
             # pymodbus did not give up on its own: reset the client.
             self.close()
@@ -321,7 +337,12 @@ class _Connection:
         except Exception as exc:  # a pymodbus decoding bug must not stop the loop
             return ReadError(ReadErrorKind.MALFORMED, repr(exc))
         finally:
-            self._last_end = asyncio.get_running_loop().time()
+            # The silence starts with the reply's last byte, not when pymodbus
+            # has finished with it (at 38400 Bd that is an eighth of the
+            # silence). Without a complete reply more bytes may be under way:
+            # count from now.
+            answered = answered and self._last_rx >= sent_s
+            self._last_end = self._last_rx if answered else loop.time()
         if response.isError():
             code = getattr(response, "exception_code", None)
             name = EXCEPTION_NAMES.get(code or -1, "unknown exception")
@@ -496,11 +517,16 @@ class TcpEndpoint(ScheduledLink):
         self.port = port
         self.timeout_s = timeout_s
 
-        def factory() -> ModbusBaseClient:
+        def factory(trace: PacketTrace) -> ModbusBaseClient:
             # retries=0: a boundary read is not retried within the interval, it
             # is recorded as failed (MISSING) and the next boundary tries again.
             return AsyncModbusTcpClient(
-                host, port=port, timeout=timeout_s, retries=0, reconnect_delay=0
+                host,
+                port=port,
+                timeout=timeout_s,
+                retries=0,
+                reconnect_delay=0,
+                trace_packet=trace,
             )
 
         super().__init__(
@@ -521,7 +547,7 @@ class RtuOverTcpEndpoint(ScheduledLink):
         self.host = host
         self.port = port
 
-        def factory() -> ModbusBaseClient:
+        def factory(trace: PacketTrace) -> ModbusBaseClient:
             return AsyncModbusTcpClient(
                 host,
                 port=port,
@@ -529,6 +555,7 @@ class RtuOverTcpEndpoint(ScheduledLink):
                 timeout=timeout_s,
                 retries=0,
                 reconnect_delay=0,
+                trace_packet=trace,
             )
 
         super().__init__(
@@ -555,7 +582,7 @@ class RtuBus(ScheduledLink):
         self.port = port
         self.baudrate = baudrate
 
-        def factory() -> ModbusBaseClient:
+        def factory(trace: PacketTrace) -> ModbusBaseClient:
             return AsyncModbusSerialClient(
                 port,
                 framer=FramerType.RTU,
@@ -566,6 +593,7 @@ class RtuBus(ScheduledLink):
                 timeout=timeout_s,
                 retries=0,
                 reconnect_delay=0,
+                trace_packet=trace,
             )
 
         super().__init__(

@@ -26,9 +26,9 @@ import json
 import os
 import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 import structlog
@@ -40,6 +40,8 @@ from edged.modbus import Backoff
 from edged.store import OutboxRow, Store
 
 log = structlog.get_logger("edged.publish")
+
+T = TypeVar("T")
 
 # Messages in flight at once: enough to keep a LAN broker busy, few enough
 # that a dropped connection resends little.
@@ -167,6 +169,48 @@ class _Response:
     correlation_data: bytes | None
 
 
+@contextlib.asynccontextmanager
+async def _watch_connection(
+    client: aiomqtt.Client, on_message: Callable[[aiomqtt.Message], None]
+) -> AsyncIterator[asyncio.Task[None]]:
+    """The session's one reader of incoming messages (command requests, when
+    enabled), as a task that fails with MqttError when the connection drops.
+
+    aiomqtt fails a QoS 1 publish waiting for its PUBACK only at its timeout
+    (10 s), not when the connection drops (a broker that crashed), so live
+    data would wait that long for a reconnection. Its message iterator fails
+    at once."""
+
+    async def until_dropped() -> None:
+        async for message in client.messages:
+            on_message(message)
+
+    task = asyncio.create_task(until_dropped())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await task
+
+
+async def _unless_dropped(work: Awaitable[T], dropped: asyncio.Task[None] | None) -> T:
+    """``work``'s result, or MqttError if the connection drops first (``work``
+    is then cancelled: rows it did not get acknowledged stay in the outbox)."""
+    task = asyncio.ensure_future(work)
+    if dropped is None:
+        return await task
+    try:
+        await asyncio.wait((task, dropped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    if task.cancelled() or not task.done():
+        raise aiomqtt.MqttError("connection dropped") from dropped.exception()
+    return task.result()
+
+
 class Publisher:
     def __init__(
         self,
@@ -190,6 +234,7 @@ class Publisher:
         self._stopping = False
         self._backoff = Backoff(first_s=0.2, max_s=10.0)
         self._client_now: aiomqtt.Client | None = None
+        self._dropped: asyncio.Task[None] | None = None  # see _watch_connection
         self._fire_and_forget: set[asyncio.Task[None]] = set()
         self._command_topic: str | None = None
         self._on_command: Callable[[IncomingCommand], None] | None = None
@@ -288,17 +333,17 @@ class Publisher:
         )
 
     async def _session(self, broker: BrokerAddress) -> None:
-        async with self._client(broker) as client:
+        async with (
+            self._client(broker) as client,
+            _watch_connection(client, self._take_message) as dropped,
+        ):
+            self._dropped = dropped
             self._backoff.succeeded()
             log.info("mqtt connected", broker=f"{broker.host}:{broker.port}", tls=broker.tls)
             self._retained_dirty = set(self._retained)  # a new session re-asserts state
             self._client_now = client
-            reader = await self._subscribe_commands(client)
-            try:
-                await self._drain(client)
-            finally:
-                if reader is not None:
-                    reader.cancel()
+            await self._subscribe_commands(client)
+            await self._drain(client)
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         loop = asyncio.get_running_loop()
@@ -357,7 +402,9 @@ class Publisher:
         while self._retained_dirty:
             topic = self._retained_dirty.pop()
             try:
-                await client.publish(topic, self._retained[topic], qos=1, retain=True)
+                await _unless_dropped(
+                    client.publish(topic, self._retained[topic], qos=1, retain=True), self._dropped
+                )
             except BaseException:
                 self._retained_dirty.add(topic)
                 raise
@@ -366,8 +413,9 @@ class Publisher:
         """Publish in windows; delete each row once acknowledged."""
         for start in range(0, len(rows), PUBLISH_WINDOW):
             window = rows[start : start + PUBLISH_WINDOW]
-            results = await publish_window(
-                client, [(r.topic, r.payload, r.qos, r.retain) for r in window]
+            results = await _unless_dropped(
+                publish_window(client, [(r.topic, r.payload, r.qos, r.retain) for r in window]),
+                self._dropped,
             )
             acked = [row.seq for row, result in zip(window, results, strict=True) if result is None]
             await self._store.ack(acked)
@@ -389,20 +437,18 @@ class Publisher:
             if self._responses and self._responses[0] is response:
                 self._responses.pop(0)
 
-    async def _subscribe_commands(self, client: aiomqtt.Client) -> asyncio.Task[None] | None:
+    async def _subscribe_commands(self, client: aiomqtt.Client) -> None:
         topic = self._command_topic
         if topic is None:
-            return None
+            return
         await client.subscribe(topic, qos=1)
         log.info("accepting commands", topic=topic)
-        return asyncio.create_task(self._read_commands(client, topic), name="mqtt-commands")
 
-    async def _read_commands(self, client: aiomqtt.Client, topic: str) -> None:
-        try:
-            async for message in client.messages:
-                self._take_command(topic, message)
-        except aiomqtt.MqttError:
-            self._wake.set()  # the drain loop finds out on its next publish
+    def _take_message(self, message: aiomqtt.Message) -> None:
+        if self._command_topic is None:
+            log.warning("message received without a subscription", topic=message.topic.value)
+            return
+        self._take_command(self._command_topic, message)
 
     def _take_command(self, topic: str, message: aiomqtt.Message) -> None:
         if message.topic.value != topic or self._on_command is None:

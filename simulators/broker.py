@@ -64,6 +64,15 @@ class Mosquitto:
             time.sleep(0.05)
         raise RuntimeError("mosquitto did not start listening")
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or power cut would: no clean disconnects, and
+        (persistence being off) every session, subscription and message in
+        flight is gone. `start` brings it back empty on the same port."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()

@@ -12,7 +12,8 @@ A :class:`SimulatedMeter` is one Modbus unit with a register map of points:
 A :class:`MeterServer` serves several units (``{unit_id: SimulatedMeter}``)
 over any number of transports and injects faults per unit. It is written on
 raw asyncio instead of pymodbus' server because it has to send deliberately
-broken replies and pace serial output at the line's baud rate.
+broken replies and take a serial line's time (requests and replies) at its
+baud rate.
 
 Unknown unit ids: over Modbus TCP (MBAP) the server answers like a gateway,
 exception 11 "gateway target device failed to respond", by default (pass
@@ -517,30 +518,73 @@ Send = Callable[[bytes], Awaitable[None]]
 Wrap = Callable[[int, bytes], bytes]
 
 
-async def paced_write(write: Callable[[bytes], None], data: bytes, char_s: float | None) -> None:
+# asyncio waits in whole milliseconds (epoll), rounded up, and a wake-up can be
+# a few hundred microseconds late on a loaded machine: a deadline is slept
+# towards coarsely until this close, then the clock is polled.
+SPIN_S = 0.0015
+
+
+async def sleep_until(deadline_s: float) -> None:
+    """Return at event-loop time ``deadline_s``, not up to a millisecond after.
+
+    Polls the clock for the last `SPIN_S` (CPU the simulator spends so that a
+    paced frame ends when the line says, at 38400 Bd a character is 0.29 ms).
+    The loop keeps running other callbacks meanwhile."""
+    loop = asyncio.get_running_loop()
+    coarse_s = deadline_s - loop.time() - SPIN_S
+    if coarse_s > 0:
+        await asyncio.sleep(coarse_s)
+    # A clock poll, not a wait for an event (no one would set it): sleep(0)
+    # lets the loop run other callbacks between looks.
+    while loop.time() < deadline_s:  # noqa: ASYNC110
+        await asyncio.sleep(0)
+
+
+async def paced_write(
+    write: Callable[[bytes], None],
+    data: bytes,
+    char_s: float | None,
+    *,
+    start_s: float = 0.0,
+) -> None:
     """Write ``data`` no faster than a UART at ``char_s`` seconds per character.
 
-    Byte k is handed over when it would have finished on the wire, at
-    start + (k + 1) * char_s, in batches as the event loop wakes up, so a
-    frame takes as long as it would on a real line.
+    The first byte starts on the wire now, or at loop time ``start_s`` if that
+    is later (a reply to a request whose last byte is still on its way). Byte
+    k is handed over when it would have finished on the wire, at
+    start + (k + 1) * char_s: the bytes due by each event-loop wake-up in a
+    batch, and the rest at the frame's end to the microsecond (an absolute
+    deadline from the byte count, not a sum of millisecond sleeps), so a frame
+    takes as long as it would on a real line and no longer.
     """
     if not char_s:
         write(data)
         return
     loop = asyncio.get_running_loop()
-    start = loop.time()
+    start = max(loop.time(), start_s)
+    end = start + len(data) * char_s
     sent = 0
-    while sent < len(data):
-        on_wire = min(len(data), int((loop.time() - start) / char_s))
+    while (now := loop.time()) < end - SPIN_S:
+        on_wire = max(0, int((now - start) / char_s))
         if on_wire > sent:
             write(data[sent:on_wire])
             sent = on_wire
-        if sent < len(data):
-            await asyncio.sleep(start + (sent + 1) * char_s - loop.time())
+        await asyncio.sleep(min(start + (sent + 1) * char_s, end - SPIN_S) - now)
+    await sleep_until(end)
+    write(data[sent:])
 
 
 class _SerialLine:
-    """One serial device (or pty end) served with RTU framing."""
+    """One serial device (or pty end) served with RTU framing.
+
+    Both directions take the line's time. A reply starts on the wire no
+    earlier than the request's last byte would have arrived (its first byte's
+    arrival + length * character time; zero turnaround after that) and is
+    paced by `paced_write`: a pty hands the master's bytes over at once,
+    which no serial line does, and a slave cannot answer what it has not
+    received yet. On a real port the bytes come at that pace anyway and the
+    wait is (almost) nil.
+    """
 
     def __init__(
         self,
@@ -557,8 +601,10 @@ class _SerialLine:
         self.char_s = char_time_s(baudrate, parity, stopbits)
         self._gap_s = frame_gap_s(baudrate, parity, stopbits)
         self._assembler = RtuRequestAssembler()
-        self._frames: asyncio.Queue[bytes] = asyncio.Queue()
+        self._frames: asyncio.Queue[tuple[bytes, float]] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
+        self._rx_from_s = 0.0  # when the frame being received began to arrive
+        self._reply_from_s = 0.0  # when the request being answered is off the wire
         self._silence_timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
         self._worker = self._loop.create_task(self._serve_frames(), name="rtu-serial")
@@ -581,21 +627,28 @@ class _SerialLine:
                 0.05, self._loop.add_reader, self._fd, self._readable
             )
             return
-        for frame in self._assembler.feed(data):
-            self._frames.put_nowait(frame)
+        if not self._assembler.pending:  # a new frame; it cannot start before the last ended
+            self._rx_from_s = max(self._loop.time(), self._rx_from_s)
+        self._received(self._assembler.feed(data))
         if self._silence_timer is not None:
             self._silence_timer.cancel()
         self._silence_timer = self._loop.call_later(self._gap_s, self._silence)
 
     def _silence(self) -> None:
         self._silence_timer = None
-        for frame in self._assembler.silence():
-            self._frames.put_nowait(frame)
+        self._received(self._assembler.silence())
+
+    def _received(self, frames: list[bytes]) -> None:
+        now_s = self._loop.time()
+        for frame in frames:
+            on_wire_until_s = max(now_s, self._rx_from_s + len(frame) * self.char_s)
+            self._frames.put_nowait((frame, on_wire_until_s))
+            self._rx_from_s = on_wire_until_s  # a frame right behind starts there
 
     async def _serve_frames(self) -> None:
         # One frame at a time: an RTU bus is half duplex, master-driven.
         while True:
-            frame = await self._frames.get()
+            frame, self._reply_from_s = await self._frames.get()
             try:
                 await self._server.serve_rtu_frame(frame, self.send)
             except Exception:
@@ -612,7 +665,7 @@ class _SerialLine:
             view = view[written:]
 
     async def send(self, data: bytes) -> None:
-        await paced_write(self._write, data, self.char_s)
+        await paced_write(self._write, data, self.char_s, start_s=self._reply_from_s)
 
     async def close(self) -> None:
         for timer in (self._silence_timer, self._retry_timer):

@@ -47,6 +47,11 @@ class Collector:
     messages: list[tuple[str, dict[str, Any], bool]] = field(default_factory=list)
     _event: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def add(self, message: aiomqtt.Message) -> None:
+        payload = json.loads(bytes(message.payload))
+        self.messages.append((message.topic.value, payload, bool(message.retain)))
+        self._event.set()
+
     def payloads(self, topic_part: str = "") -> list[dict[str, Any]]:
         return [p for t, p, _ in self.messages if topic_part in t]
 
@@ -69,9 +74,7 @@ async def collect(broker: Broker, topic_filter: str = "#") -> AsyncIterator[Coll
 
     async def receive(client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            payload = json.loads(bytes(message.payload))
-            collector.messages.append((message.topic.value, payload, bool(message.retain)))
-            collector._event.set()
+            collector.add(message)
 
     async with aiomqtt.Client(broker.host, broker.port, identifier=f"test-{id(collector)}") as c:
         await c.subscribe(topic_filter, qos=1)

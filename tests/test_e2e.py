@@ -10,7 +10,7 @@ import os
 import signal
 import statistics
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,29 @@ LOAD_KW = 3600.0  # 1 kWh per second: 1000 counts in a 1 s interval
 
 
 def write_config(
-    tmp_path: Path, broker: Broker, modbus_port: int, ntp_port: int, interval: str = "1s"
+    tmp_path: Path,
+    broker: Broker,
+    modbus_port: int,
+    ntp_port: int,
+    interval: str = "1s",
+    units: Sequence[int] = (1,),
+    mqtt_port: int | None = None,
 ) -> Path:
+    """Device ``unit<N>`` for each simulated unit N, all on the one simulator;
+    the daemon connects to ``mqtt_port`` if given, else to the broker."""
+    devices = "".join(
+        f"""\
+  - id: unit{unit}
+    interval: {interval}
+    transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: {unit}, timeout: 500ms}}
+    channels:
+      - name: energy_import
+        register: 0
+        type: uint32
+        multiplier: {KWH_PER_COUNT}
+"""
+        for unit in units
+    )
     config = tmp_path / "edged.yaml"
     config.write_text(
         f"""\
@@ -38,7 +59,7 @@ storage:
   path: {tmp_path / "state" / "edged.db"}
 mqtt:
   host: 127.0.0.1
-  port: {broker.port}
+  port: {mqtt_port or broker.port}
   topic_prefix: edged
 log:
   format: json
@@ -48,23 +69,21 @@ time:
   ntp_servers: ["127.0.0.1:{ntp_port}"]
   ntp_poll: 2s
 devices:
-  - id: unit1
-    interval: {interval}
-    transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: 1, timeout: 500ms}}
-    channels:
-      - name: energy_import
-        register: 0
-        type: uint32
-        multiplier: {KWH_PER_COUNT}
 """
+        + devices
     )
     return config
 
 
 @contextlib.asynccontextmanager
-async def meter() -> AsyncIterator[tuple[MeterServer, int]]:
-    sim = SimulatedMeter.pmc1(load_kw=LOAD_KW, kwh_per_count=KWH_PER_COUNT, initial_counts=10_000)
-    async with MeterServer({1: sim}) as server:
+async def meter(units: Sequence[int] = (1,)) -> AsyncIterator[tuple[MeterServer, int]]:
+    sims = {
+        unit: SimulatedMeter.pmc1(
+            load_kw=LOAD_KW, kwh_per_count=KWH_PER_COUNT, initial_counts=10_000
+        )
+        for unit in units
+    }
+    async with MeterServer(sims) as server:
         port = await server.start_tcp("127.0.0.1", 0)
         yield server, port
 

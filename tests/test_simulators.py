@@ -241,6 +241,20 @@ async def test_paced_write_takes_as_long_as_the_line() -> None:
     assert len(chunks) > 1  # delivered progressively, not in one go
 
 
+async def test_paced_write_hands_no_byte_over_before_its_time_on_the_wire() -> None:
+    loop = asyncio.get_running_loop()
+    char_s = char_time_s(38400, "E", 1)  # 0.29 ms: shorter than the loop's 1 ms sleeps
+    writes: list[tuple[float, bytes]] = []
+    start_s = loop.time() + 0.005  # a reply to a request whose last byte is 5 ms away
+    await paced_write(lambda b: writes.append((loop.time(), b)), bytes(range(9)), char_s,
+                      start_s=start_s)  # fmt: skip
+    assert b"".join(b for _, b in writes) == bytes(range(9))
+    sent = 0
+    for at_s, chunk in writes:
+        sent += len(chunk)
+        assert at_s >= start_s + sent * char_s
+
+
 # ---------------------------------------------------------------------------------
 # Meter model (no sockets)
 # ---------------------------------------------------------------------------------
@@ -564,6 +578,21 @@ async def serial_client(path: str, baudrate: int) -> AsyncIterator[AsyncModbusSe
         yield client
     finally:
         client.close()
+
+
+async def test_rtu_pty_takes_the_request_and_the_reply_time_of_the_line() -> None:
+    # A pty hands the request over at once: the slave answers when its last
+    # byte would have arrived, and its reply ends when it would on the wire.
+    async with MeterServer({1: SimulatedMeter.pmc1()}) as server:
+        path = await server.start_rtu_pty(baudrate=2400, parity="E", stopbits=1)
+        async with serial_client(path, 2400) as client:
+            await read_u32(client, 1)  # connected; the line is idle again
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await read_u32(client, 1)
+            elapsed = loop.time() - start
+    line_s = (8 + 9) * 11 / 2400  # request + reply, 11-bit characters
+    assert line_s <= elapsed < line_s + 0.05
 
 
 async def test_rtu_over_pty_reads_counters_at_line_speed(clock: FakeClock) -> None:
