@@ -19,11 +19,13 @@ import contextlib
 import json
 import os
 import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 import structlog
 
 from edged.config import Mqtt
@@ -38,6 +40,8 @@ PUBLISH_WINDOW = 64
 OUTBOX_BATCH = 512
 # The backlog's token bucket holds at most this many seconds of its rate.
 BACKLOG_BURST_S = 0.5
+# A window of publishes not acknowledged within this ends the session.
+PUBLISH_TIMEOUT_S = 10.0
 
 
 class CredentialsError(Exception):
@@ -104,7 +108,6 @@ class Publisher:
         self._stopping = False
         self._backoff = Backoff(first_s=0.2, max_s=10.0)
         self._client_now: aiomqtt.Client | None = None
-        self._fire_and_forget: set[asyncio.Task[None]] = set()
 
     def wake(self) -> None:
         """Something new is in the outbox."""
@@ -117,11 +120,11 @@ class Publisher:
         if client is None:
             return False
         encoded = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
-        task = asyncio.create_task(client.publish(topic, encoded, qos=0))
-        self._fire_and_forget.add(task)
-        task.add_done_callback(self._fire_and_forget.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return True
+        # Straight to paho: aiomqtt's publish() waits for paho's on_publish,
+        # which a fire-and-forget QoS 0 message needs no task for (a task per
+        # measurement was the largest cost of fast polling, bench/fastpoll.py).
+        info = client._client.publish(topic, encoded, qos=0)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     def set_retained(self, topic: str, payload: dict[str, Any]) -> None:
         encoded = json.dumps(payload, separators=(",", ":")).encode()
@@ -171,7 +174,7 @@ class Publisher:
         protocol = (
             aiomqtt.ProtocolVersion.V5 if settings.protocol == "5" else aiomqtt.ProtocolVersion.V311
         )
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             broker.host,
             broker.port,
             identifier=self._client_id,
@@ -180,11 +183,18 @@ class Publisher:
             protocol=protocol,
             will=aiomqtt.Will(self._will_topic, self._will_payload, qos=1, retain=True),
             keepalive=int(settings.keepalive),
-            timeout=10,
+            timeout=PUBLISH_TIMEOUT_S,
             max_inflight_messages=PUBLISH_WINDOW,
             tls_params=tls_params,
             tls_insecure=bool(settings.tls and settings.tls.insecure) if broker.tls else None,
+            # Each publish goes out at once: Nagle would hold the tail of every
+            # window until the broker's delayed ACK (~40 ms), capping a drain.
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
+        # A full window in flight is the design, not a concern worth a log
+        # line per publish (aiomqtt warns above 10 by default).
+        client.pending_calls_threshold = 2 * PUBLISH_WINDOW
+        return client
 
     async def _session(self, broker: BrokerAddress) -> None:
         loop = asyncio.get_running_loop()
@@ -230,29 +240,126 @@ class Publisher:
                 if len(live) == OUTBOX_BATCH:
                     continue
                 if backlog_pending:
-                    await self._sleep_or_stop(max(0.01, 1.0 / rate))
+                    # Until the bucket holds a full batch again (new live data
+                    # wakes it sooner); a fixed pause per batch cost a fast
+                    # drain a tenth of its rate.
+                    cap = rate * BACKLOG_BURST_S
+                    available = min(cap, tokens + (loop.time() - refilled_at) * rate)
+                    await self._sleep_or_stop(max(0.0, (min(OUTBOX_BATCH, cap) - available) / rate))
                 else:
                     await self._wake.wait()
 
     async def _publish_retained(self, client: aiomqtt.Client) -> None:
+        """Every changed retained status, PUBLISH_WINDOW in flight at a time."""
         while self._retained_dirty:
-            topic = self._retained_dirty.pop()
+            count = min(PUBLISH_WINDOW, len(self._retained_dirty))
+            topics = [self._retained_dirty.pop() for _ in range(count)]
             try:
-                await client.publish(topic, self._retained[topic], qos=1, retain=True)
+                acked, error = await _send_window(
+                    client, [(t, self._retained[t], 1, True) for t in topics]
+                )
             except BaseException:
-                self._retained_dirty.add(topic)
+                self._retained_dirty.update(topics)
                 raise
+            self._retained_dirty.update(t for t, ok in zip(topics, acked, strict=True) if not ok)
+            if error is not None:
+                raise error
 
     async def _publish_rows(self, client: aiomqtt.Client, rows: Sequence[OutboxRow]) -> None:
-        """Publish in windows; delete each row once acknowledged."""
-        for start in range(0, len(rows), PUBLISH_WINDOW):
-            window = rows[start : start + PUBLISH_WINDOW]
-            results = await asyncio.gather(
-                *(client.publish(r.topic, r.payload, qos=r.qos, retain=r.retain) for r in window),
-                return_exceptions=True,
-            )
-            acked = [row.seq for row, result in zip(window, results, strict=True) if result is None]
-            await self._store.ack(acked)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+        """Publish in windows; delete each row once acknowledged.
+
+        A window's rows are deleted while the next window is on the wire: the
+        delete (an fsync) no longer stalls the publishing."""
+        deleting: asyncio.Future[None] | None = None
+        try:
+            for start in range(0, len(rows), PUBLISH_WINDOW):
+                window = rows[start : start + PUBLISH_WINDOW]
+                acked, error = await _send_window(
+                    client, [(r.topic, r.payload, r.qos, r.retain) for r in window]
+                )
+                if deleting is not None:
+                    await deleting
+                seqs = [row.seq for row, ok in zip(window, acked, strict=True) if ok]
+                deleting = asyncio.ensure_future(self._store.ack(seqs))
+                if error is not None:
+                    raise error
+        finally:
+            if deleting is not None:
+                # Even when the session ends: acknowledged rows are not resent.
+                await asyncio.shield(deleting)
+
+
+class _Window:
+    """The acknowledgements of one window of publishes."""
+
+    __slots__ = ("acked", "done", "left")
+
+    def __init__(self, size: int) -> None:
+        self.acked = [False] * size
+        self.left = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class _Ack:
+    """One message's entry in aiomqtt's table of pending publishes, whose
+    on_publish callback calls `set()` when paho has the PUBACK."""
+
+    __slots__ = ("index", "window")
+
+    def __init__(self, window: _Window, index: int) -> None:
+        self.window = window
+        self.index = index
+
+    def set(self) -> None:
+        window = self.window
+        if window.acked[self.index]:
+            return
+        window.acked[self.index] = True
+        window.left -= 1
+        if window.left == 0 and not window.done.done():
+            window.done.set_result(None)
+
+
+async def _send_window(
+    client: aiomqtt.Client, messages: Sequence[tuple[str, bytes, int, bool]]
+) -> tuple[list[bool], aiomqtt.MqttError | None]:
+    """Publish `messages` (topic, payload, qos, retain) at once and wait for
+    their acknowledgements: which were acknowledged, and the error that ended
+    the window early, if any.
+
+    Straight through paho: aiomqtt's publish() costs a task, an event, a
+    timer and a scan of every pending call per message, which held a backlog
+    drain to the rate of a bare aiomqtt loop, under 5000 msg/s
+    (bench/drain.py). The PUBACKs still arrive through aiomqtt's on_publish,
+    via its table of pending publishes (aiomqtt 2.5, pinned in pyproject)."""
+    paho = client._client
+    pending = cast(dict[int, Any], client._pending_publishes)
+    window = _Window(len(messages))
+    mids: list[int] = []
+    error: aiomqtt.MqttError | None = None
+    try:
+        for index, (topic, payload, qos, retain) in enumerate(messages):
+            info = paho.publish(topic, payload, qos, retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                error = aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+                break
+            if qos == 0 or info.is_published():
+                window.acked[index] = True
+                continue
+            window.left += 1
+            pending[info.mid] = _Ack(window, index)
+            mids.append(info.mid)
+        if window.left:
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                    await window.done
+            except TimeoutError:
+                error = error or aiomqtt.MqttError(
+                    f"no acknowledgement within {PUBLISH_TIMEOUT_S:g} s"
+                )
+        return window.acked, error
+    finally:
+        for mid in mids:
+            entry = pending.get(mid)
+            if isinstance(entry, _Ack) and entry.window is window:
+                del pending[mid]
