@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import harness, profile
-from bench.harness import MIB, Skip, say, summary
+from bench.harness import MIB, say, summary
 
 
 def latencies(
@@ -182,13 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boundaries", type=int, default=12)
     parser.add_argument("--profile", type=float, default=0.0, metavar="S")
     args = parser.parse_args(argv)
-    try:
-        figures = asyncio.run(run(args.devices, args.every, args.boundaries, args.profile))
-    except Skip as why:
-        harness.skipped("boundary", str(why))
-        return 0
-    harness.emit("boundary", figures, targets(figures))
-    return 0
+    return harness.conclude(
+        "boundary", run(args.devices, args.every, args.boundaries, args.profile), targets
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from typing import Any
 import aiomqtt
 
 from bench import harness, profile
-from bench.harness import Skip, say, summary
+from bench.harness import say, summary
 from edged.model import Interval, TimeState
 from edged.payloads import Topics
 from edged.poller import outbox_pending
@@ -204,13 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog-rate", type=float, default=10_000.0)
     parser.add_argument("--profile", type=float, default=0.0, metavar="S")
     args = parser.parse_args(argv)
-    try:
-        figures = asyncio.run(run(args.backlog, args.live, args.backlog_rate, args.profile))
-    except Skip as why:
-        harness.skipped("drain", str(why))
-        return 0
-    harness.emit("drain", figures, targets(figures))
-    return 0
+    return harness.conclude(
+        "drain", run(args.backlog, args.live, args.backlog_rate, args.profile), targets
+    )
 
 
 if __name__ == "__main__":

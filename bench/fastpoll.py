@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from bench import harness, profile
-from bench.harness import MIB, Skip, say
+from bench.harness import MIB, say
 
 
 async def measure_window(
@@ -118,13 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--profile", type=float, default=0.0, metavar="S")
     args = parser.parse_args(argv)
-    try:
-        figures = asyncio.run(run(args.devices, args.registers, args.seconds, args.profile))
-    except Skip as why:
-        harness.skipped("fastpoll", str(why))
-        return 0
-    harness.emit("fastpoll", figures, targets(figures))
-    return 0
+    return harness.conclude(
+        "fastpoll", run(args.devices, args.registers, args.seconds, args.profile), targets
+    )
 
 
 if __name__ == "__main__":

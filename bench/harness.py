@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -452,6 +452,22 @@ def emit(benchmark: str, figures: dict[str, Any], targets: dict[str, bool]) -> N
 
 def say(text: str) -> None:
     print(text, flush=True)
+
+
+def conclude(
+    benchmark: str,
+    figures: Coroutine[Any, Any, dict[str, Any]],
+    targets: Callable[[dict[str, Any]], dict[str, bool]],
+) -> int:
+    """Run a benchmark's coroutine; print its closing JSON line (or why it
+    was skipped). The exit status of a benchmark module."""
+    try:
+        found = asyncio.run(figures)
+    except Skip as why:
+        skipped(benchmark, str(why))
+        return 0
+    emit(benchmark, found, targets(found))
+    return 0
 
 
 def skipped(benchmark: str, why: str) -> None:

@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from bench import harness
-from bench.harness import MIB, ProcSample, Skip, say
+from bench.harness import MIB, ProcSample, say
 
 INTERVAL_S = 900.0
 # CPU samples this soon after a boundary are the boundary's, not idle.
@@ -107,13 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3600.0)
     parser.add_argument("--sample-every", type=float, default=10.0)
     args = parser.parse_args(argv)
-    try:
-        figures = asyncio.run(run(args.devices, args.seconds, args.sample_every))
-    except Skip as why:
-        harness.skipped("idle", str(why))
-        return 0
-    harness.emit("idle", figures, targets(figures))
-    return 0
+    return harness.conclude("idle", run(args.devices, args.seconds, args.sample_every), targets)
 
 
 if __name__ == "__main__":
