@@ -1,15 +1,21 @@
-"""Boundary precision: read lateness and per-boundary spread (issue 3).
+"""Boundary reads at scale: request spread and publish latency for N meters.
 
-Runs `edged run` against 1, 50 and 200 simulated TCP meters (served by a
-separate process, one port each) at 1 s intervals, then reads the precise
-per-read `read_lateness_ms` from the daemon's SQLite store. Prints p50/p99/max
-lateness and the p99/max spread between the first and last device's request
-at each boundary, then one JSON line of all figures.
+    python -m bench.boundary [--devices 1000] [--every 5] [--boundaries 12] [--profile S]
 
-    python -m bench.boundary [--devices 1,50,200] [--seconds 60]
+N simulated meters (other processes, one TCP port each) are read by `edged run`
+on every boundary (`--every` seconds stands in for 15 minutes: the same code
+path, more boundaries per minute) and their intervals published to a local
+mosquitto. From the daemon's store: each read's lateness (request sent minus
+boundary) and, per boundary, the spread between the first and the last of
+the N requests. From a subscriber: each interval's publish latency (arrival
+minus interval end).
 
-Targets on a 2-core machine: p99 lateness <= 2 ms for one device, p99 spread
-<= 50 ms for 200 devices.
+The baseline, measured first in the same run: bench.bare reading the same
+counters at the same boundaries with bare pymodbus (all at once, gather) and
+publishing a minimal interval message per meter at QoS 1 with bare aiomqtt.
+
+Targets (issue 8, 1000 meters on a 2-core machine): p99 spread <= 100 ms and
+every interval published within 2 s of its boundary.
 """
 
 from __future__ import annotations
@@ -17,120 +23,168 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import sqlite3
-import statistics
 import sys
-import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from simulators.broker import Mosquitto, free_port
+from bench import harness, profile
+from bench.harness import MIB, say, summary
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+def latencies(
+    collector: harness.Collector, prefix: str, ends: set[float]
+) -> dict[float, list[float]]:
+    """Publish latency (s) of each interval message ending on one of `ends`, by end."""
+    found: dict[float, list[float]] = defaultdict(list)
+    for message in collector.messages:
+        if not message.topic.startswith(prefix):
+            continue
+        end = harness.parse_epoch(json.loads(message.payload)["end"])
+        if end in ends:
+            found[end].append(message.received_s - end)
+    return found
 
 
-def write_config(workdir: Path, ports: list[int], mqtt_port: int) -> Path:
-    lines = [
-        "site: bench",
-        "timezone: UTC",
-        f"storage: {{path: {workdir / 'edged.db'}}}",
-        f"mqtt: {{host: 127.0.0.1, port: {mqtt_port}}}",
-        "log: {level: warning, format: json}",
-        "devices:",
-    ]
-    for i, port in enumerate(ports):
-        lines += [
-            f"  - id: m{i:04d}",
-            "    interval: 1s",
-            f"    transport: {{type: tcp, host: 127.0.0.1, port: {port}, timeout: 500ms}}",
-            "    channels: [{name: energy, register: 0, type: uint32, multiplier: 0.001}]",
-        ]
-    path = workdir / "edged.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-async def run_case(devices: int, seconds: float, mqtt_port: int) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix=f"edged-bench-{devices}-"))
-    meters = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.meters", str(devices), stdout=asyncio.subprocess.PIPE
-    )
-    assert meters.stdout is not None
-    ports = json.loads(await meters.stdout.readline())["ports"]
-    config = write_config(workdir, ports, mqtt_port)
-    daemon = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edged.cli", "run", "-c", str(config),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
-    await asyncio.sleep(seconds)
-    daemon.send_signal(signal.SIGTERM)
-    await daemon.wait()
-    meters.send_signal(signal.SIGTERM)
-    await meters.wait()
-    with sqlite3.connect(workdir / "edged.db") as db:
+def store_figures(
+    db_path: Path, devices: int, since_s: float
+) -> tuple[dict[float, list[float]], int]:
+    """Lateness (ms) of every boundary read from `since_s` on, by boundary, and
+    how many of those reads failed."""
+    with sqlite3.connect(db_path) as db:
         rows = db.execute(
             "SELECT boundary, read_lateness_ms, ok FROM reads WHERE boundary IS NOT NULL"
         ).fetchall()
-    by_boundary: dict[str, list[float]] = defaultdict(list)
-    lateness = []
+    by_boundary: dict[float, list[float]] = defaultdict(list)
     failed = 0
     for boundary, late_ms, ok in rows:
-        by_boundary[boundary].append(late_ms)
-        lateness.append(late_ms)
-        failed += 0 if ok else 1
-    # Only boundaries every device reached (the first and last may be cut short).
-    spreads = [max(v) - min(v) for v in by_boundary.values() if len(v) == devices]
+        at = harness.parse_epoch(boundary)
+        if at >= since_s:
+            by_boundary[at].append(late_ms)
+            failed += 0 if ok else 1
+    return by_boundary, failed
+
+
+async def run_bare(
+    directory: Path, ports: list[int], mqtt_port: int, every_s: float, boundaries: int,
+    got: harness.Collector,
+) -> dict[str, Any]:  # fmt: skip
+    # One tick more than measured: the first tick only gives the counters a start.
+    bare = harness.Bare(directory, ports, mqtt_port, every_s, ticks=boundaries + 1)
+    await bare.start()
+    result = await bare.finish(timeout_s=(boundaries + 3) * every_s + 60)
+    await asyncio.sleep(1.0)  # the last publishes arrive
+    spreads = result["spreads_ms"][1:]
+    ends = {
+        harness.parse_epoch(json.loads(m.payload)["end"])
+        for m in got.messages
+        if m.topic.startswith("bare/")
+    }
+    by_end = latencies(got, "bare/", ends)
+    delays = [d for values in by_end.values() for d in values]
     return {
-        "devices": devices,
-        "reads": len(lateness),
-        "failed_reads": failed,
-        "boundaries": len(spreads),
-        "lateness_p50_ms": round(statistics.median(lateness), 3),
-        "lateness_p99_ms": round(percentile(lateness, 0.99), 3),
-        "lateness_max_ms": round(max(lateness), 3),
-        "spread_p99_ms": round(percentile(spreads, 0.99), 3) if spreads else None,
-        "spread_max_ms": round(max(spreads), 3) if spreads else None,
+        "bare_reads": result["reads"],
+        "bare_errors": result["errors"],
+        **summary(spreads, "bare_spread_ms"),
+        **summary(delays, "bare_publish_latency_s"),
     }
 
 
-async def main_async(device_counts: list[int], seconds: float) -> list[dict[str, Any]]:
-    workdir = Path(tempfile.mkdtemp(prefix="edged-bench-broker-"))
-    broker = Mosquitto(free_port(), workdir)
-    broker.start()
-    try:
-        results = []
-        for devices in device_counts:
-            result = await run_case(devices, seconds, broker.port)
-            print(
-                f"{devices:4d} devices: lateness p50 {result['lateness_p50_ms']:.3f} ms, "
-                f"p99 {result['lateness_p99_ms']:.3f} ms, max {result['lateness_max_ms']:.3f} ms; "
-                f"spread p99 {result['spread_p99_ms']} ms, max {result['spread_max_ms']} ms "
-                f"({result['reads']} reads, {result['failed_reads']} failed, "
-                f"{result['boundaries']} boundaries)",
-                flush=True,
+async def run(devices: int, every_s: float, boundaries: int, profile_s: float) -> dict[str, Any]:
+    directory = harness.workdir("boundary")
+    figures: dict[str, Any] = {"devices": devices, "every_s": every_s, "boundaries": boundaries}
+    with harness.broker(directory) as broker:
+        async with (
+            harness.meters(devices) as ports,
+            harness.ntp_server() as ntp_port,
+            harness.collect(broker.port, ["bare/#", "edged/+/device/+/interval/#"]) as got,
+        ):
+            figures.update(await run_bare(directory, ports, broker.port, every_s, boundaries, got))
+            say(f"bare pymodbus+aiomqtt: spread p99 {figures['bare_spread_ms_p99']} ms, "
+                f"publish latency p99 {figures['bare_publish_latency_s_p99']} s, "
+                f"max {figures['bare_publish_latency_s_max']} s")  # fmt: skip
+
+            config = harness.write_config(
+                directory, ports, broker.port, interval=f"{every_s:g}s", ntp_port=ntp_port
             )
-            results.append(result)
-        return results
-    finally:
-        broker.stop()
+            async with harness.daemon(config) as edged:
+                started = time.monotonic()
+                ok = await harness.wait_until(
+                    lambda: sum(m.topic.startswith("edged/") for m in got.messages) >= devices,
+                    120 + 3 * every_s,
+                )
+                if not ok:
+                    raise RuntimeError(f"edged published no intervals:\n{edged.log_tail()}")
+                figures["edged_startup_s"] = round(time.monotonic() - started, 1)
+                # Measure from the next boundary on: every device is connected by now.
+                first_s = harness.next_multiple(time.time(), every_s)
+                last_s = first_s + (boundaries - 1) * every_s
+                await harness.sleep_to_wall(first_s - 0.5)
+                cpu = await harness.sample_every(
+                    edged.pid, 1.0, time.monotonic() + boundaries * every_s
+                )
+                await harness.sleep_to_wall(last_s + 3.0)  # publishing deadline + margin
+                figures["edged_cpu_cores"] = round(harness.cpu_share(cpu[0], cpu[-1]), 4)
+                figures["edged_peak_rss_mib"] = round(harness.peak_rss_bytes(edged.pid) / MIB, 1)
+                if profile_s > 0:
+                    found = await profile.record(edged.pid, profile_s, directory)
+                    if found is not None:
+                        profile.show(found, f"edged, {devices} meters every {every_s:g} s")
+                        figures["profile_top_self"] = found.self_pct[:8]
+                figures["edged_warnings"] = edged.warnings()
+
+    by_boundary, failed = store_figures(directory / "edged.db", devices, first_s)
+    measured = {b: v for b, v in by_boundary.items() if first_s <= b <= last_s}
+    spreads = [max(v) - min(v) for v in measured.values() if len(v) == devices]
+    lateness = [x for v in measured.values() for x in v]
+    by_end = latencies(got, "edged/", set(measured))
+    delays = [d for values in by_end.values() for d in values]
+    figures.update({
+        "edged_boundaries_measured": len(measured),
+        "edged_boundaries_complete": len(spreads),
+        "edged_failed_reads": failed,
+        **summary(lateness, "edged_lateness_ms"),
+        **summary(spreads, "edged_spread_ms"),
+        "edged_intervals_expected": devices * len(measured),
+        "edged_intervals_published": len(delays),
+        **summary(delays, "edged_publish_latency_s"),
+    })  # fmt: skip
+    f = figures
+    say(f"edged: spread p99 {f['edged_spread_ms_p99']} ms "
+        f"(lateness p99 {f['edged_lateness_ms_p99']} ms), publish latency "
+        f"p99 {f['edged_publish_latency_s_p99']} s, max {f['edged_publish_latency_s_max']} s, "
+        f"{f['edged_intervals_published']}/{f['edged_intervals_expected']} intervals, "
+        f"{f['edged_cpu_cores']:.3f} cores, peak RSS {f['edged_peak_rss_mib']} MiB")  # fmt: skip
+    for name in ("spread_ms_p99", "publish_latency_s_max"):
+        base = figures[f"bare_{name}"]
+        if base:
+            figures[f"ratio_{name}"] = round(figures[f"edged_{name}"] / base, 2)
+    return figures
+
+
+def targets(figures: dict[str, Any]) -> dict[str, bool]:
+    spread = figures["edged_spread_ms_p99"]
+    latency = figures["edged_publish_latency_s_max"]
+    return {
+        "spread_p99_le_100ms": spread is not None and spread <= 100.0,
+        "all_published_within_2s": latency is not None
+        and latency <= 2.0
+        and figures["edged_intervals_published"] == figures["edged_intervals_expected"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--devices", default="1,50,200")
-    parser.add_argument("--seconds", type=float, default=60.0)
+    parser = argparse.ArgumentParser(prog="python -m bench.boundary")
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--every", type=float, default=5.0, help="interval, s")
+    parser.add_argument("--boundaries", type=int, default=12)
+    parser.add_argument("--profile", type=float, default=0.0, metavar="S")
     args = parser.parse_args(argv)
-    counts = [int(x) for x in args.devices.split(",")]
-    results = asyncio.run(main_async(counts, args.seconds))
-    print(json.dumps({"benchmark": "boundary", "results": results}))
-    return 0
+    return harness.conclude(
+        "boundary", run(args.devices, args.every, args.boundaries, args.profile), targets
+    )
 
 
 if __name__ == "__main__":

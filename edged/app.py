@@ -47,7 +47,7 @@ from edged.payloads import (
     parse_iso_utc,
     peak_payload,
 )
-from edged.poller import DeviceHealth, Recorder, outbox_pending
+from edged.poller import DeviceHealth, HealthShown, Recorder, outbox_pending
 from edged.publish import Publisher, default_client_id
 from edged.reload import DeviceDiff, applied_settings, restart_required
 from edged.replay import ReplayCommands
@@ -65,6 +65,8 @@ PUBLISHER_STOP_GRACE_S = 5.0
 # How often the liveness mark is persisted: an outage of the gateway is known
 # to within this (DESIGN.md section 3).
 LIVENESS_EVERY_S = 2.0
+# Comms changes within this are reported by one gateway status.
+GATEWAY_STATUS_DEBOUNCE_S = 0.5
 
 
 def timebase_config(settings: TimeSettings) -> TimebaseConfig:
@@ -133,6 +135,8 @@ class App:
         self._reload_requested = asyncio.Event()
         self._systemd = systemd or Systemd(Notifier(None), None)
         self._device_health: dict[str, DeviceHealth] = {}
+        self._health_shown: dict[str, HealthShown] = {}  # as last published
+        self._gateway_status_due = False
         self.store: Store | None = None
         self.publisher: Publisher | None = None
         self._commands: ReplayCommands | None = None
@@ -169,6 +173,8 @@ class App:
             **self._time_status(),
             "devices": len(self.settings.devices),
             "devices_online": sum(1 for h in self._device_health.values() if h.comms == "online"),
+            "reads": sum(h.reads for h in self._device_health.values()),
+            "read_errors": sum(h.errors for h in self._device_health.values()),
             "links": [link.status() for link in self._devices.links()] if self._devices else [],
             "outbox_depth": outbox.count if outbox is not None else None,
             "outbox_oldest_age_s": oldest_s,
@@ -290,17 +296,44 @@ class App:
         }
 
     def _on_health(self, device_id: str, health: DeviceHealth) -> None:
-        previous = self._device_health.get(device_id)
-        was = previous.comms if previous else None
+        """After every boundary read: publish the device status only when it is
+        news (comms, error counts, meter clock); the status cadence refreshes
+        the rest. A status per read was a retained QoS 1 message per meter per
+        boundary, half of what a 1000-meter boundary published (bench/boundary.py)."""
         self._device_health[device_id] = health
-        if self.publisher is not None:
-            self.publisher.set_retained(
-                self.topics.device_status(device_id), self._device_status(device_id, health)
-            )
-            if was != health.comms:
+        shown = self._health_shown.get(device_id)
+        now = HealthShown.of(health)
+        if shown is not None and not shown.news(now):
+            return
+        self._publish_device_status(device_id, health)
+        if (shown.comms if shown else None) != now.comms:
+            self._gateway_status_soon()
+
+    def _gateway_status_soon(self) -> None:
+        """Refresh the gateway status shortly: the comms changes of many devices
+        at once (start-up, a line going down) then cost one status, not one
+        each (building one reads every link: quadratic in the devices)."""
+        if self._gateway_status_due:
+            return
+        self._gateway_status_due = True
+
+        def refresh() -> None:
+            self._gateway_status_due = False
+            # After a stop request the final status is the offline one.
+            if self.publisher is not None and not self._stop.is_set():
                 self.publisher.set_retained(
                     self.topics.gateway_status, self.gateway_status("online")
                 )
+
+        asyncio.get_running_loop().call_later(GATEWAY_STATUS_DEBOUNCE_S, refresh)
+
+    def _publish_device_status(self, device_id: str, health: DeviceHealth) -> None:
+        if self.publisher is None:
+            return
+        self._health_shown[device_id] = HealthShown.of(health)
+        self.publisher.set_retained(
+            self.topics.device_status(device_id), self._device_status(device_id, health)
+        )
 
     # -- running ----------------------------------------------------------------
 
@@ -483,6 +516,7 @@ class App:
         """Everything that follows the device list, in line with it again."""
         ids = {d.id for d in new.devices}
         self._device_health = {k: h for k, h in self._device_health.items() if k in ids}
+        self._health_shown = {k: h for k, h in self._health_shown.items() if k in ids}
         self._demand_units = self._demand_units_of(new)
         self._virtual = self._plan_virtual(self.settings, self._virtual)
         if self._commands is not None:
@@ -565,6 +599,9 @@ class App:
             await asyncio.sleep(self.settings.status_every)
             self._outbox = await store.outbox_depth()
             publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+            # Read counts and last good reads, which change with every read.
+            for device_id, health in self._device_health.items():
+                self._publish_device_status(device_id, health)
 
 
 async def run_until_signal(app: App) -> None:

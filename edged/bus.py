@@ -276,8 +276,14 @@ class BusScheduler(Generic[T]):
             live = [j for j in self._queue if not j.future.done()]
             if len(live) != len(self._queue):
                 self._queue = live
-            if woke and any(j.priority is Priority.BOUNDARY for j in self._queue):
-                # Let every read woken by the same boundary join the queue first.
+            if (
+                woke
+                and len(self._units) > 1
+                and any(j.priority is Priority.BOUNDARY for j in self._queue)
+            ):
+                # Let every read woken by the same boundary join the queue first
+                # (a link with one unit has nothing to order: a TCP meter's own
+                # port; waiting would only add loop iterations to its lateness).
                 for _ in range(COLLECT_TICKS):
                     await asyncio.sleep(0)
                 woke = False

@@ -84,6 +84,12 @@ class BoundaryWaiter:
 
     async def wait(self, target: datetime) -> float:
         """Wait for `target`; returns the lateness (ms) at wake-up."""
+        return await asyncio.shield(self.instant(target))
+
+    def instant(self, target: datetime) -> asyncio.Future[float]:
+        """The shared future of `target`: done with the lateness (ms) when it
+        arrives. Await it shielded or watch it with a done-callback; never
+        cancel it (other waiters share it)."""
         future = self._waits.get(target)
         if future is None or future.cancelled():
             future = asyncio.get_running_loop().create_future()
@@ -91,7 +97,7 @@ class BoundaryWaiter:
             task = asyncio.create_task(self._run(target, future), name=f"boundary {target}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(future)
+        return future
 
     async def _run(self, target: datetime, future: asyncio.Future[float]) -> None:
         try:

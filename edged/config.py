@@ -8,6 +8,7 @@ are YAML files whose channels the device inherits and may override.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -315,9 +316,13 @@ class Channel(_RegisterMap):
     def unit_label(self) -> str:
         return self.unit
 
-    @property
+    @functools.cached_property
     def multiplier(self) -> float:
-        """Unit per count: the configured multiplier x scale x CT/VT ratio."""
+        """Unit per count: the configured multiplier x scale x CT/VT ratio.
+
+        Cached (the interval engine asks several times per record and it is a
+        decimal product); `Device._fold_ratios` drops the cache when it sets
+        the ratio."""
         return _exact_product(self.configured_multiplier, self.scale, self._ratio_factor)
 
     @property
@@ -453,6 +458,7 @@ class Device(_Strict):
             points.extend(self.measurements.points)
         for point in points:
             point._ratio_factor = point.ratio_factor_for(self.ct_ratio, self.vt_ratio)
+            point.__dict__.pop("multiplier", None)
         return self
 
     @property

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -96,7 +97,10 @@ def interpret_adjtimex(result: int, status: int) -> KernelSync:
     return KernelSync.SYNCED
 
 
+@functools.cache
 def _load_libc() -> ctypes.CDLL:
+    # Cached: find_library runs `ldconfig -p` in a subprocess, and the kernel
+    # status is checked twice a second (it was most of edged's idle CPU).
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 

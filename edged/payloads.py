@@ -23,10 +23,11 @@ COMMAND_RESPONSE_SCHEMA = "edged.command_response/1"
 
 def iso_utc(t: datetime) -> str:
     """UTC ISO-8601 with a Z; milliseconds only when there are any."""
-    t = t.astimezone(UTC)
-    if t.microsecond:
-        return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if t.tzinfo is not UTC:
+        t = t.astimezone(UTC)
+    # isoformat (C) rather than strftime: several per record, at every boundary.
+    # In UTC it ends "+00:00", which becomes the "Z".
+    return t.isoformat(timespec="milliseconds" if t.microsecond else "seconds")[:-6] + "Z"
 
 
 def parse_iso_utc(text: str) -> datetime:

@@ -28,9 +28,10 @@ import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -52,6 +53,8 @@ BACKLOG_BURST_S = 0.5
 # Answers to commands waiting for a connection; beyond this the oldest are dropped
 # (the requester times out and asks again).
 MAX_PENDING_RESPONSES = 100
+# A window of publishes not acknowledged within this ends the session.
+PUBLISH_TIMEOUT_S = 10.0
 
 
 class CredentialsError(Exception):
@@ -129,27 +132,18 @@ def mqtt_client(
         protocol=protocol,
         will=will,
         keepalive=int(settings.keepalive),
-        timeout=10,
+        timeout=PUBLISH_TIMEOUT_S,
         max_inflight_messages=PUBLISH_WINDOW,
         tls_params=tls_params,
         tls_insecure=bool(settings.tls and settings.tls.insecure) if broker.tls else None,
+        # Each publish goes out at once: Nagle would hold the tail of every
+        # window until the broker's delayed ACK (~40 ms), capping a drain.
+        socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     )
     # aiomqtt warns ("There are N pending publish calls") past 10 calls awaiting
     # their acknowledgement; a full publish window is normal here, not a leak.
     client.pending_calls_threshold = 2 * PUBLISH_WINDOW
     return client
-
-
-async def publish_window(
-    client: aiomqtt.Client, window: Sequence[tuple[str, bytes, int, bool]]
-) -> list[BaseException | None]:
-    """Publish (topic, payload, qos, retain) messages at once; for each, None once
-    the broker acknowledged it (QoS 1: PUBACK) or the exception that stopped it."""
-    results: list[BaseException | None] = await asyncio.gather(
-        *(client.publish(t, p, qos=q, retain=r) for t, p, q, r in window),
-        return_exceptions=True,
-    )
-    return results
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,11 +276,11 @@ class Publisher:
         if client is None:
             return False
         encoded = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
-        task = asyncio.create_task(client.publish(topic, encoded, qos=0))
-        self._fire_and_forget.add(task)
-        task.add_done_callback(self._fire_and_forget.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return True
+        # Straight to paho: aiomqtt's publish() waits for paho's on_publish,
+        # which a fire-and-forget QoS 0 message needs no task for (a task per
+        # measurement was the largest cost of fast polling, bench/fastpoll.py).
+        info = client._client.publish(topic, encoded, qos=0)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     def set_retained(self, topic: str, payload: dict[str, Any]) -> None:
         encoded = json.dumps(payload, separators=(",", ":")).encode()
@@ -394,36 +388,60 @@ class Publisher:
             if len(live) == OUTBOX_BATCH:
                 continue
             if backlog_pending:
-                await self._sleep_or_stop(max(0.01, 1.0 / rate))
+                # Until the bucket holds a full batch again (new live data
+                # wakes it sooner); a fixed pause per batch cost a fast
+                # drain a tenth of its rate.
+                cap = rate * BACKLOG_BURST_S
+                available = min(cap, tokens + (loop.time() - refilled_at) * rate)
+                await self._sleep_or_stop(max(0.0, (min(OUTBOX_BATCH, cap) - available) / rate))
             else:
                 await self._wake.wait()
 
     async def _publish_retained(self, client: aiomqtt.Client) -> None:
+        """Every changed retained status, PUBLISH_WINDOW in flight at a time."""
         while self._retained_dirty:
-            topic = self._retained_dirty.pop()
+            count = min(PUBLISH_WINDOW, len(self._retained_dirty))
+            topics = [self._retained_dirty.pop() for _ in range(count)]
             try:
-                await _unless_dropped(
-                    client.publish(topic, self._retained[topic], qos=1, retain=True), self._dropped
+                acked, error = await _unless_dropped(
+                    send_window(client, [(t, self._retained[t], 1, True) for t in topics]),
+                    self._dropped,
                 )
             except BaseException:
-                self._retained_dirty.add(topic)
+                self._retained_dirty.update(topics)
                 raise
+            self._retained_dirty.update(t for t, ok in zip(topics, acked, strict=True) if not ok)
+            if error is not None:
+                raise error
 
     async def _publish_rows(self, client: aiomqtt.Client, rows: Sequence[OutboxRow]) -> None:
-        """Publish in windows; delete each row once acknowledged."""
-        for start in range(0, len(rows), PUBLISH_WINDOW):
-            window = rows[start : start + PUBLISH_WINDOW]
-            results = await _unless_dropped(
-                publish_window(client, [(r.topic, r.payload, r.qos, r.retain) for r in window]),
-                self._dropped,
-            )
-            acked = [row.seq for row, result in zip(window, results, strict=True) if result is None]
-            await self._store.ack(acked)
-            if self._on_acked is not None and acked:
-                self._on_acked(acked)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+        """Publish in windows; delete each row once acknowledged.
+
+        A window's rows are deleted while the next window is on the wire: the
+        delete (an fsync) no longer stalls the publishing."""
+        deleting: asyncio.Future[None] | None = None
+        try:
+            for start in range(0, len(rows), PUBLISH_WINDOW):
+                window = rows[start : start + PUBLISH_WINDOW]
+                acked, error = await _unless_dropped(
+                    send_window(client, [(r.topic, r.payload, r.qos, r.retain) for r in window]),
+                    self._dropped,
+                )
+                if deleting is not None:
+                    await deleting
+                seqs = [row.seq for row, ok in zip(window, acked, strict=True) if ok]
+                deleting = asyncio.ensure_future(self._acked(seqs))
+                if error is not None:
+                    raise error
+        finally:
+            if deleting is not None:
+                # Even when the session ends: acknowledged rows are not resent.
+                await asyncio.shield(deleting)
+
+    async def _acked(self, seqs: Sequence[int]) -> None:
+        await self._store.ack(seqs)
+        if self._on_acked is not None and seqs:
+            self._on_acked(seqs)
 
     async def _publish_responses(self, client: aiomqtt.Client) -> None:
         while self._responses:
@@ -472,3 +490,79 @@ class Publisher:
             self._on_command(command)
         except Exception:
             log.exception("command handler failed", topic=topic)
+
+
+class _Window:
+    """The acknowledgements of one window of publishes."""
+
+    __slots__ = ("acked", "done", "left")
+
+    def __init__(self, size: int) -> None:
+        self.acked = [False] * size
+        self.left = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class _Ack:
+    """One message's entry in aiomqtt's table of pending publishes, whose
+    on_publish callback calls `set()` when paho has the PUBACK."""
+
+    __slots__ = ("index", "window")
+
+    def __init__(self, window: _Window, index: int) -> None:
+        self.window = window
+        self.index = index
+
+    def set(self) -> None:
+        window = self.window
+        if window.acked[self.index]:
+            return
+        window.acked[self.index] = True
+        window.left -= 1
+        if window.left == 0 and not window.done.done():
+            window.done.set_result(None)
+
+
+async def send_window(
+    client: aiomqtt.Client, messages: Sequence[tuple[str, bytes, int, bool]]
+) -> tuple[list[bool], aiomqtt.MqttError | None]:
+    """Publish `messages` (topic, payload, qos, retain) at once and wait for
+    their acknowledgements: which were acknowledged, and the error that ended
+    the window early, if any.
+
+    Straight through paho: aiomqtt's publish() costs a task, an event, a
+    timer and a scan of every pending call per message, which held a backlog
+    drain to the rate of a bare aiomqtt loop, under 5000 msg/s
+    (bench/drain.py). The PUBACKs still arrive through aiomqtt's on_publish,
+    via its table of pending publishes (aiomqtt 2.5, pinned in pyproject)."""
+    paho = client._client
+    pending = cast(dict[int, Any], client._pending_publishes)
+    window = _Window(len(messages))
+    mids: list[int] = []
+    error: aiomqtt.MqttError | None = None
+    try:
+        for index, (topic, payload, qos, retain) in enumerate(messages):
+            info = paho.publish(topic, payload, qos, retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                error = aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+                break
+            if qos == 0 or info.is_published():
+                window.acked[index] = True
+                continue
+            window.left += 1
+            pending[info.mid] = _Ack(window, index)
+            mids.append(info.mid)
+        if window.left:
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                    await window.done
+            except TimeoutError:
+                error = error or aiomqtt.MqttError(
+                    f"no acknowledgement within {PUBLISH_TIMEOUT_S:g} s"
+                )
+        return window.acked, error
+    finally:
+        for mid in mids:
+            entry = pending.get(mid)
+            if isinstance(entry, _Ack) and entry.window is window:
+                del pending[mid]

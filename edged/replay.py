@@ -39,7 +39,7 @@ from edged.publish import (
     Publisher,
     broker_addresses,
     mqtt_client,
-    publish_window,
+    send_window,
 )
 from edged.queries import IntervalQuery
 from edged.store import OutboxMessage, Store
@@ -348,14 +348,14 @@ async def publish_stored(
                     (topics.interval(p["device"], p["channel"]), encode(replay_copy(p)), 1, False)
                     for p in window
                 ]
-                results = await publish_window(client, messages)
-                errors = [r for r in results if r is not None]
-                sent += len(results) - len(errors)
-                on_published(len(results) - len(errors))
-                if errors:
+                acked, error = await send_window(client, messages)
+                count = sum(acked)
+                sent += count
+                on_published(count)
+                if error is not None:
                     raise ReplayError(
                         f"connection to {broker.host}:{broker.port} lost after {sent} "
-                        f"acknowledged: {errors[0]}"
+                        f"acknowledged: {error}"
                     )
         finally:
             with contextlib.suppress(Exception):

@@ -182,6 +182,9 @@ async def test_daemon_publishes_consecutive_intervals(
     status = [p for t, p, _ in got.messages if t == "edged/test-site/gateway/status"]
     assert status[0]["state"] == "online"
     assert status[-1]["state"] == "offline"
+    # the clean stop's status counts every boundary read (the baseline too)
+    assert status[-1]["reads"] >= len(records) + 1
+    assert status[-1]["read_errors"] == 0
     device_status = got.payloads("device/unit1/status")
     assert device_status[-1]["comms"] == "online"
     lateness = sorted(r["read_lateness_ms"] for r in rest)
