@@ -38,8 +38,11 @@ ION_LOAD_KW = 2400.0
 ION_KWH_PER_COUNT = 0.01
 COUNTER_MODULUS = 1 << 32
 # The ION counter starts this many intervals short of its modulus, so it wraps
-# on its own during the demo, as a real register would (-> ROLLOVER).
-INTERVALS_TO_WRAP = 5.5
+# on its own during the demo, as a real register would (-> ROLLOVER). One
+# interval: the wrap is in an interval that closes within the first two
+# boundaries, so even a 25 s demo shows a flag whatever the start-up phase (the
+# start-up interval is PARTIAL only when the start is not close to a boundary).
+INTERVALS_TO_WRAP = 1.0
 
 
 @dataclass(frozen=True, slots=True)
