@@ -10,7 +10,6 @@ import itertools
 import os
 import re
 import signal
-import socket
 import sqlite3
 import sys
 import time
@@ -28,6 +27,7 @@ from simulators.modbus_frames import DataType
 from tests.conftest import Broker, Collector, collect
 from tests.schema_check import validate_messages
 from tests.test_e2e import KWH_PER_COUNT, LOAD_KW, Daemon, by_end, intervals
+from tests.test_sdnotify import datagrams
 
 pytestmark = pytest.mark.integration
 
@@ -63,24 +63,8 @@ class NotifyDaemon(Daemon):
 async def notifications(tmp_path: Path) -> AsyncIterator[tuple[Path, list[bytes]]]:
     """A bound notify socket and every datagram it receives, in order."""
     path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.setblocking(False)
-    got: list[bytes] = []
-    loop = asyncio.get_running_loop()
-
-    async def receive() -> None:
-        while True:
-            got.append(await loop.sock_recv(sock, 4096))
-
-    task = asyncio.create_task(receive())
-    try:
+    async with datagrams(path) as got:
         yield path, got
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        sock.close()
 
 
 async def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
