@@ -96,12 +96,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
 
 
+def _store_path(args: argparse.Namespace, settings: Settings) -> Path:
+    """`--db` when given, else the config's `storage.path`."""
+    return args.db if args.db is not None else settings.storage.path
+
+
 def _open_store(args: argparse.Namespace, settings: Settings) -> sqlite3.Connection | None:
     from edged.queries import StoreUnavailable, connect_readonly
 
-    path = args.db if args.db is not None else settings.storage.path
     try:
-        return connect_readonly(path)
+        return connect_readonly(_store_path(args, settings))
     except StoreUnavailable as exc:
         print(f"edged: {exc}", file=sys.stderr)
         return None
@@ -117,8 +121,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if conn is None:
         return 1
     try:
-        path = args.db if args.db is not None else settings.storage.path
-        status = store_status(conn, settings, path, datetime.now(UTC))
+        status = store_status(conn, settings, _store_path(args, settings), datetime.now(UTC))
     finally:
         conn.close()
     if args.format == "json":

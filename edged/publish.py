@@ -38,6 +38,7 @@ from paho.mqtt.properties import Properties
 
 from edged.config import Mqtt
 from edged.modbus import Backoff
+from edged.payloads import encode
 from edged.store import OutboxRow, Store
 
 log = structlog.get_logger("edged.publish")
@@ -252,8 +253,7 @@ class Publisher:
 
     def respond(self, topic: str, payload: dict[str, Any], correlation_data: bytes | None) -> None:
         """Answer a command (QoS 1, not retained, not stored), in the order asked."""
-        encoded = json.dumps(payload, separators=(",", ":")).encode()
-        self._responses.append(_Response(topic, encoded, correlation_data))
+        self._responses.append(_Response(topic, encode(payload), correlation_data))
         del self._responses[:-MAX_PENDING_RESPONSES]
         self._wake.set()
 
@@ -283,7 +283,7 @@ class Publisher:
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     def set_retained(self, topic: str, payload: dict[str, Any]) -> None:
-        encoded = json.dumps(payload, separators=(",", ":")).encode()
+        encoded = encode(payload)
         if self._retained.get(topic) != encoded:
             self._retained[topic] = encoded
             self._retained_dirty.add(topic)
