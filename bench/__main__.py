@@ -7,7 +7,7 @@ every benchmark's figures and targets, so that runs can be compared:
     python -m bench --quick > quick.txt; tail -n 1 quick.txt | python -m json.tool
 
 `--quick` runs every scenario at reduced size and duration; `--full` runs the
-sizes of issue 8 (1000 meters, 500 x 30 registers, a one-hour idle soak,
+target sizes (1000 meters, 500 x 30 registers, a one-hour idle soak,
 100,000 backlog messages) and takes a little over an hour. `--only` picks
 benchmarks; `--profile` adds a py-spy profile of the daemon to the boundary
 and fast-poll runs (`pip install -e '.[bench]'`). The MQTT scenarios need

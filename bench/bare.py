@@ -35,7 +35,7 @@ import aiomqtt
 from pymodbus.client import AsyncModbusTcpClient
 
 from bench.harness import MEASURE_BASE_REGISTER, next_multiple, raise_fd_limit, sleep_to_wall
-from simulators.signals import until_signalled
+from edged.sim.signals import until_signalled
 
 
 def iso(t: float) -> str:

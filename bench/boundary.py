@@ -14,7 +14,7 @@ The baseline, measured first in the same run: bench.bare reading the same
 counters at the same boundaries with bare pymodbus (all at once, gather) and
 publishing a minimal interval message per meter at QoS 1 with bare aiomqtt.
 
-Targets (issue 8, 1000 meters on a 2-core machine): p99 spread <= 100 ms and
+Targets (1000 meters on a 2-core machine): p99 spread <= 100 ms and
 every interval published within 2 s of its boundary.
 """
 

@@ -1,5 +1,5 @@
 """Backlog drain: 100,000 interval messages to a local mosquitto at QoS 1
-while live intervals keep flowing (issue 6).
+while live intervals keep flowing.
 
     python -m bench.drain [--backlog 100000] [--live 20] [--backlog-rate 10000]
 
@@ -7,7 +7,7 @@ The store is filled first with `--backlog` interval messages in the outbox
 (as a long broker outage leaves it), then `edged run` starts with `--live`
 simulated meters on 1-second intervals and `mqtt.backlog_rate` set to
 `--backlog-rate`. The publisher sends live messages first and drains the
-backlog beside them at that rate (edged/publish.py). Measured: backlog
+backlog beside them at that rate (edged/io/mqtt.py). Measured: backlog
 messages per second (from the outbox depth, polled read-only, from the
 first acknowledged message to the last) and the live intervals' publish
 latency (arrival minus interval end) while the drain runs. A sample of the
@@ -42,11 +42,11 @@ import aiomqtt
 
 from bench import harness, profile
 from bench.harness import say, summary
-from edged.model import Interval, TimeState
-from edged.payloads import Topics
-from edged.poller import outbox_pending
-from edged.publish import PUBLISH_WINDOW
-from edged.store import Store
+from edged.app.poller import outbox_pending
+from edged.core.model import Interval, TimeState
+from edged.core.payloads import Topics
+from edged.io.mqtt import PUBLISH_WINDOW
+from edged.io.store import Store
 
 BACKLOG_DEVICES = 100
 FILL_BATCH = 5000

@@ -12,7 +12,7 @@ The baseline, measured first in the same run against the same meters and
 broker: bench.bare reading the same registers on the same ticks with bare
 pymodbus, decoding them and publishing each as JSON with a bare aiomqtt client.
 
-Targets (issue 8, 2-core machine, 500 x 30 registers): edged under 0.5 core and
+Targets (2-core machine, 500 x 30 registers): edged under 0.5 core and
 under 150 MB RSS. With --profile S, py-spy then samples the daemon for S s.
 """
 

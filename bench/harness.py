@@ -26,7 +26,7 @@ from typing import Any
 
 import aiomqtt
 
-from simulators.broker import Mosquitto, free_port, mosquitto_path
+from edged.sim.broker import Mosquitto, free_port, mosquitto_path
 
 # Simulated meters served by one process: enough to keep the process count
 # low, few enough that one simulator process never becomes the bottleneck.
@@ -265,7 +265,7 @@ def write_config(
 @contextlib.asynccontextmanager
 async def ntp_server() -> AsyncIterator[int]:
     """A local NTP server agreeing with this machine's clock; yields its port."""
-    from simulators.ntp import NtpServer
+    from edged.sim.ntp import NtpServer
 
     async with NtpServer(offset_s=0.0) as server:
         yield await server.start("127.0.0.1", 0)
@@ -291,7 +291,7 @@ class Daemon:
     async def start(self) -> None:
         with self.log_path.open("wb") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "edged.cli", "run", "-c", str(self.config),
+                sys.executable, "-m", "edged.cli.main", "run", "-c", str(self.config),
                 stdout=log, stderr=asyncio.subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )  # fmt: skip
@@ -416,7 +416,7 @@ async def collect(port: int, filters: Sequence[str]) -> AsyncIterator[Collector]
 
 
 def parse_epoch(text: str) -> float:
-    from edged.payloads import parse_iso_utc
+    from edged.core.model import parse_iso_utc
 
     return parse_iso_utc(text).timestamp()
 

@@ -12,7 +12,7 @@ growth is the least-squares slope over the soak, after a warm-up.
 The baseline, measured first for a tenth of the time (at least 20 s): bench.bare
 with the same connections, reading the counters at the same boundaries.
 
-Targets (issue 8, 100 meters): under 1 % of a core between boundaries; RSS
+Targets (100 meters): under 1 % of a core between boundaries; RSS
 growth under 1 MB/hour over a 1-hour soak (shorter runs report the slope but
 cannot show a leak of that size; `python -m bench --full` runs the hour).
 """

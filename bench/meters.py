@@ -14,9 +14,9 @@ import json
 import os
 
 from bench.harness import MEASURE_BASE_REGISTER, raise_fd_limit
-from simulators.meter import MeterServer, SimulatedMeter, StaticPoint
-from simulators.modbus_frames import DataType
-from simulators.signals import until_signalled
+from edged.sim.meter import MeterServer, SimulatedMeter, StaticPoint
+from edged.sim.modbus_frames import DataType
+from edged.sim.signals import until_signalled
 
 
 def meter(registers: int) -> SimulatedMeter:

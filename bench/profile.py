@@ -47,13 +47,15 @@ def _idle(frame: str) -> bool:
 
 
 def _frame_name(frame: str) -> str:
-    # "read_device (/x/edged/modbus.py:790)" -> "edged/modbus.py:read_device"
+    # "read_device (/x/edged/io/modbus.py:790)" -> "edged/io/modbus.py:read_device"
     name, _, where = frame.partition(" (")
     path = where.rstrip(")").rsplit(":", 1)[0]
     if "site-packages/" in path:
         path = path.split("site-packages/", 1)[1]
     elif (stdlib := re.search(r"/lib/python3\.\d+/", path)) is not None:
         path = path[stdlib.end() :]
+    elif "/edged/" in path:
+        path = "edged/" + path.rsplit("/edged/", 1)[1]
     else:
         path = "/".join(Path(path).parts[-2:])
     return f"{path}:{name}"

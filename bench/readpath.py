@@ -33,12 +33,16 @@ from typing import Any
 from pymodbus.client import AsyncModbusTcpClient
 
 from bench.harness import emit
-from edged.bus import Priority
-from edged.config import Device
-from edged.modbus import build_links, plan_device, read_device
-from edged.registers import decode_response
-from simulators.meter import MeterServer, SimulatedMeter, StaticPoint
-from simulators.modbus_frames import DataType
+from edged.config.schema import Device
+from edged.core.plan import plan_device
+from edged.core.registers import decode_response
+from edged.io.bus import Priority
+from edged.io.modbus import (
+    build_links,
+    read_device,
+)
+from edged.sim.meter import MeterServer, SimulatedMeter, StaticPoint
+from edged.sim.modbus_frames import DataType
 
 NAMES = ("power", "voltage", "current", "frequency")
 

@@ -5,12 +5,12 @@
 A simulated meter (in its own process) serves Modbus RTU on a pty and takes
 the line's time both ways: it answers a request no earlier than its last byte
 would have arrived at the baud rate, and its reply's last byte leaves when it
-would have finished on the wire (`simulators.meter.paced_write`), with zero
+would have finished on the wire (`edged.sim.meter.paced_write`), with zero
 turnaround in between.
 
 For 9600 and 38400 Bd (8E1 timing; the clients open the pty 8N1, see
 `PTY_PARITY`) it measures back-to-back boundary reads through
-`edged.modbus.RtuBus` (which keeps the 3.5-character silence before each
+`edged.io.modbus.RtuBus` (which keeps the 3.5-character silence before each
 request) and through a bare pymodbus loop on the same line (which does not),
 and compares both with the wire ceiling of one transaction: request +
 response + 3.5-character gap.
@@ -28,10 +28,10 @@ import time
 from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.framer import FramerType
 
-from edged.modbus import RtuBus, rtu_frame_gap_s
-from edged.registers import Point, coalesce
-from simulators.meter import MeterServer, SimulatedMeter, StaticPoint
-from simulators.modbus_frames import DataType
+from edged.core.registers import Point, coalesce
+from edged.io.modbus import RtuBus, rtu_frame_gap_s
+from edged.sim.meter import MeterServer, SimulatedMeter, StaticPoint
+from edged.sim.modbus_frames import DataType
 
 TIMING_PARITY = "E"  # the line modelled: 8E1, 11 bits per character
 # What the clients open the pty with: ptys may refuse a parity bit (EINVAL), so

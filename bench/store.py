@@ -33,11 +33,11 @@ import aiosqlite
 
 from bench import harness
 from bench.harness import say
-from edged.intervals import ChannelState
-from edged.model import Interval, Read, TimeState
-from edged.payloads import Topics
-from edged.poller import Pending, outbox_pending
-from edged.store import MIGRATIONS, Store, _interval_row, _read_row, _state_row
+from edged.app.poller import Pending, outbox_pending
+from edged.core.engine.intervals import ChannelState
+from edged.core.model import Interval, Read, TimeState
+from edged.core.payloads import Topics
+from edged.io.store import MIGRATIONS, Store, _interval_row, _read_row, _state_row
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -13,7 +13,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from simulators.broker import Mosquitto, free_port, mosquitto_path
+from edged.sim.broker import Mosquitto, free_port, mosquitto_path
 
 MOSQUITTO = mosquitto_path()
 Broker = Mosquitto
@@ -34,7 +34,7 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 @pytest.fixture
 async def ntp_port() -> AsyncIterator[int]:
     """A local NTP server in agreement with the system clock."""
-    from simulators.ntp import NtpServer
+    from edged.sim.ntp import NtpServer
 
     async with NtpServer(offset_s=0.0) as server:
         yield await server.start("127.0.0.1", 0)

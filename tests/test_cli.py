@@ -1,7 +1,7 @@
 """Operator commands: `edged status`, `edged intervals` (table/CSV/JSON/plot), --help.
 
 The store is populated the way the daemon does it: reads go through the real
-interval engine (`edged.intervals`), payloads through `payloads.interval_payload`,
+interval engine (`edged.core.engine.intervals`), payloads through `payloads.interval_payload`,
 and everything is committed with `Store.commit_boundary`. The timeline crosses
 the start of daylight saving in Pacific/Auckland (2026-09-27 02:00 NZST ->
 03:00 NZDT), has a failed read, a boundary nobody read, and a 16-bit counter
@@ -29,10 +29,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edged import cli
-from edged import intervals as engine
-from edged.config import load_settings
-from edged.export import (
+from edged.cli import main as cli
+from edged.config.load import load_settings
+from edged.core.engine import intervals as engine
+from edged.core.engine.intervals import ChannelState, IntervalContext
+from edged.core.export import (
     CSV_COLUMNS,
     LIST_SEPARATOR,
     TimeArgumentError,
@@ -41,18 +42,28 @@ from edged.export import (
     parse_time,
     start_of_local_day,
 )
-from edged.intervals import ChannelState, IntervalContext
-from edged.model import Interval, Read, ReadError, ReadErrorKind, TimeState
-from edged.payloads import encode, interval_payload, iso_utc, parse_iso_utc
-from edged.queries import (
+from edged.core.model import (
+    Interval,
+    Read,
+    ReadError,
+    ReadErrorKind,
+    TimeState,
+    iso_utc,
+    parse_iso_utc,
+)
+from edged.core.payloads import (
+    encode,
+    interval_payload,
+)
+from edged.core.schedule import next_boundary
+from edged.io.queries import (
     connect_readonly,
     evaluate_alarms,
     format_status,
     status_json,
     store_status,
 )
-from edged.schedule import next_boundary
-from edged.store import OutboxMessage, Store
+from edged.io.store import OutboxMessage, Store
 from tests.conftest import Broker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,7 +191,7 @@ async def populated(tmp_path: Path) -> Populated:
 
 def edged(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "edged.cli", *args],
+        [sys.executable, "-m", "edged.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -768,7 +779,7 @@ def test_format_age() -> None:
 @pytest.mark.integration
 async def test_status_and_export_while_the_daemon_writes(tmp_path: Path, broker: Broker) -> None:
     """The commands read a store the daemon is writing (WAL: readers never block it)."""
-    from simulators.meter import MeterServer, SimulatedMeter
+    from edged.sim.meter import MeterServer, SimulatedMeter
 
     sim = SimulatedMeter.pmc1(load_kw=3600.0, kwh_per_count=0.001, initial_counts=10_000)
     async with MeterServer({1: sim}) as server:
@@ -784,7 +795,7 @@ async def test_status_and_export_while_the_daemon_writes(tmp_path: Path, broker:
         )
         log = (tmp_path / "edged.log").open("wb")
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edged.cli", "run", "-c", str(config), stdout=log, stderr=log
+            sys.executable, "-m", "edged.cli.main", "run", "-c", str(config), stdout=log, stderr=log
         )
         try:
             await asyncio.sleep(4.5)

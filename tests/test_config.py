@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from edged.config import ConfigError, load_settings, parse_duration_s
+from edged.config.load import (
+    ConfigError,
+    load_settings,
+)
+from edged.core.units import parse_duration_s
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -146,7 +150,7 @@ def test_durations(text: str | int, seconds: float) -> None:
 def test_check_config_command(tmp_path: Path) -> None:
     good = write(tmp_path, GOOD)
     ok = subprocess.run(
-        [sys.executable, "-m", "edged.cli", "check-config", "-c", str(good)],
+        [sys.executable, "-m", "edged.cli.main", "check-config", "-c", str(good)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert ok.returncode == 0
@@ -154,7 +158,7 @@ def test_check_config_command(tmp_path: Path) -> None:
                                       "Pacific/Auckland")  # fmt: skip
     bad = write(tmp_path, GOOD.replace("multiplier: 0.144", "multipler: 0.144"), "bad.yaml")
     fail = subprocess.run(
-        [sys.executable, "-m", "edged.cli", "check-config", "-c", str(bad)],
+        [sys.executable, "-m", "edged.cli.main", "check-config", "-c", str(bad)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert fail.returncode == 1

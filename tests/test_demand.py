@@ -10,8 +10,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from edged.config import Device
-from edged.demand import (
+from edged.config.schema import Device
+from edged.core.demand import (
     BillingPeriod,
     Peak,
     PeakState,
@@ -26,8 +26,8 @@ from edged.demand import (
     update_peaks,
     usable_for_demand,
 )
-from edged.intervals import ChannelState, IntervalContext, step_channel
-from edged.model import Flag, Interval, Read, TimeState
+from edged.core.engine.intervals import ChannelState, IntervalContext, step_channel
+from edged.core.model import Flag, Interval, Read, TimeState
 
 AKL = ZoneInfo("Pacific/Auckland")
 T0 = datetime(2026, 11, 21, 0, 0, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""`edged demo` as a newcomer runs it (issue 7)."""
+"""`edged demo` as a newcomer runs it."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ INTERVAL = re.compile(
 
 def run_demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "edged.cli", "demo", *args],
+        [sys.executable, "-m", "edged.cli.main", "demo", *args],
         capture_output=True, text=True, timeout=90, check=False, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]

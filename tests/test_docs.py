@@ -1,6 +1,6 @@
 """The docs in docs/: generated references are fresh, links resolve, examples hold.
 
-docs/configuration.md and docs/flags.md are generated (`python -m edged.docgen
+docs/configuration.md and docs/flags.md are generated (`python -m tools.docgen
 --write`); when a model, a description or the flag table changes, regenerate
 them and commit the result with the change.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edged import docgen
-from edged.config import Settings
-from edged.model import Flag
+from edged.config.schema import Settings
+from edged.core.model import Flag
+from tools import docgen
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -31,7 +31,7 @@ PAGES = (
     "scaling.md",
     "profiles.md",
 )
-REGENERATE = "stale: run `python -m edged.docgen --write` and commit docs/"
+REGENERATE = "stale: run `python -m tools.docgen --write` and commit docs/"
 
 
 @pytest.mark.parametrize(("filename", "build"), list(docgen.GENERATED.values()))
@@ -43,7 +43,7 @@ def test_generated_docs_are_fresh(filename: str, build: object) -> None:
 
 def test_docgen_command_prints_the_configuration_reference() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "edged.docgen"], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "tools.docgen"], capture_output=True, text=True, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == (DOCS / "configuration.md").read_text(encoding="utf-8")
@@ -63,7 +63,7 @@ def test_every_config_key_is_documented() -> None:
         if r.description == docgen.UNDOCUMENTED
     ]
     assert not undocumented, (
-        "give these keys a Field(description=...) or an entry in edged.docgen.DESCRIPTIONS: "
+        "give these keys a Field(description=...) or an entry in tools.docgen.DESCRIPTIONS: "
         + ", ".join(undocumented)
     )
 
@@ -138,7 +138,7 @@ def test_yaml_examples_parse(page: str) -> None:
 
 def test_full_config_examples_validate(tmp_path: Path) -> None:
     """Every example in the docs that is a whole config file passes check-config."""
-    from edged.config import load_settings
+    from edged.config.load import load_settings
 
     checked = 0
     for page in PAGES:
@@ -156,7 +156,7 @@ def test_full_config_examples_validate(tmp_path: Path) -> None:
 
 def test_profile_examples_load(tmp_path: Path) -> None:
     """A profile example in profiles.md works when a device names it."""
-    from edged.config import load_settings
+    from edged.config.load import load_settings
 
     blocks = [yaml.safe_load(b) for b in _yaml_blocks("profiles.md")]
     profiles = [b for b in blocks if isinstance(b, dict) and "name" in b and "site" not in b]

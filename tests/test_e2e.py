@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from simulators.meter import MeterServer, SimulatedMeter
+from edged.sim.meter import MeterServer, SimulatedMeter
 from tests.conftest import Broker, Collector, collect
 from tests.schema_check import validate_messages
 
@@ -97,7 +97,7 @@ class Daemon:
     async def start(self) -> None:
         log = self.log_path.open("ab")
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edged.cli", "run", "-c", str(self.config),
+            sys.executable, "-m", "edged.cli.main", "run", "-c", str(self.config),
             stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         log.close()
@@ -212,7 +212,7 @@ async def test_broker_outage_loses_nothing(tmp_path: Path, broker: Broker, ntp_p
     received = by_end(intervals(before) + intervals(after))
     ends = sorted(received)
     # no hole: every boundary from the first to the last received is there
-    from edged.payloads import parse_iso_utc
+    from edged.core.model import parse_iso_utc
 
     times = [parse_iso_utc(e) for e in ends]
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
@@ -241,7 +241,7 @@ async def test_sigterm_and_restart_continue_the_series(
             assert await d.stop() == 0
     records = by_end(intervals(got))
     ends = sorted(records)
-    from edged.payloads import parse_iso_utc
+    from edged.core.model import parse_iso_utc
 
     times = [parse_iso_utc(e) for e in ends]
     assert all((b - a).total_seconds() == 1.0 for a, b in itertools.pairwise(times))

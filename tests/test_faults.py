@@ -17,7 +17,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from edged.payloads import parse_iso_utc
+from edged.core.model import parse_iso_utc
 from tests.conftest import Broker, Collector, collect
 from tests.schema_check import validate_messages
 from tests.test_e2e import Daemon, by_end, daemon, intervals, meter, write_config

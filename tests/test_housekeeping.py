@@ -1,4 +1,4 @@
-"""Bounded disk (issue 6): retention cut-offs and budget decisions (pure), and
+"""Bounded disk: retention cut-offs and budget decisions (pure), and
 the store, recorder and housekeeper on real SQLite files."""
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edged.config import ConfigError, Storage, load_settings, parse_size_bytes
-from edged.housekeeping import (
+from edged.app.housekeeping import (
     RESUME_FRACTION,
     BudgetChange,
     BudgetLimits,
@@ -26,10 +25,20 @@ from edged.housekeeping import (
     decide_budget,
     retention_cutoffs,
 )
-from edged.model import Interval, Measurement, Read, TimeState
-from edged.payloads import Topics, encode, event_payload, iso_utc
-from edged.poller import Pending, Recorder, outbox_pending
-from edged.store import Store
+from edged.app.poller import Pending, Recorder, outbox_pending
+from edged.config.load import (
+    ConfigError,
+    load_settings,
+)
+from edged.config.schema import Storage
+from edged.core.model import Interval, Measurement, Read, TimeState, iso_utc
+from edged.core.payloads import (
+    Topics,
+    encode,
+    event_payload,
+)
+from edged.core.units import parse_size_bytes
+from edged.io.store import Store
 from tests.schema_check import load_schema, validate_message
 
 T0 = datetime(2026, 11, 21, tzinfo=UTC)
@@ -541,7 +550,7 @@ async def test_a_locked_database_is_an_error_not_corruption(tmp_path: Path) -> N
     holder.execute("PRAGMA locking_mode=EXCLUSIVE")
     holder.execute("BEGIN EXCLUSIVE")
     try:
-        from edged.store import StoreCorrupt, StoreError
+        from edged.io.store import StoreCorrupt, StoreError
 
         with pytest.raises(StoreError, match="locked by another process") as info:
             await Store.open(db, busy_timeout_s=0.2)
@@ -553,7 +562,7 @@ async def test_a_locked_database_is_an_error_not_corruption(tmp_path: Path) -> N
 
 
 async def test_an_unopenable_path_is_an_error_not_corruption(tmp_path: Path) -> None:
-    from edged.store import StoreError
+    from edged.io.store import StoreError
 
     db = tmp_path / "edged.db"
     db.mkdir()  # e.g. a mistaken storage.path; root ignores file permissions

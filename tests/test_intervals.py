@@ -16,9 +16,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from edged.config import Device
-from edged.flags import iee_status, quality
-from edged.intervals import (
+from edged.config.schema import Device
+from edged.core.engine.intervals import (
     ChannelState,
     GapRun,
     IntervalContext,
@@ -40,7 +39,17 @@ from edged.intervals import (
     validate_amt_rule,
     zero_fill_amt,
 )
-from edged.model import Event, Flag, Interval, Quality, Read, ReadError, ReadErrorKind, TimeState
+from edged.core.flags import iee_status, quality
+from edged.core.model import (
+    Event,
+    Flag,
+    Interval,
+    Quality,
+    Read,
+    ReadError,
+    ReadErrorKind,
+    TimeState,
+)
 
 AKL = ZoneInfo("Pacific/Auckland")
 T0 = datetime(2026, 11, 21, 0, 0, tzinfo=UTC)
@@ -867,7 +876,7 @@ def test_validation_is_off_by_default() -> None:
 
 
 def test_channel_state_json_round_trip() -> None:
-    from edged.demand import RollingEntry
+    from edged.core.demand import RollingEntry
 
     state = ChannelState(
         counter=2**64 - 1,

@@ -14,22 +14,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edged.bus import Priority, UnitBackoff
-from edged.config import Device
-from edged.modbus import (
+from edged.config.schema import Device
+from edged.core.model import Flag, ReadErrorKind
+from edged.core.plan import (
     LinkConfigError,
+    check_links,
+    plan_device,
+)
+from edged.core.registers import apply_plan, m10k
+from edged.io.bus import Priority, UnitBackoff
+from edged.io.modbus import (
     RtuOverTcpEndpoint,
     TcpEndpoint,
     build_links,
-    check_links,
-    plan_device,
     read_device,
 )
-from edged.model import Flag, ReadErrorKind
-from edged.registers import apply_plan, m10k
-from simulators.faults import Fault
-from simulators.meter import MeterServer, SimulatedMeter, StaticPoint, UnknownUnitPolicy
-from simulators.modbus_frames import DataType, crc16_modbus
+from edged.sim.faults import Fault
+from edged.sim.meter import MeterServer, SimulatedMeter, StaticPoint, UnknownUnitPolicy
+from edged.sim.modbus_frames import DataType, crc16_modbus
 
 TIMEOUT_S = 0.15
 

@@ -1,8 +1,8 @@
-"""Tests for edged.ntpclock: reference clocks against a real NTP server on loopback.
+"""Tests for edged.io.ntp: reference clocks against a real NTP server on loopback.
 
 The system clock is injected (`system_now`), so a skewed or stepped system
 clock is simulated without touching globals; the NTP server is
-`simulators.ntp.NtpServer` on 127.0.0.1.
+`edged.sim.ntp.NtpServer` on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -16,18 +16,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from edged.clock import Clock, sleep_until_reference
-from edged.model import Flag, TimeState
-from edged.ntpclock import (
-    STA_UNSYNC,
-    TIME_ERROR,
-    NtpReferenceClock,
-    SystemReferenceClock,
-    interpret_adjtimex,
-    kernel_sync_status,
-    parse_server,
-)
-from edged.timebase import (
+from edged.core.model import Flag, TimeState
+from edged.core.time.timebase import (
     Direction,
     KernelSync,
     NtpSample,
@@ -36,7 +26,17 @@ from edged.timebase import (
     TimeTransition,
     TransitionKind,
 )
-from simulators.ntp import NtpServer
+from edged.io.clock import Clock, sleep_until_reference
+from edged.io.ntp import (
+    STA_UNSYNC,
+    TIME_ERROR,
+    NtpReferenceClock,
+    SystemReferenceClock,
+    interpret_adjtimex,
+    kernel_sync_status,
+    parse_server,
+)
+from edged.sim.ntp import NtpServer
 
 # Fast polling so each test settles in about a second.
 FAST = TimebaseConfig(poll_s=0.2, holdover_after_s=0.6)

@@ -1,4 +1,4 @@
-"""The fast paths issue 8 put in (same results as the slow ones they replaced),
+"""The fast paths (same results as the slow ones they replaced),
 and the benchmark suite's own arithmetic and a smoke run of one benchmark."""
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench import harness, profile
-from edged.config import Channel, Device
-from edged.payloads import iso_utc
-from edged.store import ACK_CHUNK, OutboxMessage, Store
+from edged.config.schema import (
+    Channel,
+    Device,
+)
+from edged.core.model import iso_utc
+from edged.io.store import ACK_CHUNK, OutboxMessage, Store
 
 
 def iso_utc_reference(t: datetime) -> str:
@@ -86,13 +89,17 @@ def test_bench_percentiles_and_rss_slope() -> None:
 
 def test_profile_summary_counts_self_and_inclusive_time(tmp_path: Path) -> None:
     raw = (
-        "main (/x/edged/cli.py:1);run (/x/edged/poller.py:5);decode (/x/edged/registers.py:9) 3\n"
-        "main (/x/edged/cli.py:1);run (/x/edged/poller.py:5) 1\n"
+        "main (/x/edged/cli/main.py:1);run (/x/edged/app/poller.py:5);"
+        "decode (/x/edged/core/registers.py:9) 3\n"
+        "main (/x/edged/cli/main.py:1);run (/x/edged/app/poller.py:5) 1\n"
     )
     found = profile.summarise(raw, tmp_path / "raw.txt")
     assert found.samples == 4
-    assert dict(found.self_pct) == {"edged/registers.py:decode": 75.0, "edged/poller.py:run": 25.0}
-    assert dict(found.inclusive_pct)["edged/cli.py:main"] == 100.0
+    assert dict(found.self_pct) == {
+        "edged/core/registers.py:decode": 75.0,
+        "edged/app/poller.py:run": 25.0,
+    }
+    assert dict(found.inclusive_pct)["edged/cli/main.py:main"] == 100.0
 
 
 def test_store_benchmark_runs_and_ends_with_its_figures(tmp_path: Path) -> None:

@@ -20,10 +20,14 @@ from typing import Any
 
 import pytest
 
-from edged.config import ConfigError, config_hash, load_settings
-from edged.payloads import parse_iso_utc
-from simulators.meter import CounterPoint, MeterServer, SimulatedMeter
-from simulators.modbus_frames import DataType
+from edged.config.load import (
+    ConfigError,
+    config_hash,
+    load_settings,
+)
+from edged.core.model import parse_iso_utc
+from edged.sim.meter import CounterPoint, MeterServer, SimulatedMeter
+from edged.sim.modbus_frames import DataType
 from tests.conftest import Broker, Collector, collect
 from tests.schema_check import validate_messages
 from tests.test_e2e import KWH_PER_COUNT, LOAD_KW, Daemon, by_end, intervals
@@ -49,7 +53,7 @@ class NotifyDaemon(Daemon):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "NOTIFY_SOCKET": str(self.notify_socket),
                "WATCHDOG_USEC": str(WATCHDOG_USEC)}  # fmt: skip
         self.process = await asyncio.create_subprocess_exec(
-            *self.wrapper, sys.executable, "-m", "edged.cli", "run", "-c", str(self.config),
+            *self.wrapper, sys.executable, "-m", "edged.cli.main", "run", "-c", str(self.config),
             stdout=log, stderr=log, env=env,
         )  # fmt: skip
         log.close()

@@ -10,12 +10,20 @@ from typing import Any
 
 import pytest
 
-from edged.config import SHIPPED_PROFILES_DIR, Device, load_settings
-from edged.modbus import build_links, plan_device, read_device
-from edged.registers import Point, ReadPlan
-from simulators.meter import ClockPoint, MeterServer, SimulatedMeter, StaticPoint, Table
-from simulators.meter import Point as SimPoint
-from simulators.modbus_frames import DataType
+from edged.config.load import (
+    SHIPPED_PROFILES_DIR,
+    load_settings,
+)
+from edged.config.schema import Device
+from edged.core.plan import plan_device
+from edged.core.registers import Point, ReadPlan
+from edged.io.modbus import (
+    build_links,
+    read_device,
+)
+from edged.sim.meter import ClockPoint, MeterServer, SimulatedMeter, StaticPoint, Table
+from edged.sim.meter import Point as SimPoint
+from edged.sim.modbus_frames import DataType
 
 PROFILES = sorted(p.stem for p in SHIPPED_PROFILES_DIR.glob("*.yaml"))
 STATUS_WORD = 0b1
@@ -158,7 +166,7 @@ def test_bcpm_channel_count_expands_the_template(tmp_path: Path) -> None:
 
 
 def test_template_errors_point_at_the_profile(tmp_path: Path) -> None:
-    from edged.config import ConfigError
+    from edged.config.load import ConfigError
 
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "mine.yaml").write_text(

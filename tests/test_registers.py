@@ -1,4 +1,4 @@
-"""Tests for edged.registers: value codecs, order codes, coalescing, response slicing."""
+"""Tests for edged.core.registers: value codecs, order codes, coalescing, response slicing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pymodbus.client import ModbusTcpClient
 
-from edged.registers import (
+from edged.core.registers import (
     MAX_READ_COUNT,
     ByteOrder,
     DataType,

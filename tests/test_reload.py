@@ -11,23 +11,24 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from edged.clock import BoundaryWaiter, SystemClock
-from edged.config import Settings, load_settings
-from edged.devices import DeviceSet, PollerContext
-from edged.intervals import ChannelState
-from edged.model import Interval
-from edged.payloads import Topics
-from edged.poller import DeviceHealth, Recorder
-from edged.reload import (
+from edged.app.devices import DeviceSet, PollerContext
+from edged.app.poller import DeviceHealth, Recorder
+from edged.config.load import load_settings
+from edged.config.schema import Settings
+from edged.core.engine.intervals import ChannelState
+from edged.core.model import Interval
+from edged.core.payloads import Topics
+from edged.core.reload import (
     RESTART_FIELDS,
     applied_settings,
     carried_states,
     diff_devices,
     restart_required,
 )
-from edged.store import Store
-from edged.timeflags import TimeFlags
-from simulators.meter import MeterServer, SimulatedMeter
+from edged.core.time.flags import TimeFlags
+from edged.io.clock import BoundaryWaiter, SystemClock
+from edged.io.store import Store
+from edged.sim.meter import MeterServer, SimulatedMeter
 from tests.schema_check import load_schema
 
 BASE = """\
@@ -117,7 +118,7 @@ def test_sections_that_need_a_restart_are_reported_not_applied(tmp_path: Path) -
 
 
 def test_replanned_virtual_meters_keep_inputs_held_for_the_interval_in_progress() -> None:
-    from edged.virtualmeters import VirtualMeters
+    from edged.core.virtual.meters import VirtualMeters
     from tests.test_virtual import AKL, END, rec, station
 
     meters = VirtualMeters([station(["unit1.energy_export", "unit2.energy_export"])], "s", AKL)

@@ -25,26 +25,30 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edged.config import load_settings
-from edged.model import Flag, Interval, TimeState
-from edged.payloads import (
-    Topics,
-    command_response_payload,
-    iso_utc,
-    parse_iso_utc,
-)
-from edged.poller import Recorder, outbox_pending
-from edged.publish import Publisher
-from edged.queries import IntervalQuery, connect_readonly, iter_interval_payloads
-from edged.replay import (
+from edged.app.poller import Recorder, outbox_pending
+from edged.app.replay import (
     ReplayCommands,
     RequestError,
     known_channels,
     parse_request,
     response_topic_for,
 )
-from edged.store import OutboxMessage, Store
-from simulators.broker import free_port
+from edged.config.load import load_settings
+from edged.core.model import (
+    Flag,
+    Interval,
+    TimeState,
+    iso_utc,
+    parse_iso_utc,
+)
+from edged.core.payloads import (
+    Topics,
+    command_response_payload,
+)
+from edged.io.mqtt import Publisher
+from edged.io.queries import IntervalQuery, connect_readonly, iter_interval_payloads
+from edged.io.store import OutboxMessage, Store
+from edged.sim.broker import free_port
 from tests.conftest import Broker, Collector, collect
 from tests.schema_check import (
     SchemaViolation,

@@ -11,14 +11,22 @@ from datetime import UTC, datetime
 
 import pytest
 
-from edged.config import Device
-from edged.modbus import DevicePlan, RtuBus, build_links, plan_device, read_device
-from edged.model import ReadErrorKind
-from edged.registers import ReadPlan
-from edged.schedule import next_boundary
-from simulators.faults import Fault
-from simulators.meter import MeterServer, SimulatedMeter
-from simulators.modbus_frames import char_time_s, frame_gap_s
+from edged.config.schema import Device
+from edged.core.model import ReadErrorKind
+from edged.core.plan import (
+    DevicePlan,
+    plan_device,
+)
+from edged.core.registers import ReadPlan
+from edged.core.schedule import next_boundary
+from edged.io.modbus import (
+    RtuBus,
+    build_links,
+    read_device,
+)
+from edged.sim.faults import Fault
+from edged.sim.meter import MeterServer, SimulatedMeter
+from edged.sim.modbus_frames import char_time_s, frame_gap_s
 
 pytestmark = pytest.mark.integration
 

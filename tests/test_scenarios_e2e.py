@@ -1,4 +1,4 @@
-"""Flags end to end (issue 4): one daemon, one simulated unit per scenario,
+"""Flags end to end: one daemon, one simulated unit per scenario,
 everything observed as an MQTT consumer receives it."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from simulators.faults import Fault
-from simulators.meter import MeterServer, SimulatedMeter
+from edged.sim.faults import Fault
+from edged.sim.meter import MeterServer, SimulatedMeter
 from tests.conftest import Broker, Collector, collect
 from tests.schema_check import validate_messages
 from tests.test_e2e import Daemon

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edged.schedule import (
+from edged.core.schedule import (
     boundaries_between,
     is_boundary,
     next_boundary,

@@ -2,7 +2,7 @@
 
 The schemas are the MQTT contract for consumers; these tests keep them and
 the code in step: every payload the builders produce validates, nothing else
-does (closed objects, enums from edged.flags / edged.model), and every
+does (closed objects, enums from edged.core.flags / edged.core.model), and every
 message a real daemon publishes validates (`tests.schema_check`).
 """
 
@@ -24,15 +24,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edged import flags as flag_table
-from edged.app import App
-from edged.config import load_settings
-from edged.model import Event, Flag, Interval, Quality, TimeState
-from edged.payloads import Topics, encode, event_payload, interval_payload
-from edged.poller import DeviceHealth
-from edged.store import OutboxDepth
-from simulators.faults import Fault
-from simulators.meter import MeterServer, SimulatedMeter
+from edged.app.app import App
+from edged.app.poller import DeviceHealth
+from edged.config.load import load_settings
+from edged.core import flags as flag_table
+from edged.core.model import Event, Flag, Interval, Quality, TimeState
+from edged.core.payloads import Topics, encode, event_payload, interval_payload
+from edged.io.store import OutboxDepth
+from edged.sim.faults import Fault
+from edged.sim.meter import MeterServer, SimulatedMeter
 from tests.conftest import Broker, Collector, collect
 from tests.schema_check import (
     SCHEMA_NAMES,
@@ -79,7 +79,7 @@ def test_enums_come_from_the_code() -> None:
     assert set(props["iee_status"]["items"]["enum"]) == codes
     status = load_schema("gateway_status")["$defs"]["status"]["properties"]
     assert status["time_state"]["enum"] == [str(t) for t in TimeState]
-    timebase = pytest.importorskip("edged.timebase")
+    timebase = pytest.importorskip("edged.core.time.timebase")
     assert set(status["time_source"]["enum"]) == {str(s) for s in timebase.TimeSource}
 
 
@@ -224,7 +224,7 @@ def test_gateway_status_payloads_validate(tmp_path: Path) -> None:
     assert payload["outbox_depth"] == 3
     empty = received(app.gateway_status("online", OutboxDepth(0, None)))
     validate_message(topic, empty)
-    # The last will (edged.app.App.run) is the short form.
+    # The last will (edged.app.app.App.run) is the short form.
     will = {
         "schema": "edged.gateway_status/1",
         "site": "cli-site",
@@ -259,12 +259,12 @@ def test_device_status_payloads_validate(tmp_path: Path) -> None:
 
 
 def test_peak_payloads_validate() -> None:
-    from edged import payloads
+    from edged.core import payloads
 
-    demand = pytest.importorskip("edged.demand")
+    demand = pytest.importorskip("edged.core.demand")
     peak_payload = getattr(payloads, "peak_payload", None)
     if peak_payload is None:
-        pytest.skip("no peak payload in edged.payloads")
+        pytest.skip("no peak payload in edged.core.payloads")
     start = datetime(2026, 11, 1, 0, 0, tzinfo=UTC)
     best = demand.Peak(1010.304, start, start + timedelta(minutes=15))
     states = [
@@ -396,7 +396,7 @@ async def daemon(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Pr
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "edged.cli",
+            "edged.cli.main",
             "run",
             "-c",
             str(config),

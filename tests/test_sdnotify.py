@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edged.heartbeat import STALL_AFTER_S, Heartbeat
-from edged.sdnotify import (
+from edged.app.heartbeat import STALL_AFTER_S, Heartbeat
+from edged.io.sdnotify import (
     Notifier,
     Systemd,
     message,

@@ -24,8 +24,8 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer.rtu import FramerRTU
 
-from simulators.faults import Fault, FaultKind
-from simulators.meter import (
+from edged.sim.faults import Fault, FaultKind
+from edged.sim.meter import (
     ClockPoint,
     CounterPoint,
     MeterServer,
@@ -36,7 +36,7 @@ from simulators.meter import (
     UnknownUnitPolicy,
     paced_write,
 )
-from simulators.modbus_frames import (
+from edged.sim.modbus_frames import (
     DataType,
     Order,
     RtuRequestAssembler,
@@ -50,8 +50,8 @@ from simulators.modbus_frames import (
     rtu_crc_ok,
     rtu_frame,
 )
-from simulators.ntp import NtpServer, build_reply, from_ntp_timestamp, to_ntp_timestamp
-from simulators.scenario import (
+from edged.sim.ntp import NtpServer, build_reply, from_ntp_timestamp, to_ntp_timestamp
+from edged.sim.scenario import (
     Action,
     ActionKind,
     ScenarioError,
@@ -871,7 +871,7 @@ async def test_meter_cli_serves_until_sigterm(tmp_path: Path) -> None:
     scenario = tmp_path / "s.yaml"
     scenario.write_text("- {at: 0s, unit: 2, action: exception, code: 4}\n")
     process, line = await _start(
-        "-m", "simulators.meter", "--port", "0", "--units", "1,2", "--initial-counts", "500",
+        "-m", "edged.sim.meter", "--port", "0", "--units", "1,2", "--initial-counts", "500",
         "--scenario", str(scenario), "--action", "at=0s,unit=1,action=status_bits,value=9",
     )  # fmt: skip
     try:
@@ -892,7 +892,7 @@ async def test_meter_cli_rejects_a_bad_scenario(tmp_path: Path) -> None:
     scenario = tmp_path / "s.yaml"
     scenario.write_text("- {at: 1s, unit: 1, action: explode}\n")
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "simulators.meter", "--port", "0", "--scenario", str(scenario),
+        sys.executable, "-m", "edged.sim.meter", "--port", "0", "--scenario", str(scenario),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         cwd=REPO,
     )  # fmt: skip
@@ -902,7 +902,7 @@ async def test_meter_cli_rejects_a_bad_scenario(tmp_path: Path) -> None:
 
 
 async def test_ntp_cli() -> None:
-    process, line = await _start("-m", "simulators.ntp", "--port", "0", "--offset", "5")
+    process, line = await _start("-m", "edged.sim.ntp", "--port", "0", "--offset", "5")
     try:
         assert line.startswith("listening ntp 127.0.0.1:"), line
         port = int(line.split()[2].rsplit(":", 1)[1])

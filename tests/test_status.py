@@ -1,4 +1,4 @@
-"""Device status on change (issue 8): the retained status is published when it
+"""Device status on change: the retained status is published when it
 says something new (comms, error counts, meter clock) and refreshed on the
 status cadence, not after every read."""
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from edged.poller import METER_CLOCK_REPUBLISH_S, DeviceHealth, HealthShown
-from simulators.faults import Fault
-from simulators.meter import MeterServer, SimulatedMeter
+from edged.app.poller import METER_CLOCK_REPUBLISH_S, DeviceHealth, HealthShown
+from edged.sim.faults import Fault
+from edged.sim.meter import MeterServer, SimulatedMeter
 from tests.conftest import Broker, Collector, collect
 
 ONLINE = DeviceHealth(reads=5, meter_clock_offset_s=0.2)
@@ -79,7 +79,7 @@ devices:
 async def daemon(config: Path) -> AsyncIterator[None]:
     with (config.parent / "edged.log").open("ab") as out:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edged.cli", "run", "-c", str(config),
+            sys.executable, "-m", "edged.cli.main", "run", "-c", str(config),
             stdout=out, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
     try:

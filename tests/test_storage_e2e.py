@@ -1,4 +1,4 @@
-"""Bounded disk end to end (issue 6): the real daemon, simulator and broker.
+"""Bounded disk end to end: the real daemon, simulator and broker.
 
 A disk budget smaller than an empty database puts the daemon in the disk alarm
 at once: the retained status says so, a `disk_budget` event is published,
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from edged.queries import connect_readonly
+from edged.io.queries import connect_readonly
 from tests.conftest import Broker, Collector, collect
 from tests.schema_check import validate_messages
 from tests.test_e2e import KWH_PER_COUNT, daemon, intervals, meter

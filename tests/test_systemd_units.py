@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators.broker import Mosquitto
+from edged.sim.broker import Mosquitto
 from tests.conftest import collect
 from tests.test_e2e import intervals, meter, write_config
 from tests.test_process import NotifyDaemon, notifications
@@ -112,7 +112,7 @@ def sandboxed(unit: str, *command: str) -> list[str]:
 
 PROBE = """
 import mmap, os, socket
-from edged.ntpclock import kernel_sync_status
+from edged.io.ntp import kernel_sync_status
 results = [str(kernel_sync_status())]
 try:
     mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)

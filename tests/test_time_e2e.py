@@ -1,4 +1,4 @@
-"""The daemon on NTP-corrected time (issue 3), end to end over loopback."""
+"""The daemon on NTP-corrected time, end to end over loopback."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from simulators.meter import MeterServer, SimulatedMeter
-from simulators.ntp import NtpServer
+from edged.sim.meter import MeterServer, SimulatedMeter
+from edged.sim.ntp import NtpServer
 from tests.conftest import Broker, collect
 from tests.schema_check import validate_messages
 from tests.test_e2e import Daemon

@@ -1,4 +1,4 @@
-"""Tests for edged.timebase: NTP model, slew/step, step detection, time states, AMT.
+"""Tests for edged.core.time.timebase: NTP model, slew/step, step detection, time states, AMT.
 
 Everything runs on simulated time: a `SimClocks` holds true time and derives
 the system and monotonic readings from it, so drift, steps and restarts are
@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edged.model import Flag, TimeState
-from edged.schedule import next_boundary
-from edged.timebase import (
+from edged.core.model import Flag, TimeState
+from edged.core.schedule import next_boundary
+from edged.core.time.timebase import (
     Cause,
     ClockStepDetector,
     Direction,

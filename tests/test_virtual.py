@@ -9,10 +9,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from edged.config import Device, VirtualMeter
-from edged.flags import quality
-from edged.model import Flag, Interval, Quality, TimeState
-from edged.virtual import (
+from edged.config.schema import (
+    Device,
+    VirtualMeter,
+)
+from edged.core.flags import quality
+from edged.core.model import Flag, Interval, Quality, TimeState
+from edged.core.virtual.plan import (
     VirtualInput,
     VirtualMeterError,
     VirtualMeterPlan,

@@ -1,6 +1,6 @@
 """Run a command under a systemd unit's seccomp settings, as systemd 252 applies them.
 
-    python -m tests.unit_sandbox systemd/edged.service -- python -m edged.cli run -c X
+    python -m tests.unit_sandbox systemd/edged.service -- python -m edged.cli.main run -c X
 
 Reads `SystemCallFilter=`, `SystemCallErrorNumber=`, `SystemCallArchitectures=`,
 `MemoryDenyWriteExecute=` and `RestrictAddressFamilies=` from the unit's

@@ -1,0 +1,632 @@
+"""Composition root: builds the daemon's parts and runs them in one TaskGroup.
+
+Shutdown (SIGTERM/SIGINT) is ordered so nothing built is lost: pollers finish
+the read in flight, the recorder commits what they handed over, the publisher
+sends the offline status, and only then is the store closed.
+
+SIGHUP reloads the config file: an invalid one is rejected with an event and
+the running configuration carries on; a valid one is applied to the devices
+(`edged.app.devices.DeviceSet`), and what only a restart can apply is reported.
+Under systemd (`Type=notify`) the daemon reports READY once the store is open,
+RELOADING/READY around a reload, STOPPING on shutdown, and pings the watchdog
+only while the loop and every poller make progress (`edged.io.sdnotify`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from edged import __version__
+from edged.app import logs
+from edged.app.devices import DeviceSet, PollerContext, supervised
+from edged.app.housekeeping import (
+    BudgetDecision,
+    DiskUsage,
+    Housekeeper,
+    budget_event,
+    store_corrupt_event,
+)
+from edged.app.poller import DeviceHealth, HealthShown, Recorder, outbox_pending
+from edged.app.replay import ReplayCommands
+from edged.config.load import (
+    ConfigError,
+    config_hash,
+    load_settings,
+)
+from edged.config.schema import (
+    Settings,
+    TimeSettings,
+)
+from edged.core.demand import PeakState
+from edged.core.model import (
+    Event,
+    Flag,
+    Interval,
+    TimeState,
+    iso_utc,
+    parse_iso_utc,
+)
+from edged.core.payloads import (
+    DEVICE_STATUS_SCHEMA,
+    GATEWAY_STATUS_SCHEMA,
+    Topics,
+    encode,
+    peak_payload,
+)
+from edged.core.reload import DeviceDiff, applied_settings, restart_required
+from edged.core.time.flags import TimeFlags
+from edged.core.time.timebase import TimebaseConfig, TimeSource, TimeTransition, gateway_outage
+from edged.core.virtual.meters import VirtualMeters
+from edged.core.virtual.plan import plan_virtual_meter
+from edged.io.clock import BoundaryWaiter, Clock, SystemClock
+from edged.io.mqtt import Publisher, default_client_id
+from edged.io.ntp import NtpReferenceClock, SystemReferenceClock
+from edged.io.sdnotify import Notifier, Systemd, run_watchdog
+from edged.io.store import OutboxDepth, Store
+
+log = structlog.get_logger("edged.app.app")
+
+# How long a shutdown waits for the publisher to send the offline status.
+PUBLISHER_STOP_GRACE_S = 5.0
+# How often the liveness mark is persisted: an outage of the gateway is known
+# to within this (docs/time.md).
+LIVENESS_EVERY_S = 2.0
+# Comms changes within this are reported by one gateway status.
+GATEWAY_STATUS_DEBOUNCE_S = 0.5
+
+
+def timebase_config(settings: TimeSettings) -> TimebaseConfig:
+    return TimebaseConfig(
+        source=TimeSource(settings.source),
+        poll_s=settings.ntp_poll,
+        step_threshold_s=settings.step_threshold,
+        holdover_after_s=settings.holdover_after,
+    )
+
+
+def build_clock(
+    settings: TimeSettings,
+    last_mark: datetime | None,
+    on_transition: Callable[[TimeTransition], None],
+    system_now: Callable[[], float] = time.time,
+) -> NtpReferenceClock | SystemReferenceClock:
+    """The reference clock; `last_mark` lets it apply the AMT rule at start-up."""
+    config = timebase_config(settings)
+    if settings.source == "ntp":
+        return NtpReferenceClock(
+            settings.ntp_servers,
+            config,
+            last_mark=last_mark,
+            timeout_s=settings.ntp_timeout,
+            on_transition=on_transition,
+            system_now=system_now,
+        )
+    return SystemReferenceClock(
+        config, last_mark=last_mark, on_transition=on_transition, system_now=system_now
+    )
+
+
+class App:
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: Path | None,
+        clock: NtpReferenceClock | SystemReferenceClock | None = None,
+        system_now: Callable[[], float] = time.time,
+        systemd: Systemd | None = None,
+    ):
+        # system_now: the system clock (the demo passes one reset by a "dead
+        # RTC battery"); edged only ever reads it.
+        self._system_now = system_now
+        self.settings = settings
+        self.config_path = config_path
+        self._clock_override = clock
+        # Until the reference clock is built from the store's last mark.
+        self.clock: Clock = clock or SystemClock(TimeState.ASSUMED)
+        self.reference: NtpReferenceClock | SystemReferenceClock | None = clock
+        self.topics = Topics(settings.mqtt.topic_prefix, settings.site)
+        self._stop = asyncio.Event()
+        self._started_mono = time.monotonic()
+        self._started_at = datetime.now(UTC)
+        self.time_flags = TimeFlags()
+        self._recorder: Recorder | None = None
+        self._early_events: list[Event] = []
+        self._demand_units: dict[tuple[str, str], str | None] = {}
+        self._virtual: VirtualMeters | None = None
+        self._devices: DeviceSet | None = None
+        self._outbox: OutboxDepth | None = None
+        self._config_hash = config_hash(config_path) if config_path else None
+        # Changed settings sections that wait for a restart (after a reload).
+        self._restart_required: tuple[str, ...] = ()
+        self._reload_requested = asyncio.Event()
+        self._systemd = systemd or Systemd(Notifier(None), None)
+        self._device_health: dict[str, DeviceHealth] = {}
+        self._health_shown: dict[str, HealthShown] = {}  # as last published
+        self._gateway_status_due = False
+        self.store: Store | None = None
+        self.publisher: Publisher | None = None
+        self._commands: ReplayCommands | None = None
+        self.housekeeper: Housekeeper | None = None
+
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("shutdown requested")
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        log.info("config reload requested")
+        self._reload_requested.set()
+
+    # -- status payloads --------------------------------------------------------
+
+    def gateway_status(self, state: str, outbox: OutboxDepth | None = None) -> dict[str, Any]:
+        # Default: the depth last measured by the status loop, so a status
+        # published on a comms change does not blank it.
+        outbox = outbox or self._outbox
+        oldest_s = None
+        if outbox is not None and outbox.oldest is not None:
+            oldest_s = round((self.clock.now() - outbox.oldest).total_seconds(), 1)
+        return {
+            "schema": GATEWAY_STATUS_SCHEMA,
+            "site": self.settings.site,
+            "state": state,
+            "version": __version__,
+            "config_hash": self._config_hash,
+            "restart_required": list(self._restart_required),
+            "started_at": iso_utc(self._started_at),
+            "uptime_s": round(time.monotonic() - self._started_mono, 1),
+            "time_state": str(self.clock.time_state),
+            **self._time_status(),
+            "devices": len(self.settings.devices),
+            "devices_online": sum(1 for h in self._device_health.values() if h.comms == "online"),
+            "reads": sum(h.reads for h in self._device_health.values()),
+            "read_errors": sum(h.errors for h in self._device_health.values()),
+            "links": [link.status() for link in self._devices.links()] if self._devices else [],
+            "outbox_depth": outbox.count if outbox is not None else None,
+            "outbox_oldest_age_s": oldest_s,
+            **self._disk_status(),
+            "updated_at": iso_utc(self.clock.now()),
+        }
+
+    def _disk_status(self) -> dict[str, Any]:
+        if self.housekeeper is None:
+            return {
+                "disk_used_bytes": None,
+                "disk_free_bytes": None,
+                "disk_budget_bytes": self.settings.storage.disk_budget,
+                "disk_alarm": None,
+                "storage_shedding": [],
+            }
+        disk = self.housekeeper.status()
+        return {
+            "disk_used_bytes": disk.used_bytes,
+            "disk_free_bytes": disk.free_bytes,
+            "disk_budget_bytes": disk.budget_bytes,
+            "disk_alarm": None if disk.alarm is None else str(disk.alarm),
+            "storage_shedding": list(disk.shedding),
+        }
+
+    def _time_status(self) -> dict[str, Any]:
+        if self.reference is None:
+            return {}
+        status = self.reference.status()
+        return {
+            "time_source": str(status.source),
+            "assumed_meter_time": status.assumed_meter_time,
+            "ntp_offset_s": round(status.applied_offset_s, 6),
+            "drift_ppm": None if status.drift_ppm is None else round(status.drift_ppm, 3),
+            "last_sync_age_s": None
+            if status.last_confirmed_age_s is None
+            else round(status.last_confirmed_age_s, 1),
+        }
+
+    # -- time events ------------------------------------------------------------
+
+    def _on_transition(self, transition: TimeTransition) -> None:
+        """A clock event: flag the intervals it falls in and publish it."""
+        self.time_flags.add(transition.at, transition.at, transition.flags)
+        self._record_event(transition.to_event(None))
+
+    def _record_event(self, event: Event) -> None:
+        if self._recorder is None or self.store is None:
+            self._early_events.append(event)  # before the recorder exists: sent at start
+            return
+        self._recorder.submit(
+            outbox_pending(self.store, self.topics, self.settings.site, [], [event])
+        )
+
+    def _on_budget(self, decision: BudgetDecision, usage: DiskUsage) -> None:
+        """The disk alarm came, went or sheds more: an event, and the status now."""
+        assert self.housekeeper is not None
+        self._record_event(budget_event(decision, usage, self.housekeeper.limits, self.clock.now()))
+        if self.publisher is not None:
+            self.publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+
+    def _on_peak(self, device_id: str, channel: str, peak: PeakState) -> None:
+        if self.publisher is None:
+            return
+        unit = self._demand_units.get((device_id, channel))
+        self.publisher.set_retained(
+            self.topics.peak(device_id, channel),
+            peak_payload(self.settings.site, device_id, channel, unit, peak),
+        )
+
+    def _on_records(self, records: Sequence[Interval]) -> None:
+        if self._virtual is None or self._recorder is None or self.store is None:
+            return
+        combined = self._virtual.add(records)
+        if combined:
+            self._recorder.submit(
+                outbox_pending(self.store, self.topics, self.settings.site, combined, [])
+            )
+
+    async def _note_outage(self, store: Store, last_mark: datetime | None) -> None:
+        """After an unclean stop, POWER_FAIL on the intervals the outage spans."""
+        clean_mark = await store.get_mark("clean_shutdown")
+        await store.set_mark("clean_shutdown", "")
+        if last_mark is None or (clean_mark and parse_iso_utc(clean_mark) == last_mark):
+            return
+        outage = gateway_outage(last_mark, datetime.fromtimestamp(self._system_now(), UTC))
+        if outage is None:
+            return
+        self.time_flags.add(outage.start, outage.end, frozenset({Flag.POWER_FAIL}))
+        self._record_event(
+            Event(
+                device=None,
+                kind="gateway_outage",
+                at=outage.end,
+                message=f"edged was down for {outage.duration_s:.0f} s without a clean "
+                "shutdown; intervals spanning it are flagged POWER_FAIL",
+                details={
+                    "from": iso_utc(outage.start),
+                    "to": iso_utc(outage.end),
+                    "end_assumed": outage.end_assumed,
+                },
+            )
+        )
+
+    def _device_status(self, device_id: str, health: DeviceHealth) -> dict[str, Any]:
+        return {
+            "schema": DEVICE_STATUS_SCHEMA,
+            "site": self.settings.site,
+            "device": device_id,
+            "comms": health.comms,
+            "last_good_read": iso_utc(health.last_good_read) if health.last_good_read else None,
+            "consecutive_errors": health.consecutive_errors,
+            "last_error": health.last_error,
+            "reads": health.reads,
+            "errors": health.errors,
+            "meter_clock_offset_s": None
+            if health.meter_clock_offset_s is None
+            else round(health.meter_clock_offset_s, 3),
+        }
+
+    def _on_health(self, device_id: str, health: DeviceHealth) -> None:
+        """After every boundary read: publish the device status only when it is
+        news (comms, error counts, meter clock); the status cadence refreshes
+        the rest. A status per read was a retained QoS 1 message per meter per
+        boundary, half of what a 1000-meter boundary published (bench/boundary.py)."""
+        self._device_health[device_id] = health
+        shown = self._health_shown.get(device_id)
+        now = HealthShown.of(health)
+        if shown is not None and not shown.news(now):
+            return
+        self._publish_device_status(device_id, health)
+        if (shown.comms if shown else None) != now.comms:
+            self._gateway_status_soon()
+
+    def _gateway_status_soon(self) -> None:
+        """Refresh the gateway status shortly: the comms changes of many devices
+        at once (start-up, a line going down) then cost one status, not one
+        each (building one reads every link: quadratic in the devices)."""
+        if self._gateway_status_due:
+            return
+        self._gateway_status_due = True
+
+        def refresh() -> None:
+            self._gateway_status_due = False
+            # After a stop request the final status is the offline one.
+            if self.publisher is not None and not self._stop.is_set():
+                self.publisher.set_retained(
+                    self.topics.gateway_status, self.gateway_status("online")
+                )
+
+        asyncio.get_running_loop().call_later(GATEWAY_STATUS_DEBOUNCE_S, refresh)
+
+    def _publish_device_status(self, device_id: str, health: DeviceHealth) -> None:
+        if self.publisher is None:
+            return
+        self._health_shown[device_id] = HealthShown.of(health)
+        self.publisher.set_retained(
+            self.topics.device_status(device_id), self._device_status(device_id, health)
+        )
+
+    # -- running ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        settings = self.settings
+        notifier = self._systemd.notifier
+        store = await Store.open(
+            settings.storage.path, now=lambda: datetime.fromtimestamp(self._system_now(), UTC)
+        )
+        self.store = store
+        log.info("store open", path=str(settings.storage.path))
+        if store.recovered_from is not None:
+            self._record_event(store_corrupt_event(store.recovered_from))
+        mark = await store.get_mark("liveness")
+        last_mark = parse_iso_utc(mark) if mark else None
+        if self._clock_override is None:
+            self.reference = build_clock(
+                settings.time, last_mark, self._on_transition, self._system_now
+            )
+        assert self.reference is not None
+        self.clock = self.reference
+        publisher = Publisher(
+            settings.mqtt,
+            store,
+            client_id=default_client_id(settings.mqtt, settings.site),
+            will_topic=self.topics.gateway_status,
+            will_payload=encode({"schema": GATEWAY_STATUS_SCHEMA, "site": settings.site,
+                                "state": "offline", "version": __version__}),
+        )  # fmt: skip
+        self.publisher = publisher
+        self._outbox = await store.outbox_depth()
+        publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+        recorder = Recorder(store, on_committed=publisher.wake)
+        self._recorder = recorder
+        commands = self._commands = None
+        if settings.mqtt.commands.enabled:
+            commands = self._commands = ReplayCommands(
+                settings, store, recorder, publisher, self.topics, self.clock.now
+            )
+            publisher.accept_commands(commands.topic, commands.receive, commands.acked)
+        housekeeper = Housekeeper(
+            store,
+            settings.storage,
+            self.clock,
+            apply_shedding=recorder.set_shedding,
+            on_change=self._on_budget,
+        )
+        self.housekeeper = housekeeper
+        for event in self._early_events:
+            self._record_event(event)
+        self._early_events.clear()
+        await self._note_outage(store, last_mark)
+        peaks = await store.peak_states()
+        self._demand_units = self._demand_units_of(settings)
+        for (device_id, channel), peak in peaks.items():
+            self._on_peak(device_id, channel, peak)
+        self._virtual = self._plan_virtual(settings, None)
+        context = PollerContext(
+            site=settings.site,
+            zone=settings.zone,
+            clock=self.clock,
+            waiter=BoundaryWaiter(self.clock),
+            store=store,
+            recorder=recorder,
+            topics=self.topics,
+            time_flags=self.time_flags,
+            on_health=self._on_health,
+            on_records=self._on_records,
+            on_peak=self._on_peak,
+            on_measurement=publisher.publish_now,
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                recorder_task = group.create_task(recorder.run(), name="recorder")
+                publisher_task = group.create_task(publisher.run(), name="publisher")
+                devices = self._devices = DeviceSet(context, group)
+                await devices.apply(settings.devices)
+                status_task = group.create_task(self._status_loop(publisher, store), name="status")
+                housekeeping_task = group.create_task(
+                    supervised(housekeeper.run, "housekeeping", self._stop), name="housekeeping"
+                )
+                liveness_task = group.create_task(self._liveness_loop(store), name="liveness")
+                clock_task = group.create_task(self.reference.run(), name="clock")
+                commands_task = (
+                    group.create_task(commands.run(), name="commands") if commands else None
+                )
+                reload_task = group.create_task(self._reload_loop(), name="reload")
+                watchdog_task = None
+                if self._systemd.watchdog_s is not None:
+                    watchdog_task = group.create_task(
+                        run_watchdog(notifier, self._systemd.watchdog_s, self._stalls,
+                                     self._status_line),
+                        name="watchdog",
+                    )  # fmt: skip
+                notifier.ready(self._status_line())
+                log.info("edged running", site=settings.site, devices=len(settings.devices),
+                         version=__version__)  # fmt: skip
+                await self._stop.wait()
+                notifier.stopping()
+                await reload_task  # a reload in progress completes first
+                await devices.stop()
+                if watchdog_task is not None:
+                    # Pings up to here: a slow stop is not a hang; TimeoutStopSec bounds it.
+                    watchdog_task.cancel()
+                status_task.cancel()
+                housekeeping_task.cancel()
+                liveness_task.cancel()
+                clock_task.cancel()
+                if commands_task is not None:
+                    commands_task.cancel()
+                await recorder.close()
+                await recorder_task
+                self._recorder = None
+                # Last liveness mark doubles as the clean-shutdown mark: a
+                # restart then knows this was no power failure.
+                final_mark = iso_utc(self.clock.now())
+                await store.set_mark("liveness", final_mark)
+                await store.set_mark("clean_shutdown", final_mark)
+                await publisher.stop({self.topics.gateway_status: self.gateway_status("offline")})
+                try:
+                    await asyncio.wait_for(asyncio.shield(publisher_task), PUBLISHER_STOP_GRACE_S)
+                except TimeoutError:
+                    log.warning("mqtt not reachable at shutdown; offline status left to last will")
+                    publisher_task.cancel()
+        finally:
+            if self._devices is not None:
+                self._devices.close_links()
+            await store.close()
+            log.info("edged stopped")
+
+    # -- reload -----------------------------------------------------------------
+
+    async def _reload_loop(self) -> None:
+        """Serve SIGHUPs one at a time until shutdown."""
+        while not self._stop.is_set():
+            reload = asyncio.ensure_future(self._reload_requested.wait())
+            stop = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({reload, stop}, return_when=asyncio.FIRST_COMPLETED)
+            reload.cancel()
+            stop.cancel()
+            if self._reload_requested.is_set() and not self._stop.is_set():
+                self._reload_requested.clear()
+                await self.reload()
+
+    async def reload(self) -> None:
+        """Re-read the config file and apply it, or reject it and keep running."""
+        notifier = self._systemd.notifier
+        notifier.reloading()
+        try:
+            await self._reload()
+        finally:
+            notifier.ready(self._status_line())
+
+    async def _reload(self) -> None:
+        path = self.config_path
+        if path is None or self._devices is None:
+            log.warning("config reload ignored: not started from a config file")
+            return
+        try:
+            # Off the loop: parsing and validating many devices must not
+            # delay a boundary read.
+            new = await asyncio.to_thread(load_settings, path)
+            diff = await self._devices.apply(new.devices)
+        except ConfigError as exc:
+            self._reject_config(path, [str(p) for p in exc.problems])
+            return
+        except ValueError as exc:  # a device the links or register planner refuse
+            self._reject_config(path, [f"{path}: {exc}"])
+            return
+        pending = restart_required(self.settings, new)
+        self.settings = applied_settings(self.settings, new)
+        self._after_reload(new)
+        self._config_hash = config_hash(path)
+        self._restart_required = pending
+        self._record_event(self._reloaded_event(diff, pending))
+        if self.publisher is not None:
+            self.publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+
+    def _after_reload(self, new: Settings) -> None:
+        """Everything that follows the device list, in line with it again."""
+        ids = {d.id for d in new.devices}
+        self._device_health = {k: h for k, h in self._device_health.items() if k in ids}
+        self._health_shown = {k: h for k, h in self._health_shown.items() if k in ids}
+        self._demand_units = self._demand_units_of(new)
+        self._virtual = self._plan_virtual(self.settings, self._virtual)
+        if self._commands is not None:
+            self._commands.use_settings(self.settings)
+        logs.configure(new.log.level, new.log.format)
+
+    def _reject_config(self, path: Path, problems: list[str]) -> None:
+        count = len(problems)
+        log.error("config reload rejected; the running configuration is kept",
+                  file=str(path), problems=problems)  # fmt: skip
+        self._record_event(
+            Event(
+                device=None,
+                kind="config_rejected",
+                at=self.clock.now(),
+                message=f"config reload rejected ({count} problem{'s' if count != 1 else ''}), "
+                f"the running configuration is kept: {problems[0] if problems else path}",
+                details={"file": str(path), "problems": problems,
+                         "running_config_hash": self._config_hash},
+            )
+        )  # fmt: skip
+
+    def _reloaded_event(self, diff: DeviceDiff, pending: Sequence[str]) -> Event:
+        parts = [f"{len(ids)} {what}" for what, ids in (("added", diff.added),
+                 ("removed", diff.removed), ("changed", diff.changed)) if ids]  # fmt: skip
+        message = "config reloaded: " + (", ".join(parts) or "no device changes")
+        if pending:
+            message += f"; restart required to apply {', '.join(pending)}"
+            log.warning("config reloaded; restart required for some sections", sections=pending)
+        log.info("config reloaded", config_hash=self._config_hash, **diff.as_details())
+        return Event(
+            device=None,
+            kind="config_reloaded",
+            at=self.clock.now(),
+            message=message,
+            details={"config_hash": self._config_hash, **diff.as_details(),
+                     "restart_required": list(pending)},
+        )  # fmt: skip
+
+    @staticmethod
+    def _demand_units_of(settings: Settings) -> dict[tuple[str, str], str | None]:
+        return {(d.id, c.name): c.demand_unit for d in settings.devices for c in d.channels}
+
+    @staticmethod
+    def _plan_virtual(settings: Settings, running: VirtualMeters | None) -> VirtualMeters | None:
+        if not settings.virtual_meters:
+            return None
+        plans = [plan_virtual_meter(vm, settings.devices) for vm in settings.virtual_meters]
+        if running is not None:
+            return running.replanned(plans)
+        return VirtualMeters(plans, settings.site, settings.zone)
+
+    # -- health -----------------------------------------------------------------
+
+    def _stalls(self) -> list[str]:
+        """What looks hung, for the watchdog (empty: healthy)."""
+        now = self.clock.now()
+        mono_s = asyncio.get_running_loop().time()
+        problems = self._devices.stalls(now, mono_s) if self._devices is not None else []
+        if self._recorder is not None and (stall := self._recorder.heartbeat.stall(now, mono_s)):
+            problems.append(stall)
+        return problems
+
+    def _status_line(self) -> str:
+        """One line for `systemctl status`."""
+        devices = len(self.settings.devices)
+        online = sum(1 for h in self._device_health.values() if h.comms == "online")
+        line = f"running: {devices} device(s), {online} online, config {self._config_hash}"
+        if self._restart_required:
+            line += f"; restart required for {', '.join(self._restart_required)}"
+        return line
+
+    async def _liveness_loop(self, store: Store) -> None:
+        while True:
+            await store.set_mark("liveness", iso_utc(self.clock.now()))
+            await asyncio.sleep(LIVENESS_EVERY_S)
+
+    async def _status_loop(self, publisher: Publisher, store: Store) -> None:
+        while True:
+            await asyncio.sleep(self.settings.status_every)
+            self._outbox = await store.outbox_depth()
+            publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+            # Read counts and last good reads, which change with every read.
+            for device_id, health in self._device_health.items():
+                self._publish_device_status(device_id, health)
+
+
+async def run_until_signal(app: App) -> None:
+    """SIGTERM/SIGINT stop the daemon; SIGHUP reloads its config."""
+    loop = asyncio.get_running_loop()
+    handlers = {signal.SIGTERM: app.request_stop, signal.SIGINT: app.request_stop,
+                signal.SIGHUP: app.request_reload}  # fmt: skip
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
+    try:
+        await app.run()
+    finally:
+        for sig in handlers:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,1 @@
+"""The edged command line: run, check-config, status, intervals, replay, demo."""

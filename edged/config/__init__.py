@@ -1,0 +1,1 @@
+"""Configuration: the settings models (schema) and the YAML loader (load)."""

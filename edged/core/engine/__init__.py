@@ -1,0 +1,1 @@
+"""The interval engine: counter reads in, interval records and events out (pure)."""

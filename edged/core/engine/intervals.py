@@ -1,0 +1,1019 @@
+"""The interval engine: consecutive counter reads -> interval records (pure).
+
+Per channel the engine keeps a small `ChannelState` (the last good counter and
+when it was taken, the end of the last record emitted, the missed boundaries
+since that counter, the rolling-demand window). The shell persists that state
+in the same transaction as the records it produced (`ChannelState.to_json`),
+so a restart continues the series exactly where it stopped. Nothing here does
+I/O or reads a clock: time comes in on the `Read`.
+
+Counter arithmetic
+    energy = ((end - start) mod rollover) x multiplier, in decimal arithmetic,
+    so 1754 pulses x 0.144 kWh is exactly 252.576 kWh and 3 pulses are
+    0.432 kWh, not the 0.43199999999999994 that float arithmetic gives.
+
+    A decrease is a wrap past `rollover` only when the energy it implies is
+    physically plausible; an implausible wrap, a decrease on a counter without
+    a modulus, or an implausible jump upward is a COUNTER_RESET: no energy
+    (value null), re-baseline on the new reading, and a ``counter_reset``
+    event. Plausibility (`check_delta`):
+
+    * with ``max_demand`` configured: the forward distance may be at most
+      max_demand x max(true span, nominal interval) / multiplier counts, plus
+      one quantum (a count, or the float resolution) because a pulse counter
+      read twice in quick succession can show one extra pulse. The span is the
+      true time since the last good counter, so a gap allows proportionally
+      more energy. If even one *extra* wrap would be plausible over the span
+      (counts + rollover <= allowance) the number of wraps is unknowable and
+      the read is treated as a reset (reason ``ambiguous_wraps``): a
+      billing-grade series never publishes an energy that may be off by a
+      whole modulus.
+    * default (no ``max_demand``, integer counter with a modulus M): the
+      forward distance must be under M/2 between two consecutive good reads,
+      whatever the span (serial-number arithmetic, RFC 1982: half the modulus
+      is the largest window in which "forward by d" and "backward by M - d"
+      can be told apart). For a one-interval span that is max_demand = M/2
+      counts per interval, as config.py documents. It is deliberately *not*
+      scaled by the span: k x M/2 >= M for any gap of two or more intervals,
+      which would accept any reading and hide a meter exchange during an
+      outage. Configure ``max_demand`` (the site's real maximum) for 16-bit
+      counters, where M/2 is little energy.
+    * default for a float or signed counter without ``rollover``: no upward
+      limit; any decrease is a reset.
+
+Float registers and their resolution limit
+    A float register is converted to a decimal through its shortest
+    round-tripping representation in its own precision (float32 values
+    through the shortest decimal that is the same float32, float64 through
+    ``repr``), so 12345.7 stored as float32 is the decimal 12345.7, not
+    12345.7001953125, and deltas are exact decimal differences. The register
+    itself quantises the counter: a float32 of magnitude C resolves
+    2**(floor(log2 C) - 23) units (0.0625 kWh at 1 000 000 kWh, 1 kWh at
+    10 000 000 kWh, 2 kWh beyond 16 777 216 kWh); float64 resolves 2**-52 of
+    the magnitude (0.000122 kWh at 10**12 kWh). The error of one delta is at
+    most one such step and it does not accumulate: deltas telescope, so the
+    sum over any span is exact to one step. When that step exceeds
+    `RESOLUTION_FRACTION` (0.1 %) of an interval's delta the engine emits a
+    ``counter_resolution`` event (once per channel; sticky in the state)
+    because the per-interval split can no longer be billing grade; use an
+    integer or float64 register for such meters. (No interval flag exists for
+    this yet; see the issue note.)
+
+Gaps (``gaps:`` per device)
+    Every boundary gets a record. A boundary without a good read is MISSING
+    (value null); boundaries passed while the daemon was down come out MISSING
+    when it next closes a boundary. With ``gaps: long`` (default) the energy
+    across the gap is published on the first good record after it, flagged
+    LONG with its true ``duration_s``. With ``gaps: prorate`` that energy is
+    spread in proportion to time over the missed intervals and the closing
+    one, all flagged ESTIMATED; the records for the missed boundaries are
+    re-emitted with the same ids (same ``end``), so a consumer that keeps the
+    last record per id sees the estimates replace the MISSING records. Shares
+    are whole multiples of the counter's resolution (whole pulses for an
+    integer counter) and add up exactly to the total. Either way energy is
+    conserved: per id the last record's values sum to delta x multiplier.
+    When the read closing a gap is a COUNTER_RESET, the energy across the gap
+    is unknown and its records stay MISSING. Boundaries passed before the
+    engine had any counter (down, then a fresh start-up read) stay MISSING.
+
+Flags (docs/flags.md)
+    read.flags (status bits, CLOCK_ERROR, DEVICE_ERROR, POWER_FAIL,
+    CLOCK_SET_*, TIME_ADJUSTED set by the shell) go on the record the read
+    closes; AMT when the read was taken on assumed time (demand null); DST
+    when the interval lies in daylight-saving time (judged at its start:
+    transitions fall on boundaries, so an interval is wholly in or out, and
+    the interval ending at the spring-forward instant is still standard time);
+    PARTIAL/LONG from true vs nominal duration (`IRREGULAR_TOLERANCE_S`,
+    or 1 % of intervals shorter than 100 s);
+    ROLLOVER on an accepted wrap; COUNTER_RESET as above; MISSING without a
+    good read, plus DEVICE_ERROR when the meter answered with Modbus exception
+    4 (server device failure) or a non-finite float (data not valid);
+    OUT_OF_RANGE when the value, normalised to the nominal interval, is outside
+    the channel's ``limits``; ESTIMATED for prorated and zero-filled values;
+    AMT + ESTNEEDED from the optional validation rule.
+
+Validation and estimation (per device, off by default), after the Itron note
+    ``validation: amt_rule`` is the named formula
+
+        @if(@status($input \\AND, CLOCK, IOBOARD, IRREGULAR, POWER, TIMERESET),
+            @if(@statuscount($input \\AMT) = 0 OR @status($input \\AND, ESTNEEDED), 1, 0),
+            0)
+
+    with "true result triggers FAIL" and "true result status AMT": an interval
+    whose IEE statuses include any of the five codes fails when it has no AMT
+    yet *or* still has ESTNEEDED, and then carries AMT + ESTNEEDED (failed,
+    estimation needed; demand suspended as for any AMT interval). An interval
+    with AMT and no ESTNEEDED (already estimated, or AMT from assumed time)
+    passes, so re-validating is idempotent. ``estimation: zero_fill_amt`` is
+    the note's Numeric Replacement routine: only intervals with AMT status
+    and a value are estimated, value -> 0 with ESTIMATED, the original kept in
+    ``original_value`` (excluded from any scaling), and ESTNEEDED cleared (the
+    note shows such intervals as Estimated + Passed Validation). As in the
+    note, it does not correct the TIME_ADJUSTED interval that follows the AMT
+    intervals: that one keeps its measured value (and its ESTNEEDED, if
+    validation set it) for an estimation step upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta, tzinfo
+from decimal import Context, Decimal, localcontext
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from edged.core.demand import RollingEntry, RollingSpec, block_demand, push_rolling, rolling_spec
+from edged.core.flags import AMT_RULE_IEE_CODES, iee_status
+from edged.core.model import Event, Flag, Interval, Read, TimeState
+from edged.core.schedule import boundaries_between, is_dst, nominal_start
+
+if TYPE_CHECKING:  # only annotations: the engine loads no pydantic at run time
+    from edged.config.schema import (
+        Channel,
+        Device,
+    )
+
+
+# A record's true length is measured from the boundary of the previous good
+# read (exact) or from an off-boundary start-up read (never exactly on a
+# boundary); it is irregular (PARTIAL or LONG) only when it differs from
+# nominal by more than 1 s, or 1 % of a shorter interval, so second-long test
+# and demo intervals follow the same rule as 15-minute ones.
+IRREGULAR_TOLERANCE_S = 1.0
+IRREGULAR_TOLERANCE_FRACTION = 0.01
+
+# A float counter whose resolution step exceeds this fraction of an interval's
+# delta cannot split energy between intervals to billing accuracy (0.2S meters
+# are good to 0.2 %).
+RESOLUTION_FRACTION = Decimal("0.001")
+
+# Modbus exception 4, SERVER DEVICE FAILURE: the meter itself reports a fault.
+MODBUS_SERVER_DEVICE_FAILURE = 4
+
+# Enough digits for a 64-bit counter times a 17-digit multiplier, exactly.
+_DECIMAL = Context(prec=80)
+_ONE_US = timedelta(microseconds=1)
+
+Counter = int | float
+
+
+# --------------------------------------------------------------------------
+# State
+
+
+@dataclass(frozen=True, slots=True)
+class GapRun:
+    """Consecutive MISSING records since the last good counter that share flags.
+
+    Kept so that prorated estimates re-emitted for those boundaries carry the
+    flags the MISSING records had (AMT, DEVICE_ERROR, ...), and so a LONG
+    record closing the gap carries them too. Runs keep the state small however
+    long the outage; boundaries not covered (e.g. state from before an
+    upgrade) get the flags implied by the closing read's time state.
+    """
+
+    first: datetime
+    last: datetime
+    flags: frozenset[Flag]  # without MISSING and DST (recomputed per boundary)
+    time_state: TimeState
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelState:
+    counter: int | float | None = None  # last good raw counter value (counts)
+    counter_at: datetime | None = None  # boundary (or baseline read time) of that counter
+    last_end: datetime | None = None  # end of the last record emitted
+    gap: tuple[GapRun, ...] = ()  # MISSING records since counter_at
+    rolling: tuple[RollingEntry, ...] = ()  # last intervals for rolling demand
+    coarse: bool = False  # counter_resolution already reported
+
+    def to_json(self) -> str:
+        """The whole state as JSON text, for the shell to persist."""
+        return json.dumps(
+            {
+                "v": 1,
+                # As text: JSON numbers would round 64-bit counters above 2**53.
+                "counter": None if self.counter is None else repr(self.counter),
+                "counter_at": _iso(self.counter_at),
+                "last_end": _iso(self.last_end),
+                "gap": [
+                    [
+                        _iso(r.first),
+                        _iso(r.last),
+                        sorted(str(f) for f in r.flags),
+                        str(r.time_state),
+                    ]
+                    for r in self.gap
+                ],
+                "rolling": [[_iso(e.start), _iso(e.end), e.energy] for e in self.rolling],
+                "coarse": self.coarse,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ChannelState:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("v") != 1:
+            raise ValueError("not a ChannelState (version 1) document")
+        counter = data.get("counter")
+        return cls(
+            counter=None if counter is None else parse_counter(str(counter)),
+            counter_at=_parse_time(data.get("counter_at")),
+            last_end=_parse_time(data.get("last_end")),
+            gap=tuple(
+                GapRun(
+                    _require_time(first),
+                    _require_time(last),
+                    frozenset(Flag(f) for f in flags),
+                    TimeState(ts),
+                )
+                for first, last, flags, ts in data.get("gap", [])
+            ),
+            rolling=tuple(
+                RollingEntry(
+                    _require_time(start), _require_time(end), None if e is None else float(e)
+                )
+                for start, end, e in data.get("rolling", [])
+            ),
+            coarse=bool(data.get("coarse", False)),
+        )
+
+
+def parse_counter(text: str) -> int | float:
+    """Inverse of ``repr`` for a stored counter (int stays int, float stays float)."""
+    return float(text) if any(c in text for c in ".eEn") else int(text)
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.astimezone(UTC).isoformat()
+
+
+def _parse_time(text: object) -> datetime | None:
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ValueError(f"expected an ISO timestamp, got {text!r}")
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _require_time(text: object) -> datetime:
+    t = _parse_time(text)
+    if t is None:
+        raise ValueError("missing timestamp")
+    return t
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalContext:
+    site: str
+    device: Device
+    zone: tzinfo
+
+
+class ChannelStep(NamedTuple):
+    state: ChannelState
+    records: tuple[Interval, ...]
+    events: tuple[Event, ...]
+
+
+class DeviceStep(NamedTuple):
+    states: dict[str, ChannelState]
+    records: tuple[Interval, ...]
+    events: tuple[Event, ...]
+
+
+# --------------------------------------------------------------------------
+# Counter arithmetic
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    counts: int | float
+    wrapped: bool
+
+
+def counter_delta(start: int | float, end: int | float, rollover: int | None) -> Delta:
+    """Counts between two reads; a decrease is a wrap when the channel has a modulus.
+
+    Pure modular arithmetic, no plausibility judgement (see `check_delta`).
+    """
+    if end >= start:
+        return Delta(end - start, wrapped=False)
+    if rollover is None:
+        raise ValueError("counter decreased on a channel without a rollover modulus")
+    if isinstance(start, int) and isinstance(end, int):
+        return Delta((end - start) % rollover, wrapped=True)
+    return Delta(float(end) - float(start) + rollover, wrapped=True)
+
+
+def energy(counts: int | float | Decimal, multiplier: float) -> float:
+    """counts x multiplier in decimal arithmetic (float counts via their repr)."""
+    return float(_energy(_to_decimal(counts), multiplier))
+
+
+def demand(value: float, hours: float) -> float:
+    return block_demand(value, hours)
+
+
+def _to_decimal(value: int | float | Decimal) -> Decimal:
+    if isinstance(value, Decimal):
+        return value
+    return Decimal(value) if isinstance(value, int) else Decimal(repr(value))
+
+
+def _energy(counts: Decimal, multiplier: float) -> Decimal:
+    with localcontext(_DECIMAL):
+        return counts * Decimal(repr(multiplier))
+
+
+def _float32_decimal(value: float) -> Decimal:
+    """The shortest decimal that is the same float32 (what the meter meant)."""
+    try:
+        if struct.unpack("<f", struct.pack("<f", value))[0] != value:
+            return Decimal(repr(value))  # not a float32 value: keep every digit
+        for digits in range(1, 10):
+            text = f"{value:.{digits}g}"
+            if struct.unpack("<f", struct.pack("<f", float(text)))[0] == value:
+                decimal = Decimal(text)
+                if "e+" in text:  # "1e+01" -> 10: keep the units digit as the exponent
+                    with localcontext(_DECIMAL):
+                        decimal = decimal.quantize(Decimal(1))
+                return decimal
+    except OverflowError:
+        pass
+    return Decimal(repr(value))
+
+
+def counter_decimal(value: int | float, data_type: str) -> Decimal:
+    """A raw counter as an exact decimal, floats at their register's precision."""
+    if isinstance(value, int):
+        return Decimal(value)
+    if data_type == "float32":
+        return _float32_decimal(value)
+    return Decimal(repr(value))
+
+
+def counter_quantum(magnitude: Decimal, data_type: str) -> Decimal:
+    """The register's resolution step (in counts) at this counter magnitude."""
+    if data_type not in ("float32", "float64"):
+        return Decimal(1)
+    m = abs(float(magnitude))
+    if m == 0.0 or not math.isfinite(m):
+        return Decimal(0)
+    if data_type == "float64":
+        return Decimal(math.ulp(m))
+    exponent = math.frexp(m)[1]  # m = f x 2**exponent with 0.5 <= f < 1
+    return Decimal(2) ** max(exponent - 24, -149)
+
+
+def default_max_demand(channel: Channel, interval_s: int) -> float | None:
+    """The demand limit in force for a one-interval span (unit per hour).
+
+    Configured ``max_demand``, else half the counter modulus per interval
+    (see the module docstring for how longer spans are judged), else None.
+    """
+    if channel.max_demand is not None:
+        return channel.max_demand
+    modulus = channel.rollover_counts
+    if modulus is None:
+        return None
+    with localcontext(_DECIMAL):
+        half = Decimal(modulus) / 2
+        return float(_energy(half, channel.multiplier) / (Decimal(interval_s) / 3600))
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaCheck:
+    """A counter step judged for plausibility."""
+
+    counts: Decimal  # forward distance in counts (mod rollover)
+    wrapped: bool
+    reset: str | None  # None, or "went_back", "jumped", "ambiguous_wraps"
+    implied_demand: float | None  # counts x multiplier per hour of the true span
+    max_demand: float | None  # the limit applied for a one-interval span
+    quantum: Decimal  # register resolution at this magnitude, in counts
+    coarse: bool  # quantum > RESOLUTION_FRACTION of the delta
+
+
+def check_delta(
+    start: int | float,
+    end: int | float,
+    channel: Channel,
+    span_s: float,
+    nominal_s: float,
+) -> DeltaCheck:
+    """Judge the step from `start` to `end` over `span_s` true seconds."""
+    ds = counter_decimal(start, channel.type)
+    de = counter_decimal(end, channel.type)
+    modulus = channel.rollover_counts
+    quantum = counter_quantum(max(abs(ds), abs(de)), channel.type)
+    reset: str | None = None
+    wrapped = False
+    with localcontext(_DECIMAL):
+        if de >= ds:
+            counts = de - ds
+        elif modulus is not None:
+            counts, wrapped = de - ds + modulus, True
+        else:
+            counts, reset = ds - de, "went_back"
+        if reset is None:
+            if channel.max_demand is not None:
+                hours = Decimal(repr(max(span_s, nominal_s))) / 3600
+                allowance = (
+                    Decimal(repr(channel.max_demand)) * hours / Decimal(repr(channel.multiplier))
+                    + quantum
+                )
+                if counts > allowance:
+                    reset = "went_back" if wrapped else "jumped"
+                elif modulus is not None and counts + modulus <= allowance:
+                    reset = "ambiguous_wraps"
+            elif modulus is not None and 2 * counts >= modulus:
+                reset = "went_back" if wrapped else "jumped"
+        implied = None
+        if span_s > 0:
+            implied = float(_energy(counts, channel.multiplier) / (Decimal(repr(span_s)) / 3600))
+        # Integer registers count exactly; only a float register rounds the counter.
+        is_float = channel.type in ("float32", "float64")
+        coarse = is_float and counts > 0 and quantum > RESOLUTION_FRACTION * counts
+    return DeltaCheck(
+        counts=counts,
+        wrapped=wrapped,
+        reset=reset,
+        implied_demand=implied,
+        max_demand=default_max_demand(channel, int(nominal_s)),
+        quantum=quantum,
+        coarse=coarse,
+    )
+
+
+def allocate(total: Decimal, weights: Sequence[int], finest: int = 0) -> list[Decimal]:
+    """Split `total` in proportion to positive integer `weights`.
+
+    Shares are whole multiples of 10**e, where e is the smaller of `finest`
+    and the total's last decimal place (finest=0: whole counts for an integer
+    counter), and add up to `total` exactly: the cumulative share is rounded,
+    so rounding never accumulates.
+    """
+    if not weights or any(w <= 0 for w in weights):
+        raise ValueError("weights must be positive")
+    total_exponent = total.as_tuple().exponent
+    if not isinstance(total_exponent, int):
+        raise ValueError("total must be finite")
+    exponent = min(total_exponent, finest)
+    with localcontext(_DECIMAL):
+        units = int(total.scaleb(-exponent))
+    whole = sum(weights)
+    shares: list[Decimal] = []
+    cumulative = done = 0
+    for weight in weights:
+        cumulative += weight
+        upto = (2 * units * cumulative + whole) // (2 * whole)  # round half up
+        shares.append(Decimal(upto - done).scaleb(exponent))
+        done = upto
+    return shares
+
+
+# --------------------------------------------------------------------------
+# Validation and estimation
+
+
+def amt_rule_fails(flags: Iterable[Flag]) -> bool:
+    """The Itron AMT named formula (module docstring) evaluated on a flag set.
+
+    ``@status($input \\AND, codes...)`` masks the reading's status with the
+    listed codes: true when any of them is present.
+    """
+    present = frozenset(flags)
+    if AMT_RULE_IEE_CODES.isdisjoint(iee_status(present)):
+        return False
+    return Flag.AMT not in present or Flag.ESTNEEDED in present
+
+
+def validate_amt_rule(record: Interval) -> Interval:
+    """Failed intervals get AMT + ESTNEEDED; like any AMT interval, no demand."""
+    if not amt_rule_fails(record.flags):
+        return record
+    return replace(
+        record,
+        flags=record.flags | {Flag.AMT, Flag.ESTNEEDED},
+        demand=None,
+        rolling_demand=None,
+    )
+
+
+def zero_fill_amt(record: Interval) -> Interval:
+    """Numeric Replacement with 0 of AMT intervals (not the TIME_ADJUSTED one)."""
+    if (
+        Flag.AMT not in record.flags
+        or Flag.TIME_ADJUSTED in record.flags
+        or record.value is None
+        or record.original_value is not None  # already replaced
+    ):
+        return record
+    return replace(
+        record,
+        value=0.0,
+        original_value=record.value,
+        flags=(record.flags - {Flag.ESTNEEDED}) | {Flag.ESTIMATED},
+        demand=None,
+        rolling_demand=None,
+    )
+
+
+def out_of_range(record: Interval, channel: Channel) -> bool:
+    """Is the value, normalised to the nominal interval, outside ``limits``?
+
+    Normalising lets a LONG record closing a three-interval gap carry three
+    intervals' worth without being flagged, and holds a PARTIAL one to its
+    share.
+    """
+    limits = channel.limits
+    if limits is None or record.value is None or record.duration_s <= 0:
+        return False
+    nominal_s = (record.end - record.start).total_seconds()
+    per_interval = record.value * nominal_s / record.duration_s
+    return (limits.min is not None and per_interval < limits.min) or (
+        limits.max is not None and per_interval > limits.max
+    )
+
+
+# --------------------------------------------------------------------------
+# Start-up baseline
+
+
+def _normalise(value: float | int | None, channel: Channel) -> Counter | None:
+    """A decoded register value as a counter, or None if it is not usable."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        if not channel.type.startswith("float") and value.is_integer():
+            return int(value)
+    return value
+
+
+def baseline(state: ChannelState | None, read: Read, channel: Channel) -> ChannelState:
+    """An off-boundary read (start-up) gives the engine a counter to start from.
+
+    A counter persisted before a restart is kept: the energy since that read is
+    then carried into the next record instead of being lost.
+    """
+    state = state or ChannelState()
+    value = _normalise(read.values.get(channel.name), channel) if read.ok else None
+    if value is None or state.counter is not None:
+        return state
+    return replace(state, counter=value, counter_at=read.read_at, gap=())
+
+
+def baseline_device(
+    states: Mapping[str, ChannelState], read: Read, channels: Sequence[Channel]
+) -> dict[str, ChannelState]:
+    return {c.name: baseline(states.get(c.name), read, c) for c in channels}
+
+
+# --------------------------------------------------------------------------
+# Closing a boundary
+
+
+def _read_outcome(read: Read, channel: Channel) -> tuple[Counter | None, frozenset[Flag]]:
+    """The channel's counter from this read (None: no good value) and the
+    flags the read puts on the record it closes."""
+    flags = set(read.flags)
+    if read.error is not None:
+        if read.error.exception_code == MODBUS_SERVER_DEVICE_FAILURE:
+            flags.add(Flag.DEVICE_ERROR)
+        return None, frozenset(flags)
+    raw = read.values.get(channel.name)
+    value = _normalise(raw, channel)
+    if value is None and isinstance(raw, float):
+        flags.add(Flag.DEVICE_ERROR)  # NaN/inf: the meter says "data not valid"
+    return value, frozenset(flags)
+
+
+@dataclass(frozen=True, slots=True)
+class _Builder:
+    """Record construction for one channel of one device."""
+
+    channel: Channel
+    ctx: IntervalContext
+
+    @property
+    def interval_s(self) -> int:
+        return self.ctx.device.interval_s
+
+    def base_flags(self, start: datetime, time_state: TimeState) -> set[Flag]:
+        flags: set[Flag] = set()
+        if is_dst(start, self.ctx.zone):
+            flags.add(Flag.DST)
+        if time_state is TimeState.ASSUMED:
+            flags.add(Flag.AMT)
+        return flags
+
+    def start_of(self, end: datetime) -> datetime:
+        return nominal_start(end, self.interval_s, self.ctx.zone)
+
+    def irregular(self, duration_s: float, nominal_s: float) -> set[Flag]:
+        tolerance_s = min(IRREGULAR_TOLERANCE_S, nominal_s * IRREGULAR_TOLERANCE_FRACTION)
+        if duration_s < nominal_s - tolerance_s:
+            return {Flag.PARTIAL}
+        if duration_s > nominal_s + tolerance_s:
+            return {Flag.LONG}
+        return set()
+
+    def missing(
+        self,
+        end: datetime,
+        time_state: TimeState,
+        extra: Iterable[Flag] = (),
+        read: Read | None = None,
+    ) -> Interval:
+        start = self.start_of(end)
+        flags = self.base_flags(start, time_state) | set(extra) | {Flag.MISSING}
+        return self.bare(start, end, (end - start).total_seconds(), None, flags, time_state, read)
+
+    def valued(
+        self,
+        end: datetime,
+        value: Decimal,
+        since: datetime,
+        flags: set[Flag],
+        time_state: TimeState,
+        read: Read | None,
+        counter_start: Counter | None,
+        counter_end: Counter | None,
+    ) -> Interval:
+        start = self.start_of(end)
+        nominal_s = (end - start).total_seconds()
+        duration_s = (end - since).total_seconds()
+        flags = flags | self.base_flags(start, time_state) | self.irregular(duration_s, nominal_s)
+        energy_value = _energy(value, self.channel.multiplier)
+        # Block demand over the nominal interval; an irregular record's demand
+        # is its average over the time it really covers, so a LONG record
+        # closing a gap does not show a false spike. Suspended on AMT.
+        regular = {Flag.PARTIAL, Flag.LONG}.isdisjoint(flags)
+        hours = Decimal(repr(nominal_s if regular else duration_s)) / 3600
+        record_demand = None
+        if self.channel.demand_unit is not None and Flag.AMT not in flags and hours > 0:
+            record_demand = block_demand(energy_value, hours)
+        record = self.bare(start, end, duration_s, float(energy_value), flags, time_state, read)
+        return replace(
+            record, demand=record_demand, counter_start=counter_start, counter_end=counter_end
+        )
+
+    def bare(
+        self,
+        start: datetime,
+        end: datetime,
+        duration_s: float,
+        value: float | None,
+        flags: set[Flag],
+        time_state: TimeState,
+        read: Read | None,
+    ) -> Interval:
+        return Interval(
+            site=self.ctx.site,
+            device=self.ctx.device.id,
+            channel=self.channel.name,
+            start=start,
+            end=end,
+            duration_s=duration_s,
+            value=value,
+            unit=self.channel.unit,
+            demand=None,
+            demand_unit=self.channel.demand_unit,
+            counter_start=None,
+            counter_end=None,
+            flags=frozenset(flags),
+            time_state=time_state,
+            read_at=read.read_at if read else None,
+            read_lateness_ms=read.read_lateness_ms if read else None,
+        )
+
+
+def _extend_gap(gap: tuple[GapRun, ...], records: Iterable[Interval]) -> tuple[GapRun, ...]:
+    runs = list(gap)
+    for record in records:
+        flags = record.flags - {Flag.MISSING, Flag.DST}
+        last = runs[-1] if runs else None
+        if last is not None and last.flags == flags and last.time_state is record.time_state:
+            runs[-1] = replace(last, last=record.end)
+        else:
+            runs.append(GapRun(record.end, record.end, flags, record.time_state))
+    return tuple(runs)
+
+
+def _gap_entry(gap: Sequence[GapRun], end: datetime) -> GapRun | None:
+    for run in gap:
+        if run.first <= end <= run.last:
+            return run
+    return None
+
+
+def _gap_flags(gap: Sequence[GapRun]) -> set[Flag]:
+    flags: set[Flag] = set()
+    for run in gap:
+        flags |= run.flags
+        if run.time_state is TimeState.ASSUMED:
+            flags.add(Flag.AMT)
+    return flags
+
+
+def _channel_event(
+    kind: str, device: str, at: datetime, channel: str, message: str, details: Mapping[str, object]
+) -> Event:
+    # Details are keyed by channel so `_merge_events` can fold the channels of
+    # one device into one event (event ids are site/device/kind/time).
+    return Event(
+        device=device,
+        kind=kind,
+        at=at,
+        message=f"{channel}: {message}",
+        details={"channels": {channel: dict(details)}},
+    )
+
+
+def _merge_events(events: Iterable[Event]) -> tuple[Event, ...]:
+    merged: dict[tuple[str | None, str, datetime], Event] = {}
+    for event in events:
+        key = (event.device, event.kind, event.at)
+        previous = merged.get(key)
+        if previous is None:
+            merged[key] = event
+            continue
+        channels: dict[str, Any] = {}
+        for source in (previous, event):
+            found = source.details.get("channels")
+            if isinstance(found, Mapping):
+                channels.update(found)
+        merged[key] = replace(
+            previous,
+            message=f"{previous.message}; {event.message}",
+            details={**previous.details, "channels": channels},
+        )
+    return tuple(merged.values())
+
+
+def step_channel(
+    state: ChannelState | None, read: Read, channel: Channel, ctx: IntervalContext
+) -> ChannelStep:
+    """Records and events for every boundary up to `read.boundary`, given the read there.
+
+    Boundaries since the last record that nobody read (the daemon was down)
+    come out as MISSING first, so the series never has a silent hole. A read
+    for a boundary already closed (a replay after restart) changes nothing.
+    """
+    if read.boundary is None:
+        raise ValueError("step_channel needs a boundary read")
+    state = state or ChannelState()
+    end = read.boundary
+    if state.last_end is not None and end <= state.last_end:
+        return ChannelStep(state, (), ())
+    build = _Builder(channel, ctx)
+    interval_s = ctx.device.interval_s
+    value, read_flags = _read_outcome(read, channel)
+    since = state.last_end or state.counter_at
+    skipped = list(boundaries_between(since, end, interval_s, ctx.zone)) if since else []
+    events: list[Event] = []
+    raw: list[Interval]
+
+    if value is None or state.counter is None or state.counter_at is None:
+        # No energy can be computed at this boundary.
+        raw = [build.missing(b, read.time_state) for b in skipped]
+        raw.append(build.missing(end, read.time_state, read_flags, read))
+        if value is None:
+            gap = _extend_gap(state.gap, raw) if state.counter is not None else ()
+            new = replace(state, gap=gap)
+        else:  # the first good counter: a baseline taken on a boundary
+            new = replace(state, counter=value, counter_at=end, gap=())
+        return _finish(new, end, raw, events, channel, ctx)
+
+    counter_at = state.counter_at
+    nominal_s = (end - build.start_of(end)).total_seconds()
+    span_s = (end - counter_at).total_seconds()
+    check = check_delta(state.counter, value, channel, span_s, nominal_s)
+    if check.reset is not None:
+        raw = [build.missing(b, read.time_state) for b in skipped]
+        start = build.start_of(end)
+        flags = build.base_flags(start, read.time_state) | read_flags | {Flag.COUNTER_RESET}
+        reset = build.bare(start, end, nominal_s, None, flags, read.time_state, read)
+        raw.append(replace(reset, counter_start=state.counter, counter_end=value))
+        events.append(_reset_event(ctx, channel, end, counter_at, state.counter, value, check))
+        new = replace(state, counter=value, counter_at=end, gap=())
+        return _finish(new, end, raw, events, channel, ctx)
+
+    # Boundaries after the counter was taken had no good read: their energy is
+    # in this delta. Skipped boundaries before it (down, then a fresh start-up
+    # baseline) have no energy to give and stay MISSING.
+    missed = list(boundaries_between(counter_at, end, interval_s, ctx.zone))
+    before_counter = [b for b in skipped if b <= counter_at]
+    raw = [build.missing(b, read.time_state) for b in before_counter]
+    closing_flags = set(read_flags)
+    if check.wrapped:
+        closing_flags.add(Flag.ROLLOVER)
+    if missed and ctx.device.gaps == "prorate":
+        raw += _prorate(build, state, missed, end, value, check, closing_flags, read)
+    else:
+        in_gap = [build.missing(b, read.time_state) for b in skipped if b > counter_at]
+        raw += in_gap
+        # A LONG record spans the gap: it carries what the gap's records carried.
+        closing_flags |= _gap_flags(_extend_gap(state.gap, in_gap))
+        closing = build.valued(
+            end,
+            check.counts,
+            counter_at,
+            closing_flags,
+            read.time_state,
+            read,
+            state.counter,
+            value,
+        )
+        raw.append(closing)
+    coarse = state.coarse
+    if check.coarse and not coarse:
+        coarse = True
+        events.append(_resolution_event(ctx, channel, end, value, check))
+    new = replace(state, counter=value, counter_at=end, gap=(), coarse=coarse)
+    return _finish(new, end, raw, events, channel, ctx)
+
+
+def _prorate(
+    build: _Builder,
+    state: ChannelState,
+    missed: Sequence[datetime],
+    end: datetime,
+    value: Counter,
+    check: DeltaCheck,
+    closing_flags: set[Flag],
+    read: Read,
+) -> list[Interval]:
+    """Spread the energy across a gap over its intervals (ESTIMATED).
+
+    Counter values at the missed boundaries are unknown, so only the first
+    record has a counter_start and only the closing one a counter_end.
+    """
+    assert state.counter_at is not None
+    ends = [*missed, end]
+    starts = [state.counter_at, *missed]
+    weights = [(e - s) // _ONE_US for s, e in zip(starts, ends, strict=True)]
+    # Whole pulses for an integer counter; thousandths of a unit for a float
+    # one (a kWh register prorated to the Wh), whatever digits its repr shows.
+    finest = 0 if isinstance(value, int) else -3
+    shares = allocate(check.counts, weights, finest)
+    records: list[Interval] = []
+    for i, (since, upto, share) in enumerate(zip(starts, ends, shares, strict=True)):
+        closing = upto == end
+        if closing:
+            flags, time_state = set(closing_flags), read.time_state
+        else:
+            run = _gap_entry(state.gap, upto)
+            flags = set(run.flags) if run else set()
+            time_state = run.time_state if run else read.time_state
+        # read_at: the value of every share comes from the read that closed the gap.
+        record = build.valued(
+            upto,
+            share,
+            since,
+            flags | {Flag.ESTIMATED},
+            time_state,
+            read,
+            state.counter if i == 0 else None,
+            value if closing else None,
+        )
+        if not closing:
+            record = replace(record, read_lateness_ms=None)
+        records.append(record)
+    return records
+
+
+def _finish(
+    state: ChannelState,
+    end: datetime,
+    raw: list[Interval],
+    events: list[Event],
+    channel: Channel,
+    ctx: IntervalContext,
+) -> ChannelStep:
+    """Rules that apply to every record, in order: limits, validation,
+    estimation (on the validated flags), then rolling demand (on the final
+    record, so validated and estimated intervals are excluded)."""
+    spec: RollingSpec | None = rolling_spec(ctx.device)
+    rolling = state.rolling
+    records: list[Interval] = []
+    for record in raw:
+        if out_of_range(record, channel):
+            record = replace(record, flags=record.flags | {Flag.OUT_OF_RANGE})
+        if ctx.device.validation == "amt_rule":
+            record = validate_amt_rule(record)
+        if ctx.device.estimation == "zero_fill_amt":
+            record = zero_fill_amt(record)
+        if spec is not None:
+            rolling, rolling_value = push_rolling(rolling, record, spec)
+            record = replace(record, rolling_demand=rolling_value)
+        records.append(record)
+    new = replace(state, last_end=end, rolling=rolling)
+    return ChannelStep(new, tuple(records), tuple(events))
+
+
+def _reset_event(
+    ctx: IntervalContext,
+    channel: Channel,
+    end: datetime,
+    counter_at: datetime,
+    counter_start: Counter,
+    counter_end: Counter,
+    check: DeltaCheck,
+) -> Event:
+    reason = {
+        "went_back": "went back",
+        "jumped": "jumped implausibly",
+        "ambiguous_wraps": "may have wrapped more than once",
+    }.get(check.reset or "", check.reset or "")
+    return _channel_event(
+        "counter_reset",
+        ctx.device.id,
+        end,
+        channel.name,
+        f"counter {reason} ({counter_start!r} -> {counter_end!r}); no energy for the "
+        "interval, re-baselined",
+        {
+            "reason": check.reset,
+            "counter_start": counter_start,
+            "counter_end": counter_end,
+            "counter_start_at": _iso(counter_at),
+            "rollover": channel.rollover_counts,
+            "implied_demand": check.implied_demand,
+            "max_demand": check.max_demand,
+            "demand_unit": channel.demand_unit,
+        },
+    )
+
+
+def _resolution_event(
+    ctx: IntervalContext, channel: Channel, end: datetime, counter: Counter, check: DeltaCheck
+) -> Event:
+    return _channel_event(
+        "counter_resolution",
+        ctx.device.id,
+        end,
+        channel.name,
+        f"{channel.type} counter at {counter!r} resolves only {check.quantum} counts, more "
+        f"than {RESOLUTION_FRACTION:%} of the interval's {check.counts} counts",
+        {
+            "type": channel.type,
+            "counter": counter,
+            "resolution_counts": float(check.quantum),
+            "delta_counts": float(check.counts),
+        },
+    )
+
+
+def step_device(states: Mapping[str, ChannelState], read: Read, ctx: IntervalContext) -> DeviceStep:
+    """`step_channel` for every channel of the device; events merged per kind."""
+    new_states: dict[str, ChannelState] = dict(states)
+    records: list[Interval] = []
+    events: list[Event] = []
+    for channel in ctx.device.channels:
+        step = step_channel(states.get(channel.name), read, channel, ctx)
+        new_states[channel.name] = step.state
+        records.extend(step.records)
+        events.extend(step.events)
+    return DeviceStep(new_states, tuple(records), _merge_events(events))
+
+
+# --------------------------------------------------------------------------
+# The issue-2 entry points, kept for the poller (they drop events: switch to
+# step_device to publish counter_reset / counter_resolution events).
+
+
+def close_boundary(
+    state: ChannelState | None, read: Read, channel: Channel, ctx: IntervalContext
+) -> tuple[ChannelState, list[Interval]]:
+    step = step_channel(state, read, channel, ctx)
+    return step.state, list(step.records)
+
+
+def close_device(
+    states: dict[str, ChannelState], read: Read, ctx: IntervalContext
+) -> tuple[dict[str, ChannelState], list[Interval]]:
+    step = step_device(states, read, ctx)
+    return step.states, list(step.records)
+
+
+def device_problems(device: Device) -> list[str]:
+    """Settings the engine cannot honour (for check-config; config.py does not
+    check them yet)."""
+    problems: list[str] = []
+    try:
+        rolling_spec(device)
+    except ValueError as exc:
+        problems.append(str(exc))
+    for channel in device.channels:
+        limits = channel.limits
+        if limits and limits.min is not None and limits.max is not None and limits.min > limits.max:
+            problems.append(f"device {device.id} channel {channel.name}: limits min > max")
+    return problems

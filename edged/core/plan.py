@@ -1,0 +1,166 @@
+"""Link and read planning (pure): which devices share a line, and a device's
+register map as read plans.
+
+The Modbus shell (:mod:`edged.io.modbus`) builds one link per identity
+computed here and reads the plans; check-config reports the same problems
+without opening anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from edged.config.schema import (
+    Device,
+    MeasurementPoint,
+    RtuOverTcpTransport,
+    RtuTransport,
+    TcpTransport,
+    _RegisterMap,
+)
+from edged.core.registers import ClockSpec, Point, ReadPlan, StatusSpec, ValueSpec, build_plan
+
+
+class LinkConfigError(ValueError):
+    """Devices that share a port or endpoint disagree on how to use it."""
+
+
+AnyTransport = TcpTransport | RtuTransport | RtuOverTcpTransport
+
+
+def _link_key(transport: AnyTransport) -> tuple[str, ...]:
+    if isinstance(transport, RtuTransport):
+        return ("serial", transport.port)
+    # A TCP port is one link whatever the framing; mixing framings is an error.
+    return ("net", transport.host.lower(), str(transport.port))
+
+
+# What makes two devices share one link object: the port/endpoint and how
+# the line is driven. A reload keeps a link whose identity is unchanged.
+LinkIdentity = tuple[tuple[str, ...], tuple[Any, ...]]
+
+
+def link_identity(transport: AnyTransport) -> LinkIdentity:
+    return (_link_key(transport), _line_settings(transport))
+
+
+def _line_settings(transport: AnyTransport) -> tuple[Any, ...]:
+    if isinstance(transport, TcpTransport):
+        return ("tcp", transport.max_connections, transport.request_gap_ms)
+    if isinstance(transport, RtuTransport):
+        return ("rtu", transport.baudrate, transport.parity, transport.bytesize, transport.stopbits)
+    return ("rtu_over_tcp",)
+
+
+def check_links(devices: Iterable[Device]) -> list[str]:
+    """Problems with how devices share ports and endpoints (for check-config)."""
+    first: dict[tuple[str, ...], tuple[str, tuple[Any, ...]]] = {}
+    problems: list[str] = []
+    for device in devices:
+        transport = device.transport
+        key = _link_key(transport)
+        settings = _line_settings(transport)
+        seen = first.setdefault(key, (device.id, settings))
+        if seen[1] != settings:
+            problems.append(
+                f"devices {seen[0]} and {device.id} share {':'.join(key[1:])} but configure "
+                f"it differently ({seen[1]} vs {settings})"
+            )
+    return problems
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePlan:
+    """Everything a poller needs to read one device."""
+
+    unit_id: int
+    boundary: ReadPlan  # channels (+ scale factors), status and clock
+    measurements: ReadPlan | None  # fast-poll points, if configured
+    measure_every_s: float | None
+
+
+def _point(name: str, spec: _RegisterMap) -> Point:
+    return Point(name, spec.function, spec.address, spec.type, spec.word_order, spec.byte_order)
+
+
+def _sf_name(function: str, address: int) -> str:
+    return f"_sf.{function}.{address}"
+
+
+def _register_plan(
+    specs: Sequence[_RegisterMap], *, counters: bool
+) -> tuple[list[Point], list[ValueSpec]]:
+    points: dict[str, Point] = {}
+    values: list[ValueSpec] = []
+    for spec in specs:
+        points[spec.name] = _point(spec.name, spec)
+        sf_point = None
+        if spec.scale_register is not None:
+            sf = spec.scale_register
+            sf_point = _sf_name(sf.function, sf.address)
+            points[sf_point] = Point(sf_point, sf.function, sf.address, sf.type)
+        if counters:
+            # Counters stay in counts: scale and CT/VT live in Channel.multiplier.
+            values.append(ValueSpec(spec.name, spec.name, sf_point=sf_point,
+                                    m10k=spec.encoding == "m10k"))  # fmt: skip
+        else:
+            assert isinstance(spec, MeasurementPoint)
+            factor = spec.scale * spec.ratio_factor
+            values.append(ValueSpec(spec.name, spec.name, scale=factor, offset=spec.offset,
+                                    sf_point=sf_point, m10k=spec.encoding == "m10k"))  # fmt: skip
+    return list(points.values()), values
+
+
+def plan_device(device: Device) -> DevicePlan:
+    """Turn a device's config into its read plans (pure; coalesced with ``max_gap``).
+
+    Raises ``ValueError`` if the register map cannot be read (two channels
+    named like a status point, say) — config validation makes that rare.
+    """
+    points, values = _register_plan(device.channels, counters=True)
+    optional: list[Point] = []
+    status: list[StatusSpec] = []
+    for word in device.status:
+        name = f"_status.{word.function}.{word.address}"
+        optional.append(Point(name, word.function, word.address, word.type,
+                              word.word_order, word.byte_order))  # fmt: skip
+        status.append(StatusSpec(name, dict(word.bits)))
+    clock_spec = None
+    if (clock := device.clock) is not None:
+        if clock.format == "epoch":
+            names = ["_clock.epoch"]
+            optional.append(Point(names[0], clock.function, clock.address, clock.type,
+                                  clock.word_order, clock.byte_order))  # fmt: skip
+        else:
+            fields = 6 if clock.format == "ymdhms" else 4
+            names = [f"_clock.{i}" for i in range(fields)]
+            for i, name in enumerate(names):
+                optional.append(Point(name, clock.function, clock.address + i, "uint16"))
+        zone = UTC if clock.timezone == "UTC" else ZoneInfo(clock.timezone)
+        clock_spec = ClockSpec(clock.format, tuple(names), zone, device.clock_tolerance)
+    boundary = build_plan(
+        points,
+        values,
+        optional_points=_dedupe(optional),
+        status=status,
+        clock=clock_spec,
+        max_gap=device.max_gap,
+    )
+    measurements = None
+    every = None
+    if device.measurements is not None:
+        m_points, m_values = _register_plan(device.measurements.points, counters=False)
+        measurements = build_plan(m_points, m_values, max_gap=device.max_gap)
+        every = device.measurements.every
+    return DevicePlan(device.transport.unit_id, boundary, measurements, every)
+
+
+def _dedupe(points: Sequence[Point]) -> list[Point]:
+    seen: dict[str, Point] = {}
+    for point in points:
+        seen.setdefault(point.name, point)
+    return list(seen.values())

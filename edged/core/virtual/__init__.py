@@ -1,0 +1,1 @@
+"""Virtual (aggregation) meters: plans and the combination of their inputs (pure)."""

@@ -1,0 +1,1 @@
+"""The I/O shell: Modbus, the SQLite store, MQTT, NTP, systemd notification."""

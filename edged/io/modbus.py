@@ -1,0 +1,683 @@
+"""Modbus links: the I/O shell around pymodbus.
+
+A :class:`Link` is one shared line to one or more meters:
+
+* :class:`TcpEndpoint` — a Modbus TCP host:port (a meter, or a gateway with
+  several unit ids behind it): ``max_connections`` connections (default 1)
+  fed from one request queue, optional quiet time between transactions;
+* :class:`RtuBus` — a serial port (Modbus RTU): one transaction on the wire
+  at a time, the 3.5-character inter-frame silence kept before every request;
+* :class:`RtuOverTcpEndpoint` — RTU frames through a TCP serial device server,
+  one transaction at a time as on the bus behind it.
+
+:func:`build_links` groups the configured devices by port/endpoint and gives
+every device its link. Each link has one :class:`edged.io.bus.BusScheduler`:
+boundary reads first, in a stable order; dead units backed off; fast polls
+yielding around boundaries (see that module).
+
+**Read-only by design.** edged reads meters; it never changes them. The link
+API has no write operation, and the only Modbus functions this module can put
+on the wire are 3 (read holding registers) and 4 (read input registers),
+chosen from :class:`edged.core.registers.ReadRequest.function`, which admits
+nothing else. Configuration cannot ask for a write either.
+
+Nothing here raises into the poller: every failed, garbled, truncated or
+stalled exchange becomes a :class:`edged.core.model.ReadError` value. pymodbus'
+own timeout bounds each request, and a bus-level guard timeout bounds it again
+in case a broken reply leaves pymodbus waiting, so no reply can hang a bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import structlog
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.client.base import ModbusBaseClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.framer import FramerType
+
+from edged.config.schema import (
+    Device,
+    RtuTransport,
+    TcpTransport,
+)
+from edged.core.backoff import Backoff
+from edged.core.model import Flag, ReadError, ReadErrorKind
+from edged.core.plan import AnyTransport, LinkConfigError, LinkIdentity, check_links, link_identity
+from edged.core.registers import (
+    MalformedResponse,
+    ReadPlan,
+    ReadRequest,
+    apply_plan,
+    decode_response,
+)
+from edged.io.bus import BusScheduler, Job, Priority
+
+__all__ = [
+    "EXCEPTION_NAMES",
+    "DeviceRead",
+    "Link",
+    "Priority",
+    "RawRead",
+    "RtuBus",
+    "RtuOverTcpEndpoint",
+    "ScheduledLink",
+    "TcpEndpoint",
+    "build_links",
+    "read_device",
+    "rtu_frame_gap_s",
+]
+
+log = structlog.get_logger("edged.io.modbus")
+
+# pymodbus logs every timeout and reconnect at ERROR/WARNING through the stdlib;
+# edged reports the same facts once, as structured read errors.
+logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+EXCEPTION_NAMES = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "server device failure",
+    5: "acknowledge",
+    6: "server device busy",
+    10: "gateway path unavailable",
+    11: "gateway target device failed to respond",
+}
+# Exception answers that mean "nobody answered behind the gateway": they cost
+# the gateway's own timeout, so the unit is backed off like a silent one.
+_GATEWAY_NO_ANSWER = frozenset({10, 11})
+# Added to a request's timeout for the bus-level guard around pymodbus.
+GUARD_S = 0.5
+# Inter-frame silences shorter than this (every RTU silence: 32 ms at 1200 Bd)
+# are timed by polling the clock for their last millisecond (see
+# _Connection._quiet); longer, configured TCP gaps need no such precision.
+SPIN_BELOW_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class RawRead:
+    """What one device's requests returned (decoded, not yet scaled).
+
+    ``queued_s`` is how long the read waited for the line before its first
+    request went out (add it to the time the read was asked for to get the
+    time it was taken); ``duration_s`` is its time on the wire; ``notes`` lists
+    optional requests (status, clock) that failed without failing the read.
+    """
+
+    values: dict[str, int | float]
+    registers: tuple[tuple[int, tuple[int, ...]], ...]
+    error: ReadError | None
+    queued_s: float = 0.0
+    duration_s: float = 0.0
+    notes: tuple[str, ...] = ()
+
+
+class Link(Protocol):
+    """What a poller reads through. There is deliberately no write method."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def read(
+        self,
+        unit_id: int,
+        requests: Sequence[ReadRequest],
+        *,
+        priority: Priority = Priority.BOUNDARY,
+        optional: Sequence[ReadRequest] = (),
+        timeout_s: float | None = None,
+    ) -> RawRead: ...
+
+    def expect_boundary(self, in_s: float) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+def rtu_frame_gap_s(baudrate: int, parity: str = "E", stopbits: int = 1) -> float:
+    """The 3.5-character silence between RTU frames; fixed at 1.75 ms above
+    19200 Bd (Modbus over serial line v1.02, 2.5.1.1)."""
+    if baudrate > 19200:
+        return 0.00175
+    bits = 1 + 8 + (0 if parity.upper() == "N" else 1) + stopbits
+    return 3.5 * bits / baudrate
+
+
+@dataclass(frozen=True, slots=True)
+class _Payload:
+    requests: tuple[ReadRequest, ...]
+    optional: tuple[ReadRequest, ...]
+
+
+# pymodbus' trace_packet hook: (sending, bytes) -> bytes, called as bytes go
+# out and as they come in.
+PacketTrace = Callable[[bool, bytes], bytes]
+# Builds a link's client; the client must call the given trace on every packet.
+ClientFactory = Callable[[PacketTrace], ModbusBaseClient]
+
+
+class _Connection:
+    """One pymodbus client (one TCP connection or one open serial port)."""
+
+    def __init__(self, name: str, factory: ClientFactory, gap_s: float) -> None:
+        self.name = name
+        self._factory = factory
+        self._gap_s = gap_s
+        self._client: ModbusBaseClient | None = None
+        self._backoff = Backoff()
+        self._retry_at = 0.0
+        self._last_end = 0.0  # when the line last fell silent (loop time)
+        self._last_rx = 0.0  # when the client last received bytes (loop time)
+        self.connects = 0
+
+    def _trace(self, sending: bool, data: bytes) -> bytes:
+        if not sending:
+            self._last_rx = asyncio.get_running_loop().time()
+        return data
+
+    async def _connected(self) -> ModbusBaseClient | ReadError:
+        client = self._client
+        if client is not None and client.connected:
+            return client
+        now = asyncio.get_running_loop().time()
+        if now < self._retry_at:
+            return ReadError(
+                ReadErrorKind.CONNECTION,
+                f"{self.name} unreachable; next attempt in {self._retry_at - now:.1f}s",
+            )
+        if client is not None:
+            client.close()
+        client = self._client = self._factory(self._trace)
+        try:
+            ok = await client.connect()
+        except Exception as exc:  # pymodbus/pyserial raise a variety here
+            ok = False
+            log.debug("connect raised", link=self.name, error=repr(exc))
+        if not ok:
+            delay_s = self._backoff.failed()
+            self._retry_at = now + delay_s
+            log.warning("modbus connect failed", link=self.name, retry_in_s=delay_s)
+            return ReadError(ReadErrorKind.CONNECTION, f"cannot connect to {self.name}")
+        if self._backoff.current_s:
+            log.info("modbus connected", link=self.name)
+        self._backoff.succeeded()
+        self.connects += 1
+        return client
+
+    async def run(self, unit_id: int, payload: _Payload, timeout_s: float) -> RawRead:
+        """A device's requests in order; the first failure of a required one ends it."""
+        client = await self._connected()
+        if isinstance(client, ReadError):
+            return RawRead({}, (), client)
+        values: dict[str, int | float] = {}
+        registers: list[tuple[int, tuple[int, ...]]] = []
+        for request in payload.requests:
+            words = await self._exchange(client, unit_id, request, timeout_s)
+            if isinstance(words, ReadError):
+                return RawRead(values, tuple(registers), words)
+            try:
+                values.update(decode_response(request, words))
+            except MalformedResponse as exc:
+                error = ReadError(ReadErrorKind.MALFORMED, str(exc))
+                return RawRead(values, tuple(registers), error)
+            registers.append((request.address, words))
+        notes: list[str] = []
+        for request in payload.optional:
+            words = await self._exchange(client, unit_id, request, timeout_s)
+            try:
+                if isinstance(words, ReadError):
+                    raise MalformedResponse(f"{words.kind}: {words.detail}")
+                values.update(decode_response(request, words))
+                registers.append((request.address, words))
+            except MalformedResponse as exc:
+                notes.append(f"{request.function} {request.address}+{request.count}: {exc}")
+                if isinstance(words, ReadError) and words.kind is not ReadErrorKind.EXCEPTION:
+                    break  # the unit went quiet or the line broke: stop here
+        return RawRead(values, tuple(registers), None, notes=tuple(notes))
+
+    async def _quiet(self) -> None:
+        """Keep the inter-frame silence (RTU) / configured gap before sending,
+        counted from the previous reply's last byte (see `_exchange`).
+
+        The event loop sleeps in whole milliseconds (epoll), rounded up, which
+        would stretch a 1.75 ms silence at 38400 Bd to 2-3 ms, a fifth of a
+        transaction, and a 4 ms one at 9600 Bd by up to a millisecond. So a
+        silence shorter than `SPIN_BELOW_S` is finished by polling the clock
+        for its last millisecond (at most ~1 ms of CPU per transaction)."""
+        if not self._gap_s:
+            return
+        loop = asyncio.get_running_loop()
+        until = self._last_end + self._gap_s
+        delay_s = until - loop.time()
+        if delay_s <= 0:
+            return
+        if delay_s >= SPIN_BELOW_S:
+            await asyncio.sleep(delay_s)
+            return
+        if delay_s > 0.001:
+            await asyncio.sleep(delay_s - 0.001)
+        while loop.time() < until:
+            pass
+
+    async def _exchange(
+        self, client: ModbusBaseClient, unit_id: int, request: ReadRequest, timeout_s: float
+    ) -> tuple[int, ...] | ReadError:
+        await self._quiet()
+        loop = asyncio.get_running_loop()
+        sent_s = loop.time()
+        answered = False
+        # The timeout is per device, the client per link: set it for this request.
+        client.ctx.comm_params.timeout_connect = timeout_s
+        # Only function 3 or 4 can be sent: ReadRequest.function admits nothing else.
+        call = (
+            client.read_holding_registers
+            if request.function == "holding"
+            else client.read_input_registers
+        )
+        try:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the
+            # call in a task of its own, one more task and loop iteration per
+            # request (a loop iteration, 0.1-0.2 ms, before the request goes out,
+            # and the largest single cost in a profile of fast polling).
+            async with asyncio.timeout(timeout_s + GUARD_S):
+                response: Any = await call(request.address, count=request.count, device_id=unit_id)
+            answered = True
+        except TimeoutError:
+            # pymodbus did not give up on its own: reset the client.
+            self.close()
+            return ReadError(ReadErrorKind.TIMEOUT, f"no answer within {timeout_s:g}s (bus guard)")
+        except ModbusIOException as exc:
+            text = _short(exc)
+            kind = ReadErrorKind.TIMEOUT if "No response" in text else ReadErrorKind.MALFORMED
+            return ReadError(kind, text)
+        except ConnectionException as exc:
+            return ReadError(ReadErrorKind.CONNECTION, _short(exc))
+        except ModbusException as exc:
+            return ReadError(ReadErrorKind.MALFORMED, _short(exc))
+        except OSError as exc:
+            self.close()
+            return ReadError(ReadErrorKind.CONNECTION, repr(exc))
+        except Exception as exc:  # a pymodbus decoding bug must not stop the loop
+            return ReadError(ReadErrorKind.MALFORMED, repr(exc))
+        finally:
+            # The silence starts with the reply's last byte, not when pymodbus
+            # has finished with it (at 38400 Bd that is an eighth of the
+            # silence). Without a complete reply more bytes may be under way:
+            # count from now.
+            answered = answered and self._last_rx >= sent_s
+            self._last_end = self._last_rx if answered else loop.time()
+        if response.isError():
+            code = getattr(response, "exception_code", None)
+            name = EXCEPTION_NAMES.get(code or -1, "unknown exception")
+            return ReadError(
+                ReadErrorKind.EXCEPTION, f"modbus exception {code} ({name})", exception_code=code
+            )
+        words = getattr(response, "registers", None)
+        if not isinstance(words, list) or len(words) != request.count:
+            got = len(words) if isinstance(words, list) else "no"
+            return ReadError(
+                ReadErrorKind.MALFORMED, f"expected {request.count} registers, got {got}"
+            )
+        return tuple(int(w) for w in words)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _unresponsive(error: ReadError | None) -> bool:
+    if error is None:
+        return False
+    if error.kind in (ReadErrorKind.TIMEOUT, ReadErrorKind.MALFORMED):
+        return True
+    return error.kind is ReadErrorKind.EXCEPTION and error.exception_code in _GATEWAY_NO_ANSWER
+
+
+class ScheduledLink:
+    """A link: a scheduler and one worker per connection."""
+
+    kind = "link"
+
+    def __init__(
+        self,
+        name: str,
+        factory: ClientFactory,
+        *,
+        connections: int,
+        gap_s: float,
+        timeout_s: float,
+    ) -> None:
+        self._name = name
+        self._scheduler: BusScheduler[RawRead] = BusScheduler(name, default_timeout_s=timeout_s)
+        self._connections = [
+            _Connection(name if connections == 1 else f"{name}#{i + 1}", factory, gap_s)
+            for i in range(connections)
+        ]
+        self._workers: list[asyncio.Task[None]] = []
+        self._closed = False
+        self.gap_s = gap_s
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def scheduler(self) -> BusScheduler[RawRead]:
+        return self._scheduler
+
+    def register_unit(self, unit_id: int, timeout_s: float) -> None:
+        self._scheduler.register_unit(unit_id, timeout_s)
+
+    def set_units(self, units: Sequence[tuple[int, float]]) -> None:
+        """The units on this line after a config reload, in read order."""
+        self._scheduler.set_units(units)
+
+    def expect_boundary(self, in_s: float) -> None:
+        self._scheduler.expect_boundary(self._scheduler.now() + in_s)
+
+    async def read(
+        self,
+        unit_id: int,
+        requests: Sequence[ReadRequest],
+        *,
+        priority: Priority = Priority.BOUNDARY,
+        optional: Sequence[ReadRequest] = (),
+        timeout_s: float | None = None,
+    ) -> RawRead:
+        """Queue a device's read and wait for it; never raises (but may be cancelled)."""
+        if self._closed:
+            return RawRead({}, (), ReadError(ReadErrorKind.CONNECTION, f"{self.name} is closed"))
+        reason = self._scheduler.admit(unit_id, priority)
+        if reason is not None:
+            return RawRead({}, (), ReadError(ReadErrorKind.BACKOFF, f"unit {unit_id}: {reason}"))
+        if not self._workers:
+            self._workers = [
+                asyncio.get_running_loop().create_task(self._work(c), name=f"link {c.name}")
+                for c in self._connections
+            ]
+        job = self._scheduler.submit(
+            unit_id, priority, _Payload(tuple(requests), tuple(optional)), timeout_s
+        )
+        return await job.future
+
+    async def _work(self, connection: _Connection) -> None:
+        scheduler = self._scheduler
+        while True:
+            job: Job[RawRead] = await scheduler.take()
+            scheduler.started(job)
+            raw = await connection.run(job.unit_id, job.payload, job.timeout_s)
+            error = raw.error
+            scheduler.finished(
+                job,
+                ok=error is None,
+                unresponsive=_unresponsive(error),
+                timeout=error is not None and error.kind is ReadErrorKind.TIMEOUT,
+            )
+            if error is not None and _unresponsive(error):
+                log.debug("unit unresponsive", link=self.name, unit=job.unit_id, error=error.detail)
+            if not job.future.done():
+                now = scheduler.now()
+                job.future.set_result(
+                    replace(
+                        raw,
+                        queued_s=job.started_s - job.submitted_s,
+                        duration_s=now - job.started_s,
+                    )
+                )
+
+    def status(self) -> dict[str, Any]:
+        """Figures for the gateway status payload."""
+        stats = self._scheduler.stats
+        return {
+            "link": self.name,
+            "kind": self.kind,
+            "connections": len(self._connections),
+            "transactions": stats.transactions,
+            "failures": stats.failures,
+            "timeouts": stats.timeouts,
+            "skipped": stats.skipped,
+            "queue": self._scheduler.depth,
+            "last_spread_ms": stats.last_spread_ms,
+            "max_spread_ms": stats.max_spread_ms,
+            "last_wave_ms": stats.last_wave_ms,
+            "last_wave_devices": stats.last_wave_devices,
+            "units_offline": self._scheduler.offline_units(),
+        }
+
+    def close(self) -> None:
+        """Stop the workers and close the connections (reads in flight are cancelled)."""
+        self._closed = True
+        for task in self._workers:
+            task.cancel()
+        self._workers = []
+        for connection in self._connections:
+            connection.close()
+
+    async def aclose(self) -> None:
+        workers = list(self._workers)
+        self.close()
+        for task in workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class TcpEndpoint(ScheduledLink):
+    """One Modbus TCP host:port, shared by every unit id behind it."""
+
+    kind = "tcp"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout_s: float = 1.0,
+        *,
+        max_connections: int = 1,
+        request_gap_ms: float = 0.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout_s = timeout_s
+
+        def factory(trace: PacketTrace) -> ModbusBaseClient:
+            # retries=0: a boundary read is not retried within the interval, it
+            # is recorded as failed (MISSING) and the next boundary tries again.
+            return AsyncModbusTcpClient(
+                host,
+                port=port,
+                timeout=timeout_s,
+                retries=0,
+                reconnect_delay=0,
+                trace_packet=trace,
+            )
+
+        super().__init__(
+            f"tcp://{host}:{port}",
+            factory,
+            connections=max_connections,
+            gap_s=request_gap_ms / 1000.0,
+            timeout_s=timeout_s,
+        )
+
+
+class RtuOverTcpEndpoint(ScheduledLink):
+    """RTU framing through a TCP serial device server: one transaction at a time."""
+
+    kind = "rtu_over_tcp"
+
+    def __init__(self, host: str, port: int, timeout_s: float = 1.0) -> None:
+        self.host = host
+        self.port = port
+
+        def factory(trace: PacketTrace) -> ModbusBaseClient:
+            return AsyncModbusTcpClient(
+                host,
+                port=port,
+                framer=FramerType.RTU,
+                timeout=timeout_s,
+                retries=0,
+                reconnect_delay=0,
+                trace_packet=trace,
+            )
+
+        super().__init__(
+            f"rtu+tcp://{host}:{port}", factory, connections=1, gap_s=0.0, timeout_s=timeout_s
+        )
+
+
+class RtuBus(ScheduledLink):
+    """A serial port with Modbus RTU devices on it: one transaction in flight,
+    the inter-frame silence kept before each request."""
+
+    kind = "rtu"
+
+    def __init__(
+        self,
+        port: str,
+        *,
+        baudrate: int = 9600,
+        parity: str = "E",
+        bytesize: int = 8,
+        stopbits: int = 1,
+        timeout_s: float = 1.0,
+    ) -> None:
+        self.port = port
+        self.baudrate = baudrate
+
+        def factory(trace: PacketTrace) -> ModbusBaseClient:
+            return AsyncModbusSerialClient(
+                port,
+                framer=FramerType.RTU,
+                baudrate=baudrate,
+                bytesize=bytesize,
+                parity=parity,
+                stopbits=stopbits,
+                timeout=timeout_s,
+                retries=0,
+                reconnect_delay=0,
+                trace_packet=trace,
+            )
+
+        super().__init__(
+            f"rtu://{port}",
+            factory,
+            connections=1,
+            gap_s=rtu_frame_gap_s(baudrate, parity, stopbits),
+            timeout_s=timeout_s,
+        )
+
+
+# ------------------------------------------------------------------------------
+# Grouping devices into links
+
+
+def build_links(
+    devices: Iterable[Device], reuse: Mapping[LinkIdentity, ScheduledLink] | None = None
+) -> dict[str, ScheduledLink]:
+    """One link per serial port / TCP endpoint, keyed by device id.
+
+    Devices are registered on their link in the order given (the config
+    order), which is the order their boundary reads go on the wire. A link in
+    `reuse` with the same identity is kept (a config reload: its connection
+    and per-unit backoff carry on) and its units are replaced. Raises
+    :class:`LinkConfigError` when devices sharing a port disagree on its
+    settings (baud rate, parity, TCP connections …).
+    """
+    devices = list(devices)
+    problems = check_links(devices)
+    if problems:
+        raise LinkConfigError("; ".join(problems))
+    by_identity: dict[LinkIdentity, ScheduledLink] = {}
+    units: dict[LinkIdentity, list[tuple[int, float]]] = {}
+    links: dict[str, ScheduledLink] = {}
+    for device in devices:
+        transport = device.transport
+        identity = link_identity(transport)
+        link = by_identity.get(identity)
+        if link is None:
+            link = (reuse or {}).get(identity) or _new_link(transport)
+            by_identity[identity] = link
+        if any(unit == transport.unit_id for unit, _ in units.get(identity, ())):
+            log.info("two devices read one unit", device=device.id, unit=transport.unit_id)
+        units.setdefault(identity, []).append((transport.unit_id, transport.timeout))
+        links[device.id] = link
+    for identity, link in by_identity.items():
+        link.set_units(units[identity])
+    return links
+
+
+def _new_link(transport: AnyTransport) -> ScheduledLink:
+    if isinstance(transport, TcpTransport):
+        return TcpEndpoint(
+            transport.host,
+            transport.port,
+            transport.timeout,
+            max_connections=transport.max_connections,
+            request_gap_ms=transport.request_gap_ms,
+        )
+    if isinstance(transport, RtuTransport):
+        return RtuBus(
+            transport.port,
+            baudrate=transport.baudrate,
+            parity=transport.parity,
+            bytesize=transport.bytesize,
+            stopbits=transport.stopbits,
+            timeout_s=transport.timeout,
+        )
+    return RtuOverTcpEndpoint(transport.host, transport.port, transport.timeout)
+
+
+# ------------------------------------------------------------------------------
+# Reading one device
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRead:
+    """One device read, scaled: what the poller turns into a `Read`."""
+
+    values: Mapping[str, int | float]
+    flags: frozenset[Flag]
+    meter_clock_offset_s: float | None
+    registers: tuple[tuple[int, tuple[int, ...]], ...]
+    error: ReadError | None
+    queued_s: float
+    duration_s: float
+    notes: tuple[str, ...]
+
+
+async def read_device(
+    link: Link,
+    unit_id: int,
+    plan: ReadPlan,
+    *,
+    priority: Priority = Priority.BOUNDARY,
+    reference_s: float | None = None,
+) -> DeviceRead:
+    """Read ``plan`` through ``link`` and apply it (scaling, status, clock).
+
+    ``reference_s`` is the reference time (epoch s) at which the read was
+    asked for; the meter clock is compared with it plus the time the read
+    queued for the line.
+    """
+    raw = await link.read(unit_id, plan.requests, priority=priority, optional=plan.optional)
+    if raw.error is not None:
+        return DeviceRead({}, frozenset(), None, raw.registers, raw.error, raw.queued_s,
+                          raw.duration_s, raw.notes)  # fmt: skip
+    at_s = None if reference_s is None else reference_s + raw.queued_s
+    result = apply_plan(plan, raw.values, at_s)
+    return DeviceRead(result.values, result.flags, result.meter_clock_offset_s, raw.registers,
+                      None, raw.queued_s, raw.duration_s, raw.notes + result.problems)  # fmt: skip
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip() or exc.__class__.__name__
+    return text.replace("Modbus Error: ", "")[:200]

@@ -1,0 +1,568 @@
+"""MQTT publisher (aiomqtt): drains the outbox, keeps retained statuses.
+
+An outbox row is deleted only after the broker's PUBACK (aiomqtt's QoS 1
+`publish` returns when it arrives), so a broker outage, a dropped connection
+or a crash at any point leaves every unacknowledged message in SQLite to be
+sent again, oldest first: at-least-once, idempotent by each payload's `id`.
+
+Live data goes first: what was already waiting when a connection came up is
+the backlog, drained oldest first beside the live messages at
+`mqtt.backlog_rate`, so a long outage neither starves live data nor floods
+the broker. Retained statuses are state, not history: only the latest is
+kept and it is re-published on every (re)connection.
+
+With commands enabled the session also subscribes to the one command topic and
+hands each request to the command handler; answers are published QoS 1 as
+they come (kept in memory across a reconnect, never stored). Replayed records
+are outbox rows under their original seq, below the live cursor: they are
+announced with `backlog_added` and drained as backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import aiomqtt
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edged.config.schema import Mqtt
+from edged.core.backoff import Backoff
+from edged.core.payloads import encode
+from edged.io.store import OutboxRow, Store
+
+log = structlog.get_logger("edged.io.mqtt")
+
+T = TypeVar("T")
+
+# Messages in flight at once: enough to keep a LAN broker busy, few enough
+# that a dropped connection resends little.
+PUBLISH_WINDOW = 64
+OUTBOX_BATCH = 512
+# The backlog's token bucket holds at most this many seconds of its rate.
+BACKLOG_BURST_S = 0.5
+# Answers to commands waiting for a connection; beyond this the oldest are dropped
+# (the requester times out and asks again).
+MAX_PENDING_RESPONSES = 100
+# A window of publishes not acknowledged within this ends the session.
+PUBLISH_TIMEOUT_S = 10.0
+
+
+class CredentialsError(Exception):
+    """The configured MQTT password cannot be read (the message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+
+def broker_addresses(settings: Mqtt) -> list[BrokerAddress]:
+    if not settings.brokers:
+        return [BrokerAddress(settings.host, settings.port, settings.tls is not None)]
+    addresses = []
+    for url in settings.brokers:
+        match = re.match(r"^(mqtts?)://([^:/]+)(?::(\d+))?/?$", url)
+        assert match is not None  # validated by the config model
+        scheme, host, port = match.groups()
+        tls = scheme == "mqtts"
+        addresses.append(BrokerAddress(host, int(port) if port else (8883 if tls else 1883), tls))
+    return addresses
+
+
+def resolve_password(settings: Mqtt) -> str | None:
+    """The password from its file or environment variable; never logged."""
+    if settings.password_file is not None:
+        try:
+            return settings.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise CredentialsError(
+                f"mqtt.password_file {settings.password_file}: {exc.strerror}"
+            ) from None
+    if settings.password_env is not None:
+        value = os.environ.get(settings.password_env)
+        if value is None:
+            raise CredentialsError(f"mqtt.password_env: ${settings.password_env} is not set")
+        return value
+    return None
+
+
+def default_client_id(settings: Mqtt, site: str) -> str:
+    return settings.client_id or f"edged-{site}-{socket.gethostname()}"
+
+
+def mqtt_client(
+    settings: Mqtt,
+    broker: BrokerAddress,
+    *,
+    client_id: str,
+    password: str | None,
+    will: aiomqtt.Will | None = None,
+) -> aiomqtt.Client:
+    """A client with the configured protocol, credentials and TLS (the daemon's
+    publisher and `edged replay` connect the same way)."""
+    tls_params = None
+    if broker.tls:
+        tls = settings.tls
+        tls_params = aiomqtt.TLSParameters(
+            ca_certs=str(tls.ca_file) if tls and tls.ca_file else None,
+            certfile=str(tls.cert_file) if tls and tls.cert_file else None,
+            keyfile=str(tls.key_file) if tls and tls.key_file else None,
+        )
+    protocol = (
+        aiomqtt.ProtocolVersion.V5 if settings.protocol == "5" else aiomqtt.ProtocolVersion.V311
+    )
+    client = aiomqtt.Client(
+        broker.host,
+        broker.port,
+        identifier=client_id,
+        username=settings.username,
+        password=password,
+        protocol=protocol,
+        will=will,
+        keepalive=int(settings.keepalive),
+        timeout=PUBLISH_TIMEOUT_S,
+        max_inflight_messages=PUBLISH_WINDOW,
+        tls_params=tls_params,
+        tls_insecure=bool(settings.tls and settings.tls.insecure) if broker.tls else None,
+        # Each publish goes out at once: Nagle would hold the tail of every
+        # window until the broker's delayed ACK (~40 ms), capping a drain.
+        socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+    )
+    # aiomqtt warns ("There are N pending publish calls") past 10 calls awaiting
+    # their acknowledgement; a full publish window is normal here, not a leak.
+    client.pending_calls_threshold = 2 * PUBLISH_WINDOW
+    return client
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingCommand:
+    """A request received on the command topic."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None  # MQTT v5 property
+    correlation_data: bytes | None  # MQTT v5 property, echoed in the answer
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    topic: str
+    payload: bytes
+    correlation_data: bytes | None
+
+
+@contextlib.asynccontextmanager
+async def _watch_connection(
+    client: aiomqtt.Client, on_message: Callable[[aiomqtt.Message], None]
+) -> AsyncIterator[asyncio.Task[None]]:
+    """The session's one reader of incoming messages (command requests, when
+    enabled), as a task that fails with MqttError when the connection drops.
+
+    aiomqtt fails a QoS 1 publish waiting for its PUBACK only at its timeout
+    (10 s), not when the connection drops (a broker that crashed), so live
+    data would wait that long for a reconnection. Its message iterator fails
+    at once."""
+
+    async def until_dropped() -> None:
+        async for message in client.messages:
+            on_message(message)
+
+    task = asyncio.create_task(until_dropped())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await task
+
+
+async def _unless_dropped(work: Awaitable[T], dropped: asyncio.Task[None] | None) -> T:
+    """``work``'s result, or MqttError if the connection drops first (``work``
+    is then cancelled: rows it did not get acknowledged stay in the outbox)."""
+    task = asyncio.ensure_future(work)
+    if dropped is None:
+        return await task
+    try:
+        await asyncio.wait((task, dropped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    if task.cancelled() or not task.done():
+        raise aiomqtt.MqttError("connection dropped") from dropped.exception()
+    return task.result()
+
+
+class Publisher:
+    def __init__(
+        self,
+        settings: Mqtt,
+        store: Store,
+        client_id: str,
+        will_topic: str,
+        will_payload: bytes,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._client_id = client_id
+        self._will_topic = will_topic
+        self._will_payload = will_payload
+        self._password = resolve_password(settings)
+        self._brokers = broker_addresses(settings)
+        self._broker_index = 0
+        self._wake = asyncio.Event()
+        self._retained: dict[str, bytes] = {}
+        self._retained_dirty: set[str] = set()
+        self._stopping = False
+        self._backoff = Backoff(first_s=0.2, max_s=10.0)
+        self._client_now: aiomqtt.Client | None = None
+        self._dropped: asyncio.Task[None] | None = None  # see _watch_connection
+        self._fire_and_forget: set[asyncio.Task[None]] = set()
+        self._command_topic: str | None = None
+        self._on_command: Callable[[IncomingCommand], None] | None = None
+        self._on_acked: Callable[[Sequence[int]], None] | None = None
+        self._responses: list[_Response] = []
+        # Lowest seq of replayed rows queued since the session last looked.
+        self._backlog_from: int | None = None
+
+    def accept_commands(
+        self,
+        topic: str,
+        on_command: Callable[[IncomingCommand], None],
+        on_acked: Callable[[Sequence[int]], None],
+    ) -> None:
+        """Subscribe to `topic` (only that topic) in every session and hand its
+        requests to `on_command`; `on_acked` learns which outbox seqs the broker
+        has acknowledged."""
+        self._command_topic = topic
+        self._on_command = on_command
+        self._on_acked = on_acked
+
+    def respond(self, topic: str, payload: dict[str, Any], correlation_data: bytes | None) -> None:
+        """Answer a command (QoS 1, not retained, not stored), in the order asked."""
+        self._responses.append(_Response(topic, encode(payload), correlation_data))
+        del self._responses[:-MAX_PENDING_RESPONSES]
+        self._wake.set()
+
+    def backlog_added(self, first_seq: int) -> None:
+        """Rows from `first_seq` on were committed below the live cursor (replays):
+        drain them as backlog."""
+        if self._backlog_from is None or first_seq < self._backlog_from:
+            self._backlog_from = first_seq
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Something new is in the outbox."""
+        self._wake.set()
+
+    def publish_now(self, topic: str, payload: dict[str, Any]) -> bool:
+        """Fire-and-forget QoS 0 (fast-poll measurements): never queued in the
+        outbox, and dropped while disconnected, so they cannot crowd out
+        interval data (the recorder keeps its own copy in the store)."""
+        client = self._client_now
+        if client is None:
+            return False
+        encoded = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        # Straight to paho: aiomqtt's publish() waits for paho's on_publish,
+        # which a fire-and-forget QoS 0 message needs no task for (a task per
+        # measurement was the largest cost of fast polling, bench/fastpoll.py).
+        info = client._client.publish(topic, encoded, qos=0)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    def set_retained(self, topic: str, payload: dict[str, Any]) -> None:
+        encoded = encode(payload)
+        if self._retained.get(topic) != encoded:
+            self._retained[topic] = encoded
+            self._retained_dirty.add(topic)
+            self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            broker = self._brokers[self._broker_index]
+            try:
+                await self._session(broker)
+            except aiomqtt.MqttError as exc:
+                self._client_now = None
+                if self._stopping:
+                    break
+                # Fail over: the next broker in the list gets the next attempt.
+                self._broker_index = (self._broker_index + 1) % len(self._brokers)
+                delay_s = self._backoff.failed()
+                log.warning("mqtt disconnected", broker=f"{broker.host}:{broker.port}",
+                            error=str(exc), retry_in_s=delay_s)  # fmt: skip
+                await self._sleep_or_stop(delay_s)
+
+    async def stop(self, final_retained: dict[str, dict[str, Any]]) -> None:
+        """Publish the final statuses (e.g. offline) if connected, then end `run`."""
+        for topic, payload in final_retained.items():
+            self.set_retained(topic, payload)
+        self._stopping = True
+        self._wake.set()
+
+    async def _sleep_or_stop(self, delay_s: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=delay_s)
+
+    def _client(self, broker: BrokerAddress) -> aiomqtt.Client:
+        return mqtt_client(
+            self._settings,
+            broker,
+            client_id=self._client_id,
+            password=self._password,
+            will=aiomqtt.Will(self._will_topic, self._will_payload, qos=1, retain=True),
+        )
+
+    async def _session(self, broker: BrokerAddress) -> None:
+        async with (
+            self._client(broker) as client,
+            _watch_connection(client, self._take_message) as dropped,
+        ):
+            self._dropped = dropped
+            self._backoff.succeeded()
+            log.info("mqtt connected", broker=f"{broker.host}:{broker.port}", tls=broker.tls)
+            self._retained_dirty = set(self._retained)  # a new session re-asserts state
+            self._client_now = client
+            await self._subscribe_commands(client)
+            await self._drain(client)
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        loop = asyncio.get_running_loop()
+        # What is committed now is backlog; anything committed later is live.
+        # (The last seq ever committed, not the highest still waiting: a replay
+        # queued later under an older seq must not count as live.)
+        self._backlog_from = None
+        backlog_end = await self._store.outbox_last_seq()
+        backlog_cursor = 0
+        live_cursor = backlog_end
+        rate = self._settings.backlog_rate
+        tokens, refilled_at = 0.0, loop.time()
+        while True:
+            self._wake.clear()
+            await self._publish_retained(client)
+            await self._publish_responses(client)
+            if self._backlog_from is not None:
+                # Replays were queued: everything below the live cursor still in
+                # the outbox is backlog again (what was sent is gone from it).
+                backlog_cursor = min(backlog_cursor, self._backlog_from - 1)
+                backlog_end = max(backlog_end, live_cursor)
+                self._backlog_from = None
+            live = await self._store.outbox_batch(OUTBOX_BATCH, after_seq=live_cursor)
+            if live:
+                await self._publish_rows(client, live)
+                live_cursor = live[-1].seq
+            backlog_pending = backlog_cursor < backlog_end
+            if backlog_pending:
+                now = loop.time()
+                tokens = min(rate * BACKLOG_BURST_S, tokens + (now - refilled_at) * rate)
+                refilled_at = now
+                allowed = min(int(tokens), OUTBOX_BATCH)
+                if allowed > 0:
+                    rows = await self._store.outbox_batch(
+                        allowed, after_seq=backlog_cursor, up_to_seq=backlog_end
+                    )
+                    if rows:
+                        await self._publish_rows(client, rows)
+                        backlog_cursor = rows[-1].seq
+                        tokens -= len(rows)
+                    else:
+                        backlog_cursor = backlog_end
+                backlog_pending = backlog_cursor < backlog_end
+            if self._stopping:
+                await self._publish_retained(client)
+                self._client_now = None
+                return
+            if len(live) == OUTBOX_BATCH:
+                continue
+            if backlog_pending:
+                # Until the bucket holds a full batch again (new live data
+                # wakes it sooner); a fixed pause per batch cost a fast
+                # drain a tenth of its rate.
+                cap = rate * BACKLOG_BURST_S
+                available = min(cap, tokens + (loop.time() - refilled_at) * rate)
+                await self._sleep_or_stop(max(0.0, (min(OUTBOX_BATCH, cap) - available) / rate))
+            else:
+                await self._wake.wait()
+
+    async def _publish_retained(self, client: aiomqtt.Client) -> None:
+        """Every changed retained status, PUBLISH_WINDOW in flight at a time."""
+        while self._retained_dirty:
+            count = min(PUBLISH_WINDOW, len(self._retained_dirty))
+            topics = [self._retained_dirty.pop() for _ in range(count)]
+            try:
+                acked, error = await _unless_dropped(
+                    send_window(client, [(t, self._retained[t], 1, True) for t in topics]),
+                    self._dropped,
+                )
+            except BaseException:
+                self._retained_dirty.update(topics)
+                raise
+            self._retained_dirty.update(t for t, ok in zip(topics, acked, strict=True) if not ok)
+            if error is not None:
+                raise error
+
+    async def _publish_rows(self, client: aiomqtt.Client, rows: Sequence[OutboxRow]) -> None:
+        """Publish in windows; delete each row once acknowledged.
+
+        A window's rows are deleted while the next window is on the wire: the
+        delete (an fsync) no longer stalls the publishing."""
+        deleting: asyncio.Future[None] | None = None
+        try:
+            for start in range(0, len(rows), PUBLISH_WINDOW):
+                window = rows[start : start + PUBLISH_WINDOW]
+                acked, error = await _unless_dropped(
+                    send_window(client, [(r.topic, r.payload, r.qos, r.retain) for r in window]),
+                    self._dropped,
+                )
+                if deleting is not None:
+                    await deleting
+                seqs = [row.seq for row, ok in zip(window, acked, strict=True) if ok]
+                deleting = asyncio.ensure_future(self._acked(seqs))
+                if error is not None:
+                    raise error
+        finally:
+            if deleting is not None:
+                # Even when the session ends: acknowledged rows are not resent.
+                await asyncio.shield(deleting)
+
+    async def _acked(self, seqs: Sequence[int]) -> None:
+        await self._store.ack(seqs)
+        if self._on_acked is not None and seqs:
+            self._on_acked(seqs)
+
+    async def _publish_responses(self, client: aiomqtt.Client) -> None:
+        while self._responses:
+            response = self._responses[0]
+            properties = None
+            if response.correlation_data is not None and self._settings.protocol == "5":
+                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                properties.CorrelationData = response.correlation_data
+            await client.publish(response.topic, response.payload, qos=1, properties=properties)
+            # Only once sent: a dropped connection leaves it for the next session.
+            if self._responses and self._responses[0] is response:
+                self._responses.pop(0)
+
+    async def _subscribe_commands(self, client: aiomqtt.Client) -> None:
+        topic = self._command_topic
+        if topic is None:
+            return
+        await client.subscribe(topic, qos=1)
+        log.info("accepting commands", topic=topic)
+
+    def _take_message(self, message: aiomqtt.Message) -> None:
+        if self._command_topic is None:
+            log.warning("message received without a subscription", topic=message.topic.value)
+            return
+        self._take_command(self._command_topic, message)
+
+    def _take_command(self, topic: str, message: aiomqtt.Message) -> None:
+        if message.topic.value != topic or self._on_command is None:
+            log.warning("message on an unexpected topic ignored", topic=message.topic.value)
+            return
+        if message.retain:
+            # A retained request would be replayed at every reconnect: refuse it.
+            log.warning("retained command ignored; clear it on the broker", topic=topic)
+            return
+        props = message.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        payload = message.payload  # bytes as received; typed loosely by aiomqtt
+        command = IncomingCommand(
+            topic=topic,
+            payload=bytes(payload) if isinstance(payload, bytes | bytearray) else b"",
+            response_topic=str(response_topic) if response_topic else None,
+            correlation_data=bytes(correlation) if correlation is not None else None,
+        )
+        try:
+            self._on_command(command)
+        except Exception:
+            log.exception("command handler failed", topic=topic)
+
+
+class _Window:
+    """The acknowledgements of one window of publishes."""
+
+    __slots__ = ("acked", "done", "left")
+
+    def __init__(self, size: int) -> None:
+        self.acked = [False] * size
+        self.left = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class _Ack:
+    """One message's entry in aiomqtt's table of pending publishes, whose
+    on_publish callback calls `set()` when paho has the PUBACK."""
+
+    __slots__ = ("index", "window")
+
+    def __init__(self, window: _Window, index: int) -> None:
+        self.window = window
+        self.index = index
+
+    def set(self) -> None:
+        window = self.window
+        if window.acked[self.index]:
+            return
+        window.acked[self.index] = True
+        window.left -= 1
+        if window.left == 0 and not window.done.done():
+            window.done.set_result(None)
+
+
+async def send_window(
+    client: aiomqtt.Client, messages: Sequence[tuple[str, bytes, int, bool]]
+) -> tuple[list[bool], aiomqtt.MqttError | None]:
+    """Publish `messages` (topic, payload, qos, retain) at once and wait for
+    their acknowledgements: which were acknowledged, and the error that ended
+    the window early, if any.
+
+    Straight through paho: aiomqtt's publish() costs a task, an event, a
+    timer and a scan of every pending call per message, which held a backlog
+    drain to the rate of a bare aiomqtt loop, under 5000 msg/s
+    (bench/drain.py). The PUBACKs still arrive through aiomqtt's on_publish,
+    via its table of pending publishes (aiomqtt 2.5, pinned in pyproject)."""
+    paho = client._client
+    pending = cast(dict[int, Any], client._pending_publishes)
+    window = _Window(len(messages))
+    mids: list[int] = []
+    error: aiomqtt.MqttError | None = None
+    try:
+        for index, (topic, payload, qos, retain) in enumerate(messages):
+            info = paho.publish(topic, payload, qos, retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                error = aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+                break
+            if qos == 0 or info.is_published():
+                window.acked[index] = True
+                continue
+            window.left += 1
+            pending[info.mid] = _Ack(window, index)
+            mids.append(info.mid)
+        if window.left:
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                    await window.done
+            except TimeoutError:
+                error = error or aiomqtt.MqttError(
+                    f"no acknowledgement within {PUBLISH_TIMEOUT_S:g} s"
+                )
+        return window.acked, error
+    finally:
+        for mid in mids:
+            entry = pending.get(mid)
+            if isinstance(entry, _Ack) and entry.window is window:
+                del pending[mid]
