@@ -110,6 +110,7 @@ def simulated(device: Device) -> tuple[SimulatedMeter, dict[str, int | float]]:
     return meter, expected
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("profile", PROFILES)
 async def test_profile_loads_and_reads_from_the_simulator(profile: str, tmp_path: Path) -> None:
     settings = load_settings(config(tmp_path, profile, 1502))

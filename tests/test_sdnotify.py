@@ -56,6 +56,7 @@ def listening(address: str) -> Iterator[socket.socket]:
         sock.close()
 
 
+@pytest.mark.integration
 def test_notifier_sends_to_a_path_socket(tmp_path: Path) -> None:
     path = str(tmp_path / "notify")
     with listening(path) as sock:
@@ -74,6 +75,7 @@ def test_notifier_sends_to_a_path_socket(tmp_path: Path) -> None:
         notifier.close()
 
 
+@pytest.mark.integration
 def test_notifier_sends_to_an_abstract_socket(tmp_path: Path) -> None:
     name = f"edged-test-{id(tmp_path)}"
     with listening("\0" + name) as sock:
@@ -83,6 +85,7 @@ def test_notifier_sends_to_an_abstract_socket(tmp_path: Path) -> None:
         notifier.close()
 
 
+@pytest.mark.integration
 def test_notifier_outside_systemd_does_nothing_and_a_gone_socket_does_not_raise(
     tmp_path: Path,
 ) -> None:
@@ -119,6 +122,7 @@ async def datagrams(path: Path) -> AsyncIterator[list[bytes]]:
         sock.close()
 
 
+@pytest.mark.integration
 async def test_watchdog_pings_only_while_no_heartbeat_is_stalled(tmp_path: Path) -> None:
     path = tmp_path / "notify"
     async with datagrams(path) as got:
