@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 import aiomqtt
 import pytest
+import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -49,15 +50,17 @@ from edged.io.mqtt import Publisher
 from edged.io.queries import IntervalQuery, connect_readonly, iter_interval_payloads
 from edged.io.store import OutboxMessage, Store
 from edged.sim.broker import free_port
-from tests.conftest import Broker, Collector, collect
-from tests.schema_check import (
+from tests.support.config import site_config, tcp_device, write_settings
+from tests.support.daemon import Daemon
+from tests.support.meters import meter
+from tests.support.mqtt import Broker, Collector, collect
+from tests.support.schema import (
     SchemaViolation,
     validate_message,
     validate_messages,
     validate_payload,
 )
-from tests.test_cli import Populated, edged, populate
-from tests.test_e2e import daemon, meter
+from tests.support.store import Populated, edged, populate
 
 NZ = ZoneInfo("Pacific/Auckland")
 NOW = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
@@ -295,14 +298,18 @@ async def test_replay_copies_drain_as_backlog_behind_live_data(
 ) -> None:
     """A restart with everything sent (empty outbox), then two requests: the copies
     go out as backlog at `backlog_rate`, and a live record overtakes them."""
-    config = tmp_path / "edged.yaml"
-    config.write_text(
-        f"site: s1\ntimezone: Pacific/Auckland\nstorage: {{path: {tmp_path / 'edged.db'}}}\n"
-        f"mqtt: {{host: 127.0.0.1, port: {broker.port}, protocol: '5', backlog_rate: 20,\n"
-        "       commands: {enabled: true, max_intervals: 100}}\n"
-        "devices:\n  - id: unit1\n    transport: {type: tcp, host: 127.0.0.1}\n"
-        "    channels: [{name: energy_import, register: 0}]\n"
-    )
+    config = write_settings(
+        tmp_path / "edged.yaml",
+        {
+            "site": "s1",
+            "timezone": "Pacific/Auckland",
+            "storage": {"path": str(tmp_path / "edged.db")},
+            "mqtt": {"host": "127.0.0.1", "port": broker.port, "protocol": "5",
+                     "backlog_rate": 20, "commands": {"enabled": True, "max_intervals": 100}},
+            "devices": [{"id": "unit1", "transport": {"type": "tcp", "host": "127.0.0.1"},
+                         "channels": [{"name": "energy_import", "register": 0}]}],
+        },
+    )  # fmt: skip
     settings = load_settings(config)
     store = await Store.open(settings.storage.path)
     ends = [NOW + timedelta(minutes=15 * i) for i in range(21)]
@@ -378,28 +385,18 @@ async def test_replay_copies_drain_as_backlog_behind_live_data(
 SITE = "replay-site"
 
 
-def daemon_config(tmp_path: Path, broker: Broker, modbus_port: int, commands: str) -> Path:
-    config = tmp_path / "edged.yaml"
-    config.write_text(
-        f"""\
-site: {SITE}
-timezone: Pacific/Auckland
-storage:
-  path: {tmp_path / "state" / "edged.db"}
-mqtt:
-  host: 127.0.0.1
-  port: {broker.port}
-{commands}log:
-  format: json
-devices:
-  - id: unit1
-    interval: 1s
-    transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: 1, timeout: 500ms}}
-    channels:
-      - {{name: energy_import, register: 0, type: uint32, multiplier: 0.001}}
-"""
+def daemon_config(
+    tmp_path: Path, broker: Broker, modbus_port: int, commands: dict[str, Any] | None
+) -> Path:
+    """unit1 on the simulator; `commands` is the mqtt.commands section, if any."""
+    return site_config(
+        tmp_path,
+        devices=[tcp_device("unit1", modbus_port)],
+        mqtt_port=broker.port,
+        site=SITE,
+        mqtt={"topic_prefix": None, "commands": commands},
+        status_every=None,
     )
-    return config
 
 
 @pytest.mark.integration
@@ -414,8 +411,8 @@ async def test_daemon_answers_replay_requests(tmp_path: Path, broker: Broker) ->
         # A retained request would replay at every reconnect: it is ignored.
         stale = {"request_id": "stale", "from": "-1h", "to": "now"}
         await upstream.send(command, stale, retain=True)
-        enabled = "  commands: {enabled: true, max_intervals: 2}\n"
-        async with daemon(daemon_config(tmp_path, broker, port, enabled), tmp_path) as d:
+        enabled = {"enabled": True, "max_intervals": 2}
+        async with Daemon(daemon_config(tmp_path, broker, port, enabled), tmp_path) as d:
             await got.wait_for(lambda c: len(live(c)) >= 3, 20, "3 intervals")
             first, second = live(got)[:2]
             start = iso_utc(parse_iso_utc(first["end"]) - timedelta(seconds=1))
@@ -465,9 +462,9 @@ async def test_commands_are_off_by_default(tmp_path: Path, broker: Broker) -> No
         collect(broker, f"edged/{SITE}/device/+/interval/#") as got,
         requester(broker, f"edged/{SITE}/gateway/response/#") as upstream,
     ):
-        config = daemon_config(tmp_path, broker, port, "")
+        config = daemon_config(tmp_path, broker, port, None)
         assert load_settings(config).mqtt.commands.enabled is False
-        async with daemon(config, tmp_path) as d:
+        async with Daemon(config, tmp_path) as d:
             await got.wait_for(lambda c: len(live(c)) >= 1, 20, "an interval")
             request = {"request_id": "r-off", "from": "-1h", "to": "now"}
             await upstream.send(topics.command("replay"), request)
@@ -488,9 +485,9 @@ async def populated(tmp_path: Path) -> Populated:
 
 
 def with_broker(populated: Populated, port: int) -> Path:
-    config = populated.config.with_name("replay.yaml")
-    config.write_text(populated.config.read_text() + f"mqtt: {{host: 127.0.0.1, port: {port}}}\n")
-    return config
+    settings = yaml.safe_load(populated.config.read_text())
+    settings["mqtt"] = {"host": "127.0.0.1", "port": port}
+    return write_settings(populated.config.with_name("replay.yaml"), settings)
 
 
 def stored_in(db: Path, query: IntervalQuery) -> list[dict[str, Any]]:

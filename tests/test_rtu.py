@@ -114,7 +114,8 @@ async def test_live_units_keep_every_boundary_beside_a_dead_one(
     assert queued[0][1] >= TIMEOUT_S
     for round_wire, q in zip(wire[1:], queued[1:], strict=True):
         unit2, unit3 = round_wire[2], round_wire[3]
-        assert unit2 and unit3
+        assert unit2
+        assert unit3
         assert unit2[-1] < unit3[0]
         assert all(unit3[-1] < t for t in round_wire[1])  # the dead unit, if asked, last
         assert q[1] < TIMEOUT_S / 2

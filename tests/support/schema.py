@@ -2,7 +2,7 @@
 
 Integration tests can check every message they receive::
 
-    from tests.schema_check import validate_message
+    from tests.support.schema import validate_message
     for topic, payload, retained in collector.messages:
         validate_message(topic, payload, retained=retained)
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import jsonschema  # type: ignore[import-untyped,unused-ignore]
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 SCHEMA_NAMES = (
     "interval",
     "event",

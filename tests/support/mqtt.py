@@ -1,0 +1,86 @@
+"""An MQTT collector on the real broker, and views of what it received."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+
+from edged.sim.broker import Mosquitto
+
+Broker = Mosquitto
+
+
+@dataclass
+class Collector:
+    """Subscribes to a topic filter and keeps every message it receives."""
+
+    messages: list[tuple[str, dict[str, Any], bool]] = field(default_factory=list)
+    _event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, message: aiomqtt.Message) -> None:
+        payload = json.loads(bytes(message.payload))
+        self.messages.append((message.topic.value, payload, bool(message.retain)))
+        self._event.set()
+
+    def payloads(self, topic_part: str = "") -> list[dict[str, Any]]:
+        return [p for t, p, _ in self.messages if topic_part in t]
+
+    async def wait_for(
+        self, predicate: Callable[[Collector], bool], timeout_s: float, what: str = "condition"
+    ) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not predicate(self):
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+            self._event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), remaining)
+
+
+@contextlib.asynccontextmanager
+async def collect(broker: Broker, topic_filter: str = "#") -> AsyncIterator[Collector]:
+    collector = Collector()
+
+    async def receive(client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            collector.add(message)
+
+    async with aiomqtt.Client(broker.host, broker.port, identifier=f"test-{id(collector)}") as c:
+        await c.subscribe(topic_filter, qos=1)
+        task = asyncio.create_task(receive(c))
+        try:
+            yield collector
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def intervals(collector: Collector) -> list[dict[str, Any]]:
+    return collector.payloads("/interval/")
+
+
+def by_end(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Latest record per interval end (consumers de-duplicate by id)."""
+    return {r["end"]: r for r in records}
+
+
+def series(got: Collector, device: str, channel: str) -> list[dict[str, Any]]:
+    """One channel's records, latest per end, in time order."""
+    records = [r for r in intervals(got) if r["device"] == device and r["channel"] == channel]
+    return sorted(by_end(records).values(), key=lambda r: r["end"])
+
+
+def events(got: Collector, kind: str) -> list[dict[str, Any]]:
+    return [p for p in got.payloads("/gateway/event") if p["kind"] == kind]
+
+
+def gateway_status(got: Collector) -> list[dict[str, Any]]:
+    return [p for t, p, _ in got.messages if t.endswith("/gateway/status")]
