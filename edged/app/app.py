@@ -130,12 +130,13 @@ class App:
         self.config_path = config_path
         self._clock_override = clock
         # Until the reference clock is built from the store's last mark.
-        self.clock: Clock = clock or SystemClock(TimeState.ASSUMED)
+        self.clock: Clock = clock or SystemClock(TimeState.ASSUMED, system_now=system_now)
         self.reference: NtpReferenceClock | SystemReferenceClock | None = clock
         self.topics = Topics(settings.mqtt.topic_prefix, settings.site)
         self._stop = asyncio.Event()
-        self._started_mono = time.monotonic()
-        self._started_at = datetime.now(UTC)
+        self._started_mono = self.clock.monotonic()
+        # Reference time at start-up, once the reference clock exists (run()).
+        self._started_at: datetime | None = None
         self.time_flags = TimeFlags()
         self._recorder: Recorder | None = None
         self._early_events: list[Event] = []
@@ -181,8 +182,8 @@ class App:
             "version": __version__,
             "config_hash": self._config_hash,
             "restart_required": list(self._restart_required),
-            "started_at": iso_utc(self._started_at),
-            "uptime_s": round(time.monotonic() - self._started_mono, 1),
+            "started_at": iso_utc(self._started_at or self.clock.now()),
+            "uptime_s": round(self.clock.monotonic() - self._started_mono, 1),
             "time_state": str(self.clock.time_state),
             **self._time_status(),
             "devices": len(self.settings.devices),
@@ -354,9 +355,9 @@ class App:
     async def run(self) -> None:
         settings = self.settings
         notifier = self._systemd.notifier
-        store = await Store.open(
-            settings.storage.path, now=lambda: datetime.fromtimestamp(self._system_now(), UTC)
-        )
+        # Rows are stamped with the reference clock (read late: it replaces the
+        # placeholder below), the timeline every age is measured on.
+        store = await Store.open(settings.storage.path, now=lambda: self.clock.now())
         self.store = store
         log.info("store open", path=str(settings.storage.path))
         if store.recovered_from is not None:
@@ -369,6 +370,8 @@ class App:
             )
         assert self.reference is not None
         self.clock = self.reference
+        self._started_at = self.clock.now()
+        self._started_mono = self.clock.monotonic()
         publisher = Publisher(
             settings.mqtt,
             store,
