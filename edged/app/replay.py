@@ -30,6 +30,7 @@ import structlog
 
 from edged.app.poller import Pending, Recorder
 from edged.config.schema import Settings
+from edged.core.errors import EdgedError
 from edged.core.export import TimeArgumentError, parse_range
 from edged.core.payloads import Topics, command_response_payload, encode, replay_copy
 from edged.io.mqtt import (
@@ -71,7 +72,7 @@ class ReplayRequest:
         return IntervalQuery(self.start, self.end, self.devices, self.channels)
 
 
-class RequestError(ValueError):
+class RequestError(EdgedError, ValueError):
     """A request that is refused; the message says why, for the requester."""
 
     def __init__(self, message: str, request_id: str | None = None) -> None:
@@ -317,7 +318,7 @@ def _request_id_of(payload: bytes) -> str | None:
 # -- `edged replay`: straight to the broker -------------------------------------------
 
 
-class ReplayError(Exception):
+class ReplayError(EdgedError):
     """The broker could not be reached or the connection was lost (message says which)."""
 
 

@@ -20,6 +20,7 @@ from edged.config.load import (
     load_settings,
 )
 from edged.config.schema import Settings
+from edged.core.errors import EdgedError
 from edged.core.export import CSV_COLUMNS
 from edged.core.model import iso_utc
 
@@ -452,6 +453,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except EdgedError as exc:
+        # Every error edged raises on purpose is one line for the operator;
+        # anything else is a bug and keeps its traceback.
+        print(f"edged {args.command}: {exc}", file=sys.stderr)
+        return 1
     return code
 
 

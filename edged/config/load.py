@@ -24,6 +24,7 @@ from edged.config.schema import (
     Settings,
 )
 from edged.core.engine.intervals import device_problems
+from edged.core.errors import EdgedError
 from edged.core.plan import check_links
 from edged.core.virtual.plan import VirtualMeterError, plan_virtual_meter
 
@@ -60,7 +61,7 @@ class Problem:
         )
 
 
-class ConfigError(Exception):
+class ConfigError(EdgedError):
     """Raised with every problem found; str() is the report for a human."""
 
     def __init__(self, problems: Sequence[Problem]) -> None:

@@ -33,6 +33,7 @@ from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
 from typing import Final, Literal, TypeVar, get_args
 
+from edged.core.errors import EdgedError
 from edged.core.model import Flag
 
 __all__ = [
@@ -105,7 +106,7 @@ _ORDER_CODES: Final[dict[str, tuple[WordOrder, ByteOrder]]] = {
 }
 
 
-class MalformedResponse(ValueError):
+class MalformedResponse(EdgedError, ValueError):
     """The register payload cannot be what the request asked for (wrong length,
     a word outside 0..65535). The Modbus shell maps this to a MALFORMED read
     error; it must never crash a poller."""

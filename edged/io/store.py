@@ -35,6 +35,7 @@ import structlog
 from edged.core import flags as flag_table
 from edged.core.demand import PeakState
 from edged.core.engine.intervals import ChannelState, parse_counter
+from edged.core.errors import EdgedError
 from edged.core.model import (
     Interval,
     Measurement,
@@ -191,7 +192,7 @@ class OutboxDepth:
     oldest: datetime | None
 
 
-class StoreError(Exception):
+class StoreError(EdgedError):
     pass
 
 

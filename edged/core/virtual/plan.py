@@ -33,6 +33,7 @@ from datetime import datetime, tzinfo
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
+from edged.core.errors import EdgedError
 from edged.core.model import Flag, Interval, TimeState
 from edged.core.schedule import nominal_start
 
@@ -47,7 +48,7 @@ if TYPE_CHECKING:  # only annotations: the engine loads no pydantic at run time
 _TIME_STATE_RANK = {TimeState.SYNCED: 0, TimeState.HOLDOVER: 1, TimeState.ASSUMED: 2}
 
 
-class VirtualMeterError(ValueError):
+class VirtualMeterError(EdgedError, ValueError):
     """A virtual meter that cannot be computed; the message lists every problem."""
 
 
