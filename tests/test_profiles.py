@@ -147,22 +147,30 @@ async def test_profile_loads_and_reads_from_the_simulator(profile: str, tmp_path
 def test_bcpm_channel_count_expands_the_template(tmp_path: Path) -> None:
     default = load_settings(config(tmp_path, "bcpm", 502)).devices[0]
     assert len(default.channels) == 42
-    big = load_settings(config(tmp_path, "bcpm", 502, "    channel_count: 84\n")).devices[0]
-    assert len(big.channels) == 84
-    assert big.channel_count == 84
-    assert [c.name for c in big.channels[:2]] == ["branch01_energy", "branch02_energy"]
-    assert big.channels[83].name == "branch84_energy"
-    assert big.channels[83].address == big.channels[0].address + 83 * 2
-    # 84 x 2 registers: two reads of at most 125 registers
-    assert [r.count for r in plan_device(big).boundary.requests] == [124, 44]
+    fewer = load_settings(config(tmp_path, "bcpm", 502, "    channel_count: 20\n")).devices[0]
+    assert len(fewer.channels) == 20
+    assert fewer.channel_count == 20
+    assert [c.name for c in default.channels[:2]] == ["branch01_energy", "branch02_energy"]
+    last = default.channels[41]
+    assert last.name == "branch42_energy"
+    # Register 1168 + 2 x 41 = 1250 (address 1249), its scale register 1084 + 41 = 1125.
+    assert last.address == 1249
+    assert last.scale_register is not None
+    assert last.scale_register.address == 1124
+    # 42 scale registers (1083-1124) and 84 energy registers (1167-1250), 42 apart:
+    # two reads.
+    assert [(r.address, r.count) for r in plan_device(default).boundary.requests] == [
+        (1083, 42),
+        (1167, 84),
+    ]
     # a device may override a single expanded channel by name
     one = load_settings(
         config(
-            tmp_path, "bcpm", 502, "    channels:\n      - {name: branch03_energy, multiplier: 1}\n"
+            tmp_path, "bcpm", 502, "    channels:\n      - {name: branch03_energy, multiplier: 2}\n"
         )
     ).devices[0]
-    assert one.channels[2].multiplier == 1.0
-    assert one.channels[3].multiplier == 0.01
+    assert one.channels[2].multiplier == 2.0
+    assert one.channels[3].multiplier == 1.0
 
 
 def test_template_errors_point_at_the_profile(tmp_path: Path) -> None:
