@@ -223,3 +223,15 @@ def test_pmc1_worked_example_with_the_stated_pulse_value(tmp_path: Path) -> None
     delta = vector["inputs"]["pulse_count_delta"]
     got = Decimal(delta) * Decimal(repr(device.channels[0].multiplier))
     assert got == Decimal(repr(vector["value"]))
+
+
+def test_golden_meter_serves_the_raw_registers() -> None:
+    """The simulator side: a meter built from a golden table answers with the table's
+    raw words at the table's addresses (PM8000 energy delivered, reg 3204 -> 3203)."""
+    from edged.sim.golden import golden_meter
+    from edged.sim.meter import Table
+
+    meter = golden_meter(table("pm8000"))
+    assert meter.read_registers(Table.HOLDING, 3203, 4) == (0x0000, 0x0000, 0x0001, 0xE240)
+    # DATETIME at 1844 (reg 1845), the first vector of the clock (no day-of-week bits)
+    assert meter.read_registers(Table.HOLDING, 1844, 4) == (0x001A, 0x0C06, 0x031F, 0x5208)

@@ -233,12 +233,14 @@ def register_image(rows: Iterable[GoldenRow]) -> dict[tuple[str, int], int]:
 
 
 def golden_meter(table: GoldenTable, rows: Sequence[GoldenRow] | None = None) -> SimulatedMeter:
-    """A meter serving the golden registers (every row, variants excluded, or ``rows``).
+    """A meter serving the golden registers of ``rows`` (default: every row of the
+    table), variants excluded; template circuits are served when their expanded
+    rows (:meth:`GoldenTable.rows_for`) are passed.
 
     Unlisted registers between listed ones read as 0 (``fill_gaps``), as on
     meters that answer reads spanning unused registers; above the highest
     listed register a read is an illegal-address exception."""
-    chosen = [r for r in table.rows if r.variant is None] if rows is None else list(rows)
+    chosen = [r for r in (table.rows if rows is None else rows) if r.variant is None]
     points = [
         StaticPoint(f"{function}.{address}", address, word, Table(function), DataType.UINT16)
         for (function, address), word in sorted(register_image(chosen).items())
