@@ -38,6 +38,7 @@ from edged.core.plan import (
     DevicePlan,
     plan_device,
 )
+from edged.core.scale import rescaled
 from edged.core.schedule import next_boundary
 from edged.core.time.flags import TimeFlags
 from edged.io.bus import Priority
@@ -298,6 +299,8 @@ class DevicePoller:
         self._on_records = on_records
         self._on_peak = on_peak
         self._on_measurement = on_measurement
+        # Last exponent of each scale-registered channel (SCALE_CHANGED on a change).
+        self._scale_factors: dict[str, int] = {}
         # End of the interval the next boundary read closes: time events
         # (steps, AMT ending, outages) after it flag that interval.
         known = [st.counter_at for st in states.values() if st.counter_at is not None]
@@ -444,8 +447,11 @@ class DevicePoller:
             self._interval_since = read_at
         elif self._interval_since is None:
             self._interval_since = read_at
+        changed = rescaled(self._scale_factors, result.scale_factors)
+        self._scale_factors.update(result.scale_factors)
         read = Read(
             flags=flags,
+            rescaled=changed,
             device=self.device.id,
             boundary=boundary,
             read_at=read_at,

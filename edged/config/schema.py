@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from edged.config.registers import NOTATION_HELP, REGISTER_NUMBER_HELP, normalise
 from edged.core.model import Flag
 from edged.core.registers import DataType, register_count
 from edged.core.units import parse_duration_s, parse_size_bytes
@@ -168,8 +169,9 @@ def _order_to_words(data: Any) -> Any:
 
 
 def _register_shorthand(value: Any) -> Any:
-    """`scale_register: 40` is shorthand for `scale_register: {register: 40}`."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    """`scale_register: 40` is shorthand for `scale_register: {register: 40}`
+    (a register-list string such as "4x0041" too)."""
+    if isinstance(value, int | str) and not isinstance(value, bool):
         return {"register": value}
     return value
 
@@ -177,9 +179,12 @@ def _register_shorthand(value: Any) -> Any:
 class ScaleRegister(_Strict):
     """A SunSpec-style scale factor: value = raw x 10**sf, sf read from this register."""
 
-    address: int = Field(alias="register", ge=0, le=65535, description="0-based register address")
+    address: int = Field(alias="register", ge=0, le=65535, description=NOTATION_HELP)
+    register_number: int | None = Field(None, description=REGISTER_NUMBER_HELP)
     function: Literal["holding", "input"] = "holding"
     type: Literal["int16"] = "int16"
+
+    _notation = model_validator(mode="before")(normalise)
 
 
 class _RegisterMap(_Strict):
@@ -187,7 +192,8 @@ class _RegisterMap(_Strict):
 
     name: str = Field(pattern=IDENT_RE)
     # `register` in YAML; renamed here because BaseModel already has `register`.
-    address: int = Field(alias="register", ge=0, le=65535, description="0-based register address")
+    address: int = Field(alias="register", ge=0, le=65535, description=NOTATION_HELP)
+    register_number: int | None = Field(None, description=REGISTER_NUMBER_HELP)
     function: Literal["holding", "input"] = "holding"
     type: DataType = "uint32"
     word_order: Literal["big", "little"] = "big"
@@ -210,6 +216,7 @@ class _RegisterMap(_Strict):
     _ratio_factor: float = PrivateAttr(1.0)
 
     _words = model_validator(mode="before")(_order_to_words)
+    _notation = model_validator(mode="before")(normalise)
 
     @model_validator(mode="after")
     def _check_register_map(self) -> _RegisterMap:
@@ -322,7 +329,8 @@ class Measurements(_Strict):
 class StatusWord(_Strict):
     """A meter status register whose bits map to interval flags."""
 
-    address: int = Field(alias="register", ge=0, le=65535, description="0-based register address")
+    address: int = Field(alias="register", ge=0, le=65535, description=NOTATION_HELP)
+    register_number: int | None = Field(None, description=REGISTER_NUMBER_HELP)
     function: Literal["holding", "input"] = "holding"
     type: Literal["uint16", "uint32", "uint64"] = "uint16"
     word_order: Literal["big", "little"] = "big"
@@ -331,6 +339,7 @@ class StatusWord(_Strict):
     bits: dict[int, Flag] = Field(min_length=1, description="bit (0 = LSB) -> flag name")
 
     _words = model_validator(mode="before")(_order_to_words)
+    _notation = model_validator(mode="before")(normalise)
 
     @field_validator("bits")
     @classmethod
@@ -350,7 +359,8 @@ class MeterClock(_Strict):
     """
 
     format: Literal["epoch", "ymdhms", "datetime4"] = "epoch"
-    address: int = Field(alias="register", ge=0, le=65535, description="0-based register address")
+    address: int = Field(alias="register", ge=0, le=65535, description=NOTATION_HELP)
+    register_number: int | None = Field(None, description=REGISTER_NUMBER_HELP)
     function: Literal["holding", "input"] = "holding"
     type: Literal["uint32", "int32", "uint64", "int64"] = "uint32"
     word_order: Literal["big", "little"] = "big"
@@ -359,6 +369,7 @@ class MeterClock(_Strict):
     timezone: ZoneName = Field("UTC", description="zone of a ymdhms/datetime4 wall clock")
 
     _words = model_validator(mode="before")(_order_to_words)
+    _notation = model_validator(mode="before")(normalise)
 
 
 def _one_or_many(value: Any) -> Any:

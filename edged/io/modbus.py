@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
@@ -668,6 +668,8 @@ class DeviceRead:
     queued_s: float
     duration_s: float
     notes: tuple[str, ...]
+    # power-of-ten exponent per scale-registered value (PlanResult.scale_factors)
+    scale_factors: Mapping[str, int] = field(default_factory=dict)
 
 
 async def read_device(
@@ -691,7 +693,8 @@ async def read_device(
     at_s = None if reference_s is None else reference_s + raw.queued_s
     result = apply_plan(plan, raw.values, at_s)
     return DeviceRead(result.values, result.flags, result.meter_clock_offset_s, raw.registers,
-                      None, raw.queued_s, raw.duration_s, raw.notes + result.problems)  # fmt: skip
+                      None, raw.queued_s, raw.duration_s, raw.notes + result.problems,
+                      result.scale_factors)  # fmt: skip
 
 
 def _short(exc: Exception) -> str:

@@ -592,6 +592,10 @@ def _read_outcome(read: Read, channel: Channel) -> tuple[Counter | None, frozens
     value = _normalise(raw, channel)
     if value is None and isinstance(raw, float):
         flags.add(Flag.DEVICE_ERROR)  # NaN/inf: the meter says "data not valid"
+    if channel.name in read.rescaled:
+        # Both ends are raw x 10**sf with their own sf, so the delta is right only
+        # if the meter rescaled its counter consistently: worth a look, not a value.
+        flags.add(Flag.SCALE_CHANGED)
     return value, frozenset(flags)
 
 
