@@ -15,6 +15,7 @@ only while the loop and every poller make progress (`edged.io.sdnotify`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -517,10 +518,15 @@ class App:
         except ValueError as exc:  # a device the links or register planner refuse
             self._reject_config(path, [f"{path}: {exc}"])
             return
+        except Exception as exc:  # whatever else a file can provoke: keep running
+            log.exception("config reload failed")
+            self._reject_config(path, [f"{path}: {type(exc).__name__}: {exc}"])
+            return
         pending = restart_required(self.settings, new)
         self.settings = applied_settings(self.settings, new)
         self._after_reload(new)
-        self._config_hash = config_hash(path)
+        with contextlib.suppress(OSError):  # the file may be gone again already
+            self._config_hash = config_hash(path)
         self._restart_required = pending
         self._record_event(self._reloaded_event(diff, pending))
         if self.publisher is not None:
