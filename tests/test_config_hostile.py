@@ -14,6 +14,19 @@ import pytest
 
 from edged.cli.main import main
 from edged.config.load import ConfigError, load_settings
+from edged.sim.meter import MeterServer
+from tests.conftest import Broker, collect
+from tests.test_e2e import intervals
+from tests.test_process import (
+    NotifyDaemon,
+    assert_unbroken,
+    events,
+    notifications,
+    pmc1,
+    pmc1_meter,
+    series,
+    unit_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,3 +191,48 @@ def test_config_fuzzer_zero_tracebacks(tmp_path: Path, capsys: pytest.CaptureFix
     assert sys.getrecursionlimit() == limit
     assert outcomes["rejected"] > FUZZ_RUNS // 2, outcomes
     print("config fuzz outcomes:", outcomes)
+
+
+# ---------------------------------------------------------------------------
+# SIGHUP with hostile files: the daemon keeps running the old config
+
+
+@pytest.mark.integration
+async def test_sighup_with_hostile_yaml_keeps_the_daemon_up(
+    tmp_path: Path, broker: Broker, ntp_port: int
+) -> None:
+    async with MeterServer({1: pmc1_meter()}) as server, collect(broker, "edged/#") as got:
+        port = await server.start_tcp()
+        config = tmp_path / "edged.yaml"
+        good = unit_config(port, ntp_port, broker, tmp_path, pmc1("unit1", port, 1))
+        config.write_text(good)
+        async with notifications(tmp_path) as (socket_path, _notes):
+            d = NotifyDaemon(config, tmp_path / "edged.log", socket_path)
+            await d.start()
+            try:
+                await got.wait_for(lambda c: len(intervals(c)) >= 2, 20, "2 intervals")
+                hostile = [
+                    "base: &b {interval: 1s}\n" + good + "    <<: *b\n",
+                    good.replace("host: 127.0.0.1,", "host: !env HOST,", 1),
+                    good + "    ? [a, b]\n    : 1\n",
+                    BILLION_LAUGHS.replace(HEAD + DEVICE, "") + good,
+                ]
+                for n, text in enumerate(hostile, start=1):
+                    config.write_text(text)
+                    await d.reload()
+                    await got.wait_for(
+                        lambda c, n=n: len(events(c, "config_rejected")) >= n, 15, f"reject {n}"
+                    )
+                    assert d.process is not None
+                    assert d.process.returncode is None
+                before = len(intervals(got))
+                await got.wait_for(lambda c: len(intervals(c)) >= before + 2, 10, "intervals")
+                assert await d.stop() == 0
+            finally:
+                await d.ensure_stopped()
+    rejected = events(got, "config_rejected")
+    assert len(rejected) == len(hostile)
+    for event in rejected:
+        (problem,) = event["details"]["problems"]
+        assert re.match(rf"{re.escape(str(config))}:\d+ ", problem), problem
+    assert_unbroken(series(got, "unit1", "energy_import")[1:], "unit1")
