@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from edged.cli.main import main
 from edged.config.load import ConfigError, load_settings
 from edged.sim.meter import MeterServer
-from tests.conftest import Broker, collect
+from tests.conftest import Broker, Collector, collect
 from tests.test_e2e import intervals
 from tests.test_process import (
     NotifyDaemon,
@@ -197,6 +198,10 @@ def test_config_fuzzer_zero_tracebacks(tmp_path: Path, capsys: pytest.CaptureFix
 # SIGHUP with hostile files: the daemon keeps running the old config
 
 
+def rejections(n: int) -> Callable[[Collector], bool]:
+    return lambda c: len(events(c, "config_rejected")) >= n
+
+
 @pytest.mark.integration
 async def test_sighup_with_hostile_yaml_keeps_the_daemon_up(
     tmp_path: Path, broker: Broker, ntp_port: int
@@ -220,9 +225,7 @@ async def test_sighup_with_hostile_yaml_keeps_the_daemon_up(
                 for n, text in enumerate(hostile, start=1):
                     config.write_text(text)
                     await d.reload()
-                    await got.wait_for(
-                        lambda c, n=n: len(events(c, "config_rejected")) >= n, 15, f"reject {n}"
-                    )
+                    await got.wait_for(rejections(n), 15, f"reject {n}")
                     assert d.process is not None
                     assert d.process.returncode is None
                 before = len(intervals(got))
