@@ -68,7 +68,7 @@ from edged.core.time.timebase import TimebaseConfig, TimeSource, TimeTransition,
 from edged.core.virtual.meters import VirtualMeters
 from edged.core.virtual.plan import plan_virtual_meter
 from edged.io.clock import BoundaryWaiter, Clock, SystemClock
-from edged.io.mqtt import Publisher, default_client_id
+from edged.io.mqtt import Publisher, Refusal, default_client_id
 from edged.io.ntp import NtpReferenceClock, SystemReferenceClock
 from edged.io.sdnotify import Notifier, Systemd, run_watchdog
 from edged.io.store import OutboxDepth, Store
@@ -194,8 +194,31 @@ class App:
             "outbox_depth": outbox.count if outbox is not None else None,
             "outbox_oldest_age_s": oldest_s,
             **self._disk_status(),
+            **self._publish_status(),
             "updated_at": iso_utc(self.clock.now()),
         }
+
+    def _publish_status(self) -> dict[str, Any]:
+        if self.publisher is None:
+            return {}
+        return {"publish": self.publisher.refusals.status()}
+
+    def _publish_refused(self, refusal: Refusal) -> None:
+        """The broker refused publishes (MQTT 5 PUBACK reason code): they stay
+        in the outbox and are retried; operators must hear of it."""
+        self._record_event(
+            Event(
+                device=None,
+                kind="publish_refused",
+                at=self.clock.now(),
+                message=f"the broker refused {refusal.count} publish(es) ({refusal.reason}, "
+                f"e.g. {refusal.topic}); kept in the outbox and retried",
+                details={"count": refusal.count, "topic": refusal.topic,
+                         "reason_code": refusal.reason_code, "reason": refusal.reason},
+            )
+        )  # fmt: skip
+        if self.publisher is not None:
+            self.publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
 
     def _disk_status(self) -> dict[str, Any]:
         if self.housekeeper is None:
@@ -379,6 +402,7 @@ class App:
                                 "state": "offline", "version": __version__}),
         )  # fmt: skip
         self.publisher = publisher
+        publisher.on_refused(self._publish_refused)
         self._outbox = await store.outbox_depth()
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
         recorder = Recorder(store, on_committed=publisher.wake)
