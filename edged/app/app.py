@@ -15,6 +15,7 @@ only while the loop and every poller make progress (`edged.io.sdnotify`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -67,7 +68,7 @@ from edged.core.time.timebase import TimebaseConfig, TimeSource, TimeTransition,
 from edged.core.virtual.meters import VirtualMeters
 from edged.core.virtual.plan import plan_virtual_meter
 from edged.io.clock import BoundaryWaiter, Clock, SystemClock
-from edged.io.mqtt import Publisher, default_client_id
+from edged.io.mqtt import Publisher, Refusal, default_client_id
 from edged.io.ntp import NtpReferenceClock, SystemReferenceClock
 from edged.io.sdnotify import Notifier, Systemd, run_watchdog
 from edged.io.store import OutboxDepth, Store
@@ -194,8 +195,31 @@ class App:
             "outbox_depth": outbox.count if outbox is not None else None,
             "outbox_oldest_age_s": oldest_s,
             **self._disk_status(),
+            **self._publish_status(),
             "updated_at": iso_utc(self.clock.now()),
         }
+
+    def _publish_status(self) -> dict[str, Any]:
+        if self.publisher is None:
+            return {}
+        return {"publish": self.publisher.refusals.status()}
+
+    def _publish_refused(self, refusal: Refusal) -> None:
+        """The broker refused publishes (MQTT 5 PUBACK reason code): they stay
+        in the outbox and are retried; operators must hear of it."""
+        self._record_event(
+            Event(
+                device=None,
+                kind="publish_refused",
+                at=self.clock.now(),
+                message=f"the broker refused {refusal.count} publish(es) ({refusal.reason}, "
+                f"e.g. {refusal.topic}); kept in the outbox and retried",
+                details={"count": refusal.count, "topic": refusal.topic,
+                         "reason_code": refusal.reason_code, "reason": refusal.reason},
+            )
+        )  # fmt: skip
+        if self.publisher is not None:
+            self.publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
 
     def _disk_status(self) -> dict[str, Any]:
         if self.housekeeper is None:
@@ -381,6 +405,7 @@ class App:
                                 "state": "offline", "version": __version__}),
         )  # fmt: skip
         self.publisher = publisher
+        publisher.on_refused(self._publish_refused)
         self._outbox = await store.outbox_depth()
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
         recorder = Recorder(store, on_committed=publisher.wake)
@@ -520,10 +545,15 @@ class App:
         except ValueError as exc:  # a device the links or register planner refuse
             self._reject_config(path, [f"{path}: {exc}"])
             return
+        except Exception as exc:  # whatever else a file can provoke: keep running
+            log.exception("config reload failed")
+            self._reject_config(path, [f"{path}: {type(exc).__name__}: {exc}"])
+            return
         pending = restart_required(self.settings, new)
         self.settings = applied_settings(self.settings, new)
         self._after_reload(new)
-        self._config_hash = config_hash(path)
+        with contextlib.suppress(OSError):  # the file may be gone again already
+            self._config_hash = config_hash(path)
         self._restart_required = pending
         self._record_event(self._reloaded_event(diff, pending))
         if self.publisher is not None:

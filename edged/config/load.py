@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from edged.config import safe_yaml
 from edged.config.registers import address_hint, normalise, parse_register_text
 from edged.config.schema import (
     IDENT_RE,
@@ -29,6 +29,7 @@ from edged.core.errors import EdgedError
 from edged.core.plan import check_links
 from edged.core.virtual.plan import VirtualMeterError, plan_virtual_meter
 
+_YAML_LIMITS = safe_yaml.Limits()
 SHIPPED_PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 SYSTEM_PROFILES_DIR = Path("/etc/edged/profiles")
 
@@ -82,47 +83,23 @@ class _Located:
     lines: Mapping[KeyPath, int]  # path -> 1-based line of the key (or item)
 
 
-def _construct(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> Any:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        result: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = (
-                yaml.safe_load(yaml.serialize(key_node))
-                if not isinstance(key_node, yaml.ScalarNode)
-                else _scalar(key_node)
-            )
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            result[key] = _construct(value_node, (*path, key), lines)
-        return result
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, (*path, i), lines) for i, item in enumerate(node.value)]
-    return _scalar(node)
-
-
-def _scalar(node: yaml.Node) -> Any:
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    finally:
-        loader.dispose()
-
-
 def _load_yaml(path: Path) -> _Located:
     name = str(path)
     try:
+        size = path.stat().st_size
+        if size > _YAML_LIMITS.max_bytes:
+            raise ConfigError(
+                [Problem(name, None, "", f"file larger than {_YAML_LIMITS.max_bytes} bytes")]
+            )
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([Problem(name, None, "", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(name, None, "", f"not UTF-8 text: {exc.reason}")]) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([Problem(name, line, "", f"invalid YAML: {problem}")]) from None
-    lines: dict[KeyPath, int] = {}
-    data = _construct(node, (), lines) if node is not None else None
+        data, lines = safe_yaml.build(text, _YAML_LIMITS)
+    except safe_yaml.YamlRefused as exc:
+        raise ConfigError([Problem(name, exc.line, "", exc.message)]) from None
     return _Located(name, data, lines)
 
 
@@ -534,8 +511,21 @@ def load_settings(path: Path | str) -> Settings:
 def load_settings_with_warnings(path: Path | str) -> tuple[Settings, tuple[Problem, ...]]:
     """:func:`load_settings`, plus the warnings check-config prints: values that
     are valid but probably wrong (an address that looks like a 4xxxx register
-    number, a value the profile only assumes), each with its file:line."""
-    config_path = Path(path)
+    number, a value the profile only assumes), each with its file:line.
+
+    Nothing but a ConfigError escapes: a failure this module did not foresee
+    is reported as one too, so neither check-config nor a reload can die of a
+    file's contents."""
+    try:
+        return _load_settings(Path(path))
+    except ConfigError:
+        raise
+    except (Exception, RecursionError) as exc:
+        problem = Problem(str(path), None, "", f"cannot load: {type(exc).__name__}: {exc}")
+        raise ConfigError([problem]) from exc
+
+
+def _load_settings(config_path: Path) -> tuple[Settings, tuple[Problem, ...]]:
     warnings: list[Problem] = []
     doc = _load_yaml(config_path)
     if not isinstance(doc.data, dict):

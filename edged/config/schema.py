@@ -266,7 +266,9 @@ class Channel(_RegisterMap):
         None,
         gt=0,
         description="highest plausible demand (kW for a kWh channel); a counter wrap implying "
-        "more is a COUNTER_RESET. Default: half the counter modulus per interval",
+        "more is a COUNTER_RESET. Default: the device's rated power (rated_power_kva, or "
+        "meter_rating x CT x VT) x plausibility_margin; without either, half the counter "
+        "modulus per interval",
     )
     limits: Limits | None = Field(None, description="interval values outside are OUT_OF_RANGE")
 
@@ -276,9 +278,19 @@ class Channel(_RegisterMap):
             raise ValueError("scale of an energy counter must be positive")
         return self
 
+    # Set by the owning Device from its rating: the physical demand limit
+    # (unit per hour) used when max_demand is not configured.
+    _rated_demand: float | None = PrivateAttr(None)
+
     @property
     def unit_label(self) -> str:
         return self.unit
+
+    @property
+    def plausible_demand(self) -> float | None:
+        """The demand limit (unit per hour) a counter step is judged by:
+        ``max_demand``, else the device's rated power x margin, else None."""
+        return self.max_demand if self.max_demand is not None else self._rated_demand
 
     @functools.cached_property
     def multiplier(self) -> float:
@@ -372,6 +384,26 @@ class MeterClock(_Strict):
     _notation = model_validator(mode="before")(normalise)
 
 
+class MeterRating(_Strict):
+    """The meter's own (secondary side) rating from its nameplate or data sheet."""
+
+    voltage_ln_v: float = Field(gt=0, description="highest line-to-neutral voltage, V")
+    current_max_a: float = Field(gt=0, description="highest current (Imax), A")
+    phases: int = Field(3, ge=1, le=3, description="measuring elements")
+
+
+# Energy units by the factor from kVAh-family units: demand limits are kept in
+# kVA and converted to the channel's unit per hour.
+_PER_KILO = {"": 1000.0, "k": 1.0, "M": 0.001}
+
+
+def _unit_per_kilo(unit: str) -> float | None:
+    for base in ("Wh", "varh", "VAh"):
+        if unit.endswith(base):
+            return _PER_KILO.get(unit[: -len(base)])
+    return None
+
+
 def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, dict) else value
 
@@ -395,6 +427,21 @@ class Device(_Strict):
     )
     ct_ratio: float = Field(1.0, gt=0, description="primary/secondary CT ratio, e.g. 200 (1000:5)")
     vt_ratio: float = Field(1.0, gt=0, description="primary/secondary VT ratio, e.g. 100")
+    rated_power_kva: float | None = Field(
+        None,
+        gt=0,
+        description="highest apparent power the metered connection can carry (primary side, "
+        "kVA: transformer or feeder rating); times plausibility_margin it is the default "
+        "max_demand of the energy channels",
+    )
+    meter_rating: MeterRating | None = Field(
+        None,
+        description="the meter's secondary rating; phases x V x Imax x CT x VT is the rated "
+        "power when rated_power_kva is not set",
+    )
+    plausibility_margin: float = Field(
+        1.5, ge=1, le=100, description="rated power x this is the highest plausible demand"
+    )
     max_gap: int = Field(
         8, ge=0, le=124, description="unused registers a read may span to merge two reads"
     )
@@ -427,7 +474,22 @@ class Device(_Strict):
         for point in points:
             point._ratio_factor = point.ratio_factor_for(self.ct_ratio, self.vt_ratio)
             point.__dict__.pop("multiplier", None)
+        rated_kva = self.rated_kva
+        for channel in self.channels:
+            per_kilo = _unit_per_kilo(channel.unit)
+            if rated_kva is not None and per_kilo is not None:
+                channel._rated_demand = rated_kva * self.plausibility_margin * per_kilo
         return self
+
+    @property
+    def rated_kva(self) -> float | None:
+        """The connection's rated apparent power (primary side), if known."""
+        if self.rated_power_kva is not None:
+            return self.rated_power_kva
+        r = self.meter_rating
+        if r is None:
+            return None
+        return r.phases * r.voltage_ln_v * r.current_max_a * self.ct_ratio * self.vt_ratio / 1000
 
     @property
     def interval_s(self) -> int:
