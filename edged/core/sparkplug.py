@@ -16,7 +16,7 @@ from enum import IntEnum, StrEnum
 from typing import Any
 
 from edged.core import flags as flag_table
-from edged.core.model import Interval, Quality, iso_utc, parse_iso_utc
+from edged.core.model import Interval, Quality
 
 NAMESPACE = "spBv1.0"
 # The metric a Primary Host (or an operator) writes true to ask for births.
@@ -170,10 +170,6 @@ def measurement_metrics(values: Mapping[str, float | int | None], at: datetime) 
 
 
 # -- outbox rows ---------------------------------------------------------------
-
-
-def _value_json(value: Value) -> Value:
-    return value
 
 
 def row_payload(device: str, metric: Metric) -> bytes:
@@ -332,13 +328,3 @@ def decide_command(
         else:
             refused.append(name if name is not None else "(alias only)")
     return CommandDecision(rebirth=rebirth, refused=tuple(refused))
-
-
-def command_event_details(
-    kind: MessageType, device: str | None, refused: Sequence[str], at: datetime
-) -> dict[str, Any]:
-    return {"type": str(kind), "device": device, "metrics": list(refused), "at": iso_utc(at)}
-
-
-def parse_time_ms(text: str) -> int:
-    return epoch_ms(parse_iso_utc(text))
