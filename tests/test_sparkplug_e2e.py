@@ -35,7 +35,13 @@ NODE = "test-site"
 OPC = {"actual": 192, "suspect": 64, "estimated": 64, "missing": 0}
 
 
-def write_config(tmp_path: Path, broker: Broker, modbus_port: int) -> Path:
+def write_config(
+    tmp_path: Path,
+    broker: Broker,
+    modbus_port: int,
+    units: tuple[int, ...] = UNITS,
+    sparkplug: str = "",
+) -> Path:
     devices = "".join(
         f"""\
   - id: unit{unit}
@@ -50,7 +56,7 @@ def write_config(tmp_path: Path, broker: Broker, modbus_port: int) -> Path:
       every: 100ms
       points: [{{name: pulses, register: 0, type: uint32, unit: count}}]
 """
-        for unit in UNITS
+        for unit in units
     )
     config = tmp_path / "edged.yaml"
     config.write_text(
@@ -68,7 +74,7 @@ status_every: 1s
 sparkplug:
   enabled: true
   group_id: {GROUP}
-devices:
+{sparkplug}devices:
 """
         + devices
     )
@@ -89,6 +95,8 @@ class Seen:
         payload = message.payload
         assert isinstance(payload, bytes)
         name = message.topic.value
+        if name.startswith("spBv1.0/STATE/"):
+            return  # the host's own JSON STATE
         if name.startswith("spBv1.0/"):
             self.sparkplug.append(spb.Message(name, payload))
         else:
@@ -282,17 +290,17 @@ def check_births(seen: Seen) -> None:
     assert len(set(aliases)) == len(aliases), "aliases unique across the edge node"
 
 
-def check_seq(seen: Seen) -> None:
+def check_seq(seen: Seen, wraps: int = 1) -> None:
     """Within a session, every message's seq is the previous one's + 1 mod 256."""
-    wraps = 0
+    seen_wraps = 0
     for session in sessions(seen.sparkplug):
         seqs = [m.decoded().seq for m in session]
         assert seqs[0] == 0
         for a, b in itertools.pairwise(seqs):
             assert b == (a + 1) % 256, [(m.kind, m.device, m.decoded().seq) for m in session]
-            wraps += a == 255
+            seen_wraps += a == 255
         assert all(m.decoded().HasField("seq") for m in session)
-    assert wraps >= 1
+    assert seen_wraps >= wraps
 
 
 def check_rebirth_and_commands(seen: Seen) -> None:
@@ -334,3 +342,47 @@ def check_against_json(seen: Seen) -> None:
         )
     assert compared >= 3 * len(UNITS)
     assert historical >= 1
+
+
+def state(online: bool) -> bytes:
+    return json.dumps({"online": online, "timestamp": int(time.time() * 1000)}).encode()
+
+
+async def test_births_wait_for_the_primary_host_and_devices_die_and_are_reborn(
+    tmp_path: Path, broker: Broker
+) -> None:
+    from edged.sim.faults import Fault
+
+    seen = Seen()
+    async with meter((1, 2)) as (server, port), listen(broker, seen) as host:
+        config = write_config(tmp_path, broker, port, (1, 2), "  primary_host_id: scada\n")
+        await host.publish("spBv1.0/STATE/scada", state(False), qos=1, retain=True)
+        async with daemon(config, tmp_path) as d:
+            # The host is offline: edged runs (JSON records flow) but stays unborn.
+            await wait_for(lambda: len(json_intervals(seen)) >= 4, 20, "JSON records")
+            assert seen.of("NBIRTH") == []
+            await host.publish("spBv1.0/STATE/scada", state(True), qos=1, retain=True)
+            await wait_for(lambda: bool(seen.of("NBIRTH")), 10, "NBIRTH once the host is online")
+            # What waited for the host is store-and-forward data.
+            await wait_for(lambda: any(h for _, h in interval_metrics(seen)), 10, "historical data")
+            # A meter that stops answering: DDEATH; answering again: DBIRTH.
+            server.meters[1].set_fault(Fault.silent(), for_s=2.5)
+            await wait_for(lambda: bool(seen.of("DDEATH")), 10, "DDEATH")
+            await wait_for(
+                lambda: len([m for m in seen.of("DBIRTH") if m.device == "unit1"]) >= 2,
+                15,
+                "DBIRTH when unit1 answers again",
+            )
+            birth = seen.of("NBIRTH")[-1].decoded()
+            # The host goes away: edged says NDEATH itself and waits again.
+            await host.publish("spBv1.0/STATE/scada", state(False), qos=1, retain=True)
+            await wait_for(lambda: bool(seen.of("NDEATH")), 10, "NDEATH")
+            assert await d.stop() == 0
+        await host.publish("spBv1.0/STATE/scada", b"", qos=1, retain=True)
+    (ddeath,) = seen.of("DDEATH")
+    assert ddeath.device == "unit1"
+    assert list(ddeath.decoded().metrics) == []
+    death = seen.of("NDEATH")[0].decoded()
+    assert death.metrics[0].long_value == metric_names(birth)["bdSeq"].long_value
+    assert len(seen.of("NBIRTH")) == 1
+    check_seq(seen, wraps=0)
