@@ -35,7 +35,7 @@ from edged.core.sparkplug import (
     state_topic,
     topic,
 )
-from edged.io.sparkplug_pb import decode_metrics, encode_payload
+from edged.io.sparkplug_pb import decode_metrics, decode_payload, encode_payload
 from tests import sparkplug_decoder as spb
 
 END = datetime(2026, 11, 21, 0, 15, tzinfo=UTC)
@@ -303,3 +303,19 @@ def test_commands_written_by_a_host_are_read() -> None:
     )
     received = decode_metrics(encoded)
     assert [(m.name, m.value) for m in received] == [("Node Control/Rebirth", True), ("x", 1.25)]
+
+
+def test_decoder_reads_seq_timestamps_and_properties_written_by_protobuf() -> None:
+    pb = spb.generated()
+    payload = pb.Payload(timestamp=1, seq=17)
+    metric = payload.metrics.add(alias=12, timestamp=END_MS, is_historical=True)
+    metric.double_value = 2.5
+    metric.properties.keys.extend(["Quality", "engUnit"])
+    metric.properties.values.add(type=3, int_value=64)
+    metric.properties.values.add(type=12, string_value="kWh")
+    decoded = decode_payload(payload.SerializeToString())
+    assert decoded.seq == 17
+    (got,) = decoded.metrics
+    assert (got.name, got.alias, got.value, got.timestamp_ms) == (None, 12, 2.5, END_MS)
+    assert got.is_historical
+    assert got.properties == (("Quality", 64), ("engUnit", "kWh"))

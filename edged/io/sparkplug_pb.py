@@ -188,42 +188,107 @@ def _fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
         yield field_no, wire_type, value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ReceivedMetric:
     name: str | None
     alias: int | None
     value: Value
+    timestamp_ms: int | None = None
+    is_historical: bool = False
+    properties: tuple[tuple[str, Value], ...] = ()
+
+
+def _scalar(field_no: int, wire_type: int, raw: int | bytes, first: int) -> Value:
+    """A value field of a Metric (first = 10) or PropertyValue (first = 3):
+    int, long, float, double, boolean, string in that order."""
+    offset = field_no - first
+    if offset in (0, 1) and isinstance(raw, int):
+        return raw
+    if offset == 2 and wire_type == _FIXED32 and isinstance(raw, bytes):
+        return float(struct.unpack("<f", raw)[0])
+    if offset == 3 and wire_type == _FIXED64 and isinstance(raw, bytes):
+        return float(struct.unpack("<d", raw)[0])
+    if offset == 4 and isinstance(raw, int):
+        return bool(raw)
+    if offset == 5 and isinstance(raw, bytes):
+        return raw.decode("utf-8", "replace")
+    return None
+
+
+def _properties(data: bytes) -> tuple[tuple[str, Value], ...]:
+    keys: list[str] = []
+    values: list[Value] = []
+    for field_no, _, raw in _fields(data):
+        if field_no == 1 and isinstance(raw, bytes):
+            keys.append(raw.decode("utf-8", "replace"))
+        elif field_no == 2 and isinstance(raw, bytes):
+            value: Value = None
+            for f, wire_type, r in _fields(raw):
+                if 3 <= f <= 8:
+                    value = _scalar(f, wire_type, r, 3)
+            values.append(value)
+    return tuple(zip(keys, values, strict=False))
 
 
 def _metric(data: bytes) -> ReceivedMetric:
     name: str | None = None
     alias: int | None = None
+    timestamp_ms: int | None = None
+    historical = False
+    properties: tuple[tuple[str, Value], ...] = ()
     value: Value = None
     for field_no, wire_type, raw in _fields(data):
         if field_no == 1 and isinstance(raw, bytes):
             name = raw.decode("utf-8", "replace")
         elif field_no == 2 and isinstance(raw, int):
             alias = raw
-        elif field_no in (10, 11) and isinstance(raw, int):
-            value = raw
-        elif field_no == 12 and wire_type == _FIXED32 and isinstance(raw, bytes):
-            value = struct.unpack("<f", raw)[0]
-        elif field_no == 13 and wire_type == _FIXED64 and isinstance(raw, bytes):
-            value = struct.unpack("<d", raw)[0]
-        elif field_no == 14 and isinstance(raw, int):
-            value = bool(raw)
-        elif field_no == 15 and isinstance(raw, bytes):
-            value = raw.decode("utf-8", "replace")
-    return ReceivedMetric(name, alias, value)
+        elif field_no == 3 and isinstance(raw, int):
+            timestamp_ms = raw
+        elif field_no == 5 and isinstance(raw, int):
+            historical = bool(raw)
+        elif field_no == 9 and isinstance(raw, bytes):
+            properties = _properties(raw)
+        elif 10 <= field_no <= 15:
+            value = _scalar(field_no, wire_type, raw, 10)
+    return ReceivedMetric(
+        name=name,
+        alias=alias,
+        value=value,
+        timestamp_ms=timestamp_ms,
+        is_historical=historical,
+        properties=properties,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedPayload:
+    seq: int | None
+    metrics: tuple[ReceivedMetric, ...]
+
+
+def decode_payload(payload: bytes) -> ReceivedPayload:
+    """A received payload's seq and metrics (commands; the demo's view)."""
+    seq: int | None = None
+    metrics = []
+    for field_no, _, raw in _fields(payload):
+        if field_no == 2 and isinstance(raw, bytes):
+            metrics.append(_metric(raw))
+        elif field_no == 3 and isinstance(raw, int):
+            seq = raw
+    return ReceivedPayload(seq, tuple(metrics))
 
 
 def decode_metrics(payload: bytes) -> list[ReceivedMetric]:
     """The metrics of a received payload (an NCMD/DCMD): name or alias, and value."""
-    return [
-        _metric(raw)
-        for field_no, _, raw in _fields(payload)
-        if field_no == 2 and isinstance(raw, bytes)
-    ]
+    return list(decode_payload(payload).metrics)
 
 
-__all__ = ["DataType", "DecodeError", "ReceivedMetric", "decode_metrics", "encode_payload"]
+__all__ = [
+    "DataType",
+    "DecodeError",
+    "ReceivedMetric",
+    "ReceivedPayload",
+    "decode_metrics",
+    "decode_payload",
+    "encode_payload",
+]
