@@ -314,12 +314,18 @@ class SparkplugPublisher:
                         metrics=refused)  # fmt: skip
             self._on_event(
                 Event(
-                    device=device,
+                    # A DCMD to an id edged does not know is the gateway's business.
+                    device=device if device in self._specs else None,
                     kind="sparkplug_command_refused",
                     at=self._now(),
                     message=f"Sparkplug {kind} refused (edged writes nothing to meters): "
                     + ", ".join(refused),
-                    details={"topic": name, "type": str(kind), "metrics": refused},
+                    details={
+                        "topic": name,
+                        "type": str(kind),
+                        "sparkplug_device": device,
+                        "metrics": refused,
+                    },
                 )
             )
 
