@@ -8,7 +8,10 @@ own decoder."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -319,3 +322,45 @@ def test_decoder_reads_seq_timestamps_and_properties_written_by_protobuf() -> No
     assert (got.name, got.alias, got.value, got.timestamp_ms) == (None, 12, 2.5, END_MS)
     assert got.is_historical
     assert got.properties == (("Quality", 64), ("engUnit", "kWh"))
+
+
+async def test_sparkplug_rows_share_the_commit_and_only_their_session_sees_them(
+    tmp_path: Path,
+) -> None:
+    """The recorder's tap queues a Sparkplug row per record in the record's own
+    transaction, after its JSON row; each publisher's batch holds only its rows."""
+    from edged.app.poller import Recorder, outbox_pending
+    from edged.core.payloads import Topics
+    from edged.io.store import OutboxMessage, Store
+
+    store = await Store.open(tmp_path / "edged.db")
+    try:
+
+        def tap(records: Sequence[Interval]) -> list[OutboxMessage]:
+            return [
+                OutboxMessage(
+                    "spBv1.0/g/DDATA/tekapo-a/unit1", row_payload("unit1", interval_metric(r))
+                )
+                for r in records
+            ]
+
+        recorder = Recorder(store, on_committed=lambda: None, tap=tap)
+        running = asyncio.create_task(recorder.run())
+        topics = Topics("edged", "tekapo-a")
+        recorder.submit(outbox_pending(store, topics, "tekapo-a", [record()], []))
+        await recorder.flush()
+        await recorder.close()
+        await running
+        json_rows = await store.outbox_batch(10)
+        sparkplug_rows = await store.outbox_batch(10, sparkplug=True)
+        assert [(r.seq, r.topic) for r in json_rows] == [
+            (1, "edged/tekapo-a/device/unit1/interval/energy_import")
+        ]
+        assert [(r.seq, r.topic) for r in sparkplug_rows] == [(2, "spBv1.0/g/DDATA/tekapo-a/unit1")]
+        row = parse_row(sparkplug_rows[0].payload)
+        assert row is not None
+        assert row.metric.value == 252.576
+        assert row.metric.timestamp_ms == END_MS
+        assert (await store.outbox_depth()).count == 2
+    finally:
+        await store.close()

@@ -60,6 +60,7 @@ from edged.core.sparkplug import (
     topic,
 )
 from edged.io.mqtt import (
+    PUBLISH_WINDOW,
     BrokerAddress,
     _unless_dropped,
     _watch_connection,
@@ -487,17 +488,9 @@ class SparkplugPublisher:
                 groups.append((parsed.device, [row], [metric]))
         if drop:
             await self._store.ack(drop)
-        for start in range(0, len(groups), 64):
-            window = groups[start : start + 64]
-            messages = []
-            for device, _, metrics in window:
-                payload = self._encode_data(device, metrics)
-                messages.append((self._topic(MessageType.DDATA, device), payload, 1, False))
-                last = self._last.setdefault(device, {})
-                for metric in metrics:
-                    if not metric.is_historical:
-                        last[metric.name] = metric
-            acked, error = await _unless_dropped(send_window(client, messages), dropped)
+        for start in range(0, len(groups), PUBLISH_WINDOW):
+            window = groups[start : start + PUBLISH_WINDOW]
+            acked, error = await _unless_dropped(self._send(client, window), dropped)
             seqs = [
                 row.seq
                 for (_, grouped, _), ok in zip(window, acked, strict=True)
@@ -508,6 +501,22 @@ class SparkplugPublisher:
                 await self._store.ack(seqs)
             if error is not None:
                 raise error
+
+    async def _send(
+        self, client: aiomqtt.Client, window: Sequence[tuple[str, list[OutboxRow], list[Metric]]]
+    ) -> tuple[list[bool], aiomqtt.MqttError | None]:
+        """Number and publish a window of DDATA in one step of the loop: a
+        measurement published in between would otherwise take a seq out of
+        order (send_window hands every message to paho before it first awaits)."""
+        messages = []
+        for device, _, metrics in window:
+            payload = self._encode_data(device, metrics)
+            messages.append((self._topic(MessageType.DDATA, device), payload, 1, False))
+            last = self._last.setdefault(device, {})
+            for metric in metrics:
+                if not metric.is_historical:
+                    last[metric.name] = metric
+        return await send_window(client, messages)
 
 
 __all__ = ["BD_SEQ_METRIC", "REBIRTH_METRIC", "SparkplugPublisher", "device_specs"]
