@@ -63,6 +63,7 @@ from edged.core.payloads import (
     peak_payload,
 )
 from edged.core.reload import DeviceDiff, applied_settings, restart_required
+from edged.core.sparkplug import NodeFigures
 from edged.core.time.flags import TimeFlags
 from edged.core.time.timebase import TimebaseConfig, TimeSource, TimeTransition, gateway_outage
 from edged.core.virtual.meters import VirtualMeters
@@ -71,6 +72,7 @@ from edged.io.clock import BoundaryWaiter, Clock, SystemClock
 from edged.io.mqtt import Publisher, Refusal, default_client_id
 from edged.io.ntp import NtpReferenceClock, SystemReferenceClock
 from edged.io.sdnotify import Notifier, Systemd, run_watchdog
+from edged.io.sparkplug import SparkplugPublisher, device_specs
 from edged.io.store import OutboxDepth, Store
 
 log = structlog.get_logger("edged.app.app")
@@ -155,6 +157,7 @@ class App:
         self._gateway_status_due = False
         self.store: Store | None = None
         self.publisher: Publisher | None = None
+        self.sparkplug: SparkplugPublisher | None = None
         self._commands: ReplayCommands | None = None
         self.housekeeper: Housekeeper | None = None
 
@@ -334,12 +337,34 @@ class App:
             else round(health.meter_clock_offset_s, 3),
         }
 
+    def _node_figures(self) -> NodeFigures:
+        """The Sparkplug node metrics, from what the gateway status says."""
+        disk = self._disk_status()
+        return NodeFigures(
+            version=__version__,
+            time_state=str(self.clock.time_state),
+            ntp_offset_s=self._time_status().get("ntp_offset_s"),
+            outbox_depth=self._outbox.count if self._outbox is not None else None,
+            disk_used_bytes=disk["disk_used_bytes"],
+            disk_free_bytes=disk["disk_free_bytes"],
+            disk_alarm=disk["disk_alarm"],
+        )
+
+    def _on_measurement(self, topic: str, payload: dict[str, Any]) -> bool:
+        assert self.publisher is not None
+        sent = self.publisher.publish_now(topic, payload)
+        if self.sparkplug is not None:
+            self.sparkplug.publish_measurement(str(payload["device"]), payload)
+        return sent
+
     def _on_health(self, device_id: str, health: DeviceHealth) -> None:
         """After every boundary read: publish the device status only when it is
         news (comms, error counts, meter clock); the status cadence refreshes
         the rest. A status per read was a retained QoS 1 message per meter per
         boundary, half of what a 1000-meter boundary published (bench/boundary.py)."""
         self._device_health[device_id] = health
+        if self.sparkplug is not None:
+            self.sparkplug.device_comms(device_id, health.comms != "offline")
         shown = self._health_shown.get(device_id)
         now = HealthShown.of(health)
         if shown is not None and not shown.news(now):
@@ -408,7 +433,22 @@ class App:
         publisher.on_refused(self._publish_refused)
         self._outbox = await store.outbox_depth()
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
-        recorder = Recorder(store, on_committed=publisher.wake)
+        sparkplug = self.sparkplug = None
+        if settings.sparkplug.enabled:
+            sparkplug = self.sparkplug = SparkplugPublisher(
+                settings.sparkplug, settings.mqtt, store, site=settings.site,
+                devices=device_specs(settings), figures=self._node_figures(),
+                now=self.clock.now, on_event=self._record_event,
+            )  # fmt: skip
+
+        def committed() -> None:
+            publisher.wake()
+            if sparkplug is not None:
+                sparkplug.wake()
+
+        recorder = Recorder(
+            store, on_committed=committed, tap=sparkplug.rows_for if sparkplug else None
+        )
         self._recorder = recorder
         commands = self._commands = None
         if settings.mqtt.commands.enabled:
@@ -445,12 +485,15 @@ class App:
             on_health=self._on_health,
             on_records=self._on_records,
             on_peak=self._on_peak,
-            on_measurement=publisher.publish_now,
+            on_measurement=self._on_measurement if sparkplug else publisher.publish_now,
         )
         try:
             async with asyncio.TaskGroup() as group:
                 recorder_task = group.create_task(recorder.run(), name="recorder")
                 publisher_task = group.create_task(publisher.run(), name="publisher")
+                sparkplug_task = (
+                    group.create_task(sparkplug.run(), name="sparkplug") if sparkplug else None
+                )
                 devices = self._devices = DeviceSet(context, group)
                 await devices.apply(settings.devices)
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
@@ -500,6 +543,15 @@ class App:
                 except TimeoutError:
                     log.warning("mqtt not reachable at shutdown; offline status left to last will")
                     publisher_task.cancel()
+                if sparkplug is not None and sparkplug_task is not None:
+                    await sparkplug.stop()
+                    try:
+                        await asyncio.wait_for(
+                            asyncio.shield(sparkplug_task), PUBLISHER_STOP_GRACE_S
+                        )
+                    except TimeoutError:
+                        log.warning("sparkplug NDEATH not sent at shutdown; left to the last will")
+                        sparkplug_task.cancel()
         finally:
             if self._devices is not None:
                 self._devices.close_links()
@@ -568,6 +620,8 @@ class App:
         self._virtual = self._plan_virtual(self.settings, self._virtual)
         if self._commands is not None:
             self._commands.use_settings(self.settings)
+        if self.sparkplug is not None:
+            self.sparkplug.set_devices(device_specs(self.settings))
         logs.configure(new.log.level, new.log.format)
 
     def _reject_config(self, path: Path, problems: list[str]) -> None:
@@ -646,6 +700,8 @@ class App:
             await asyncio.sleep(self.settings.status_every)
             self._outbox = await store.outbox_depth()
             publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+            if self.sparkplug is not None:
+                self.sparkplug.set_figures(self._node_figures())
             # Read counts and last good reads, which change with every read.
             for device_id, health in self._device_health.items():
                 self._publish_device_status(device_id, health)

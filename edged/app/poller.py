@@ -100,8 +100,11 @@ class Recorder:
         store: Store,
         on_committed: Callable[[], None],
         measurement_flush_s: float = MEASUREMENT_FLUSH_S,
+        tap: Callable[[Sequence[Interval]], Sequence[OutboxMessage]] | None = None,
     ) -> None:
         self._store = store
+        # More outbox rows for the same records (Sparkplug), in the same commit.
+        self._tap = tap
         self._on_committed = on_committed
         self._queue: asyncio.Queue[Pending | asyncio.Future[None] | None] = asyncio.Queue()
         self.heartbeat = Heartbeat("recorder")
@@ -121,6 +124,10 @@ class Recorder:
             self._measurements.clear()
 
     def submit(self, pending: Pending) -> None:
+        if self._tap is not None and pending.intervals:
+            # Seqs allocated now, right after the records' own: still in commit order.
+            for message in self._tap([record for record, _ in pending.intervals]):
+                pending.messages.append((self._store.allocate_seq(), message))
         self._queue.put_nowait(pending)
 
     def add_measurement(self, measurement: Measurement) -> None:

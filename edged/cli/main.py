@@ -106,7 +106,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from edged.cli.demo import run_demo
 
     try:
-        return asyncio.run(run_demo(args.duration, args.plain, args.interval))
+        return asyncio.run(
+            run_demo(args.duration, args.plain, args.interval, sparkplug=args.sparkplug)
+        )
     except KeyboardInterrupt:
         return 0
 
@@ -371,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one line per interval instead of the live table")  # fmt: skip
     p.add_argument("--interval", type=int, default=10, metavar="S",
                    help="interval length in seconds (default 10; must divide a day)")  # fmt: skip
+    p.add_argument("--sparkplug", action="store_true",
+                   help="also publish Sparkplug B (docs/sparkplug.md), shown decoded")  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
     def db_arg(p: argparse.ArgumentParser) -> None:

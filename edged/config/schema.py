@@ -634,6 +634,28 @@ class Mqtt(_Strict):
         return urls
 
 
+class Sparkplug(_Strict):
+    """Sparkplug B output beside the JSON topics (docs/sparkplug.md): its own MQTT
+    session to the `mqtt` brokers, with NDEATH as its last will. Off by default."""
+
+    enabled: bool = Field(False, description="publish Sparkplug B on `spBv1.0/{group_id}/...`")
+    group_id: str = Field(
+        "edged", pattern=r"^[^#+/]+$", description="Sparkplug group id (first topic level)"
+    )
+    edge_node_id: str | None = Field(
+        None, pattern=r"^[^#+/]+$", description="Sparkplug edge node id; default: the site"
+    )
+    primary_host_id: str | None = Field(
+        None,
+        pattern=r"^[^#+/]+$",
+        description="primary host application id: births wait until its STATE says online "
+        "(Sparkplug 3.0); none: publish at once",
+    )
+    client_id: str | None = Field(
+        None, description="MQTT client id of the Sparkplug session; default: edged-sp-{site}-{host}"
+    )
+
+
 class TimeSettings(_Strict):
     """Reference time (docs/time.md). edged never sets the system clock."""
 
@@ -677,6 +699,9 @@ class Settings(_Strict):
     status_every: DurationS = Field(60.0, gt=0)
     devices: tuple[Device, ...] = Field(min_length=1)
     virtual_meters: tuple[VirtualMeter, ...] = ()
+    sparkplug: Sparkplug = Field(
+        Sparkplug(), description="Sparkplug B output (docs/sparkplug.md); off by default"
+    )
 
     @property
     def zone(self) -> zoneinfo.ZoneInfo:
