@@ -67,6 +67,7 @@ from edged.core.time.timebase import TimebaseConfig, TimeSource, TimeTransition,
 from edged.core.virtual.meters import VirtualMeters
 from edged.core.virtual.plan import plan_virtual_meter
 from edged.io.clock import BoundaryWaiter, Clock, SystemClock
+from edged.io.facade import FacadeServer
 from edged.io.mqtt import Publisher, default_client_id
 from edged.io.ntp import NtpReferenceClock, SystemReferenceClock
 from edged.io.sdnotify import Notifier, Systemd, run_watchdog
@@ -156,6 +157,7 @@ class App:
         self.publisher: Publisher | None = None
         self._commands: ReplayCommands | None = None
         self.housekeeper: Housekeeper | None = None
+        self.facade: FacadeServer | None = None
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -194,6 +196,7 @@ class App:
             "outbox_depth": outbox.count if outbox is not None else None,
             "outbox_oldest_age_s": oldest_s,
             **self._disk_status(),
+            **({"facade": self.facade.status()} if self.facade is not None else {}),
             "updated_at": iso_utc(self.clock.now()),
         }
 
@@ -428,6 +431,9 @@ class App:
                 publisher_task = group.create_task(publisher.run(), name="publisher")
                 devices = self._devices = DeviceSet(context, group)
                 await devices.apply(settings.devices)
+                if settings.facade.enabled:
+                    self.facade = self._build_facade(settings, devices)
+                    await self.facade.start()
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
                 housekeeping_task = group.create_task(
                     supervised(housekeeper.run, "housekeeping", self._stop), name="housekeeping"
@@ -451,6 +457,8 @@ class App:
                 await self._stop.wait()
                 notifier.stopping()
                 await reload_task  # a reload in progress completes first
+                if self.facade is not None:
+                    await self.facade.close()
                 await devices.stop()
                 if watchdog_task is not None:
                     # Pings up to here: a slow stop is not a hang; TimeoutStopSec bounds it.
@@ -476,10 +484,17 @@ class App:
                     log.warning("mqtt not reachable at shutdown; offline status left to last will")
                     publisher_task.cancel()
         finally:
+            if self.facade is not None:
+                await self.facade.close()
             if self._devices is not None:
                 self._devices.close_links()
             await store.close()
             log.info("edged stopped")
+
+    @staticmethod
+    def _build_facade(settings: Settings, devices: DeviceSet) -> FacadeServer:
+        units = {d.id: d.transport.unit_id for d in settings.devices}
+        return FacadeServer(settings.facade, devices.link_for, units.get)
 
     # -- reload -----------------------------------------------------------------
 
