@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +29,9 @@ from edged.io.modbus import ScheduledLink, build_links
 from edged.sim.faults import Fault
 from edged.sim.meter import MeterServer, SimulatedMeter, StaticPoint, Table
 from edged.sim.modbus_frames import DataType
+from tests.conftest import Broker, Collector, collect
+from tests.schema_check import validate_messages
+from tests.test_e2e import KWH_PER_COUNT, daemon, intervals, write_config
 
 # -- framing (pure) -----------------------------------------------------------
 
@@ -395,3 +400,102 @@ async def test_a_flooding_client_is_told_busy(site: Site) -> None:
     assert sum(1 for c in codes.values() if c == "ok") == 2
     assert len(busy) == 8
     assert set(codes.values()) == {"ok", "06"}
+
+
+# -- the daemon: edged run with a facade, a broker, pymodbus and mbpoll ----------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def mbpoll(port: int, unit: int, count: int) -> tuple[int, str]:
+    assert MBPOLL is not None
+    proc = await asyncio.create_subprocess_exec(
+        MBPOLL, "-m", "tcp", "-p", str(port), "-a", str(unit), "-t", "4", "-r", "0", "-0",
+        "-c", str(count), "-1", "-o", "1", "127.0.0.1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+def mbpoll_values(text: str) -> list[int]:
+    return [int(line.split(":")[1]) for line in text.splitlines() if line.startswith("[")]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(MBPOLL is None, reason="mbpoll not installed (.ci/run installs it)")
+async def test_daemon_serves_masters_and_a_dead_meter_is_0x0b_and_missing(
+    tmp_path: Path, broker: Broker, ntp_port: int
+) -> None:
+    # No load: the counter stays at 70000 = 0x0001_1170, registers [1, 4464].
+    sim = SimulatedMeter.pmc1(load_kw=0.0, kwh_per_count=KWH_PER_COUNT, initial_counts=70_000)
+    facade_port = free_port()
+    async with MeterServer({1: sim}) as server, collect(broker, "edged/#") as got:
+        modbus_port = await server.start_tcp()
+        config = write_config(tmp_path, broker, modbus_port, ntp_port)
+        with config.open("a") as f:
+            f.write(
+                f"""\
+facade:
+  enabled: true
+  listeners:
+    - port: {facade_port}
+      devices:
+        - {{device: unit1}}
+        - device: unit1
+          unit_id: 2
+          mode: cache
+          max_age: 1500ms
+          blocks: [{{register: 0, count: 2, every: 250ms}}]
+"""
+            )
+        async with daemon(config, tmp_path) as d:
+            await got.wait_for(lambda c: len(intervals(c)) >= 2, 20, "2 intervals")
+            client = AsyncModbusTcpClient("127.0.0.1", port=facade_port, timeout=2, retries=0)
+            await client.connect()
+            try:
+                for unit in (1, 2):
+                    answer = await client.read_holding_registers(0, count=2, device_id=unit)
+                    assert answer.registers == [1, 4464], unit
+                for unit in (1, 2):
+                    code, text = await mbpoll(facade_port, unit, 2)
+                    assert code == 0, text
+                    assert mbpoll_values(text) == [1, 4464]
+                # The meter stops answering.
+                sim.set_fault(Fault.silent())
+                await asyncio.sleep(2.0)  # past max_age and a boundary read or two
+                loop = asyncio.get_running_loop()
+                for unit in (1, 2):
+                    asked = loop.time()
+                    answer = await client.read_holding_registers(0, count=2, device_id=unit)
+                    assert answer.isError(), unit
+                    assert answer.exception_code == 0x0B
+                    assert loop.time() - asked < 2.0  # within the master's timeout
+                code, text = await mbpoll(facade_port, 1, 2)
+                assert code != 0
+                assert mbpoll_values(text) == []
+            finally:
+                client.close()
+            sim.clear_faults()
+
+            def missing(c: Collector) -> bool:
+                return any(r["quality"] == "missing" for r in intervals(c))
+
+            await got.wait_for(missing, 20, "a MISSING interval after the outage")
+            await got.wait_for(
+                lambda c: any("facade" in p for p in c.payloads("/gateway/status")),
+                10, "a gateway status with the facade",
+            )  # fmt: skip
+            assert await d.stop() == 0
+    validate_messages(got.messages)
+    statuses = [p for p in got.payloads("/gateway/status") if "facade" in p]
+    clients = {c["client"]: c for c in statuses[-1]["facade"]["clients"]}
+    # pymodbus 2 + mbpoll 2 answered, then pymodbus 2 + mbpoll 1 refused with 0x0B.
+    assert clients["127.0.0.1"]["requests"] == 7
+    assert clients["127.0.0.1"]["exceptions"] == 3
