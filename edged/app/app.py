@@ -34,7 +34,7 @@ from edged.app.housekeeping import (
     budget_event,
     store_corrupt_event,
 )
-from edged.app.poller import DeviceHealth, HealthShown, Recorder, outbox_pending
+from edged.app.poller import DeviceHealth, HealthShown, MeasureCounts, Recorder, outbox_pending
 from edged.app.replay import ReplayCommands
 from edged.config.load import (
     ConfigError,
@@ -158,6 +158,9 @@ class App:
         self._commands: ReplayCommands | None = None
         self.housekeeper: Housekeeper | None = None
         self.facade: FacadeServer | None = None
+        # Fast-poll counts at the last rate computation, and the rates then.
+        self._measure_mark: tuple[float, MeasureCounts] | None = None
+        self._measure_rates: dict[str, float] = {}
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -197,7 +200,35 @@ class App:
             "outbox_oldest_age_s": oldest_s,
             **self._disk_status(),
             **({"facade": self.facade.status()} if self.facade is not None else {}),
+            **self._measure_status(),
             "updated_at": iso_utc(self.clock.now()),
+        }
+
+    def _measure_status(self) -> dict[str, Any]:
+        """Fast-poll values per second (polled, published after report by
+        exception, stored) over the time since the last status."""
+        if self._recorder is None:
+            return {}
+        counts = self._recorder.measure_counts
+        now_s = self.clock.monotonic()
+        mark = self._measure_mark
+        if mark is None or now_s - mark[0] >= 1.0:
+            if mark is not None:
+                then_s, before = mark
+                self._measure_rates = {
+                    f"{kind}_per_s": round((getattr(counts, kind) - getattr(before, kind))
+                                           / (now_s - then_s), 3)
+                    for kind in ("polled", "published", "stored")
+                }  # fmt: skip
+            self._measure_mark = (now_s, MeasureCounts(counts.polled, counts.published,
+                                                       counts.stored))  # fmt: skip
+        return {
+            "measurements": {
+                "polled": counts.polled,
+                "published": counts.published,
+                "stored": counts.stored,
+                **self._measure_rates,
+            }
         }
 
     def _disk_status(self) -> dict[str, Any]:

@@ -307,6 +307,19 @@ class MeasurementPoint(_RegisterMap):
 
     unit: str = ""
     offset: float = 0.0
+    deadband: float | None = Field(
+        None,
+        ge=0,
+        description="report by exception: publish only when the value moved by more than "
+        "this (in `unit`) since last published",
+    )
+    deadband_percent: float | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="report by exception: publish only when the value moved by more than "
+        "this percentage of the last published value (with `deadband`: beyond either)",
+    )
 
     @property
     def unit_label(self) -> str:
@@ -318,6 +331,12 @@ class Measurements(_Strict):
 
     every: DurationS = Field(1.0, ge=0.1, le=3600, description="poll period, e.g. 1s")
     points: tuple[MeasurementPoint, ...] = Field(min_length=1)
+    max_silence: DurationS | None = Field(
+        None,
+        gt=0,
+        description="a deadbanded point is published at least this often, changed or not "
+        "(default: only on change)",
+    )
 
 
 class StatusWord(_Strict):
