@@ -35,7 +35,7 @@ from edged.app.housekeeping import (
     budget_event,
     store_corrupt_event,
 )
-from edged.app.poller import DeviceHealth, HealthShown, Recorder, outbox_pending
+from edged.app.poller import DeviceHealth, HealthShown, MeasureCounts, Recorder, outbox_pending
 from edged.app.replay import ReplayCommands
 from edged.config.load import (
     ConfigError,
@@ -69,6 +69,7 @@ from edged.core.time.timebase import TimebaseConfig, TimeSource, TimeTransition,
 from edged.core.virtual.meters import VirtualMeters
 from edged.core.virtual.plan import plan_virtual_meter
 from edged.io.clock import BoundaryWaiter, Clock, SystemClock
+from edged.io.facade import FacadeServer
 from edged.io.mqtt import Publisher, Refusal, default_client_id
 from edged.io.ntp import NtpReferenceClock, SystemReferenceClock
 from edged.io.sdnotify import Notifier, Systemd, run_watchdog
@@ -160,6 +161,10 @@ class App:
         self.sparkplug: SparkplugPublisher | None = None
         self._commands: ReplayCommands | None = None
         self.housekeeper: Housekeeper | None = None
+        self.facade: FacadeServer | None = None
+        # Fast-poll counts at the last rate computation, and the rates then.
+        self._measure_mark: tuple[float, MeasureCounts] | None = None
+        self._measure_rates: dict[str, float] = {}
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -199,6 +204,8 @@ class App:
             "outbox_oldest_age_s": oldest_s,
             **self._disk_status(),
             **self._publish_status(),
+            **({"facade": self.facade.status()} if self.facade is not None else {}),
+            **self._measure_status(),
             "updated_at": iso_utc(self.clock.now()),
         }
 
@@ -223,6 +230,33 @@ class App:
         )  # fmt: skip
         if self.publisher is not None:
             self.publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+
+    def _measure_status(self) -> dict[str, Any]:
+        """Fast-poll values per second (polled, published after report by
+        exception, stored) over the time since the last status."""
+        if self._recorder is None:
+            return {}
+        counts = self._recorder.measure_counts
+        now_s = self.clock.monotonic()
+        mark = self._measure_mark
+        if mark is None or now_s - mark[0] >= 1.0:
+            if mark is not None:
+                then_s, before = mark
+                self._measure_rates = {
+                    f"{kind}_per_s": round((getattr(counts, kind) - getattr(before, kind))
+                                           / (now_s - then_s), 3)
+                    for kind in ("polled", "published", "stored")
+                }  # fmt: skip
+            self._measure_mark = (now_s, MeasureCounts(counts.polled, counts.published,
+                                                       counts.stored))  # fmt: skip
+        return {
+            "measurements": {
+                "polled": counts.polled,
+                "published": counts.published,
+                "stored": counts.stored,
+                **self._measure_rates,
+            }
+        }
 
     def _disk_status(self) -> dict[str, Any]:
         if self.housekeeper is None:
@@ -496,6 +530,9 @@ class App:
                 )
                 devices = self._devices = DeviceSet(context, group)
                 await devices.apply(settings.devices)
+                if settings.facade.enabled:
+                    self.facade = self._build_facade(settings, devices)
+                    await self.facade.start()
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
                 housekeeping_task = group.create_task(
                     supervised(housekeeper.run, "housekeeping", self._stop), name="housekeeping"
@@ -519,6 +556,8 @@ class App:
                 await self._stop.wait()
                 notifier.stopping()
                 await reload_task  # a reload in progress completes first
+                if self.facade is not None:
+                    await self.facade.close()
                 await devices.stop()
                 if watchdog_task is not None:
                     # Pings up to here: a slow stop is not a hang; TimeoutStopSec bounds it.
@@ -553,10 +592,17 @@ class App:
                         log.warning("sparkplug NDEATH not sent at shutdown; left to the last will")
                         sparkplug_task.cancel()
         finally:
+            if self.facade is not None:
+                await self.facade.close()
             if self._devices is not None:
                 self._devices.close_links()
             await store.close()
             log.info("edged stopped")
+
+    @staticmethod
+    def _build_facade(settings: Settings, devices: DeviceSet) -> FacadeServer:
+        units = {d.id: d.transport.unit_id for d in settings.devices}
+        return FacadeServer(settings.facade, devices.link_for, units.get)
 
     # -- reload -----------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import structlog
 from edged.app.heartbeat import Heartbeat
 from edged.config.schema import Device
 from edged.core import flags as flag_table
+from edged.core.deadband import Deadband, Reported, report
 from edged.core.demand import PeakState, peak_event, update_peaks
 from edged.core.engine import intervals as engine
 from edged.core.engine.intervals import ChannelState, IntervalContext
@@ -92,6 +93,16 @@ def outbox_pending(
     return pending
 
 
+@dataclass(slots=True)
+class MeasureCounts:
+    """Fast-poll values since start: read, published after report-by-exception,
+    and stored (published ones, unless the disk budget sheds measurements)."""
+
+    polled: int = 0
+    published: int = 0
+    stored: int = 0
+
+
 class Recorder:
     """Single writer: batches pollers' results into durable transactions."""
 
@@ -112,6 +123,7 @@ class Recorder:
         self._measurements: list[Measurement] = []
         self._flush_timer: asyncio.TimerHandle | None = None
         self._shedding: frozenset[str] = frozenset()
+        self.measure_counts = MeasureCounts()  # shared by the pollers
 
     @property
     def shedding(self) -> frozenset[str]:
@@ -133,6 +145,7 @@ class Recorder:
     def add_measurement(self, measurement: Measurement) -> None:
         if "measurements" in self._shedding:
             return
+        self.measure_counts.stored += len(measurement.values)
         self._measurements.append(measurement)
         if len(self._measurements) >= MEASUREMENT_BATCH_ROWS:
             self._queue.put_nowait(Pending())  # an empty step: commit what is buffered
@@ -327,10 +340,13 @@ class DevicePoller:
         if plan.measurements is None or plan.measure_every_s is None:
             return
         every_s = plan.measure_every_s
-        units = {
-            p.name: p.unit
-            for p in (self.device.measurements.points if self.device.measurements else ())
-        }
+        points = self.device.measurements.points if self.device.measurements else ()
+        units = {p.name: p.unit for p in points}
+        # Report by exception (edged.core.deadband): what moved, or was silent too long.
+        bands = {p.name: Deadband(p.deadband, p.deadband_percent) for p in points}
+        max_silence_s = self.device.measurements.max_silence if self.device.measurements else None
+        reported: dict[str, Reported] = {}
+        counts = self._recorder.measure_counts
         loop = asyncio.get_running_loop()
         next_mono = loop.time()
         while not self._stop.is_set():
@@ -351,7 +367,13 @@ class DevicePoller:
             if result.error is not None:
                 continue
             at = started + timedelta(seconds=result.queued_s)
-            payload = measurement_payload(self._site, self.device.id, at, result.values, units)
+            values, reported = report(bands, reported, result.values, loop.time(), max_silence_s)
+            counts.polled += len(result.values)
+            counts.published += len(values)
+            if not values:
+                continue  # nothing moved beyond its deadband
+            shown = {name: units[name] for name in values if name in units}
+            payload = measurement_payload(self._site, self.device.id, at, values, shown)
             if self._on_measurement is not None:
                 self._on_measurement(self._topics.measurement(self.device.id), payload)
             # Kept locally too (unless the disk budget sheds them), so a

@@ -7,6 +7,7 @@ reports every problem with file:line and key, and builds these models.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import math
 import re
 import zoneinfo
@@ -325,6 +326,19 @@ class MeasurementPoint(_RegisterMap):
 
     unit: str = ""
     offset: float = 0.0
+    deadband: float | None = Field(
+        None,
+        ge=0,
+        description="report by exception: publish only when the value moved by more than "
+        "this (in `unit`) since last published",
+    )
+    deadband_percent: float | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="report by exception: publish only when the value moved by more than "
+        "this percentage of the last published value (with `deadband`: beyond either)",
+    )
 
     @property
     def unit_label(self) -> str:
@@ -336,6 +350,12 @@ class Measurements(_Strict):
 
     every: DurationS = Field(1.0, ge=0.1, le=3600, description="poll period, e.g. 1s")
     points: tuple[MeasurementPoint, ...] = Field(min_length=1)
+    max_silence: DurationS | None = Field(
+        None,
+        gt=0,
+        description="a deadbanded point is published at least this often, changed or not "
+        "(default: only on change)",
+    )
 
 
 class StatusWord(_Strict):
@@ -689,6 +709,100 @@ class Log(_Strict):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class FacadeBlock(_Strict):
+    """A register block a `cache` device keeps fresh for the facade, polled at its
+    own rate on the device's link at fast-poll priority (below boundary reads)."""
+
+    function: Literal["holding", "input"] = Field(
+        "holding", description="holding (function 3) or input (function 4) registers"
+    )
+    address: int = Field(alias="register", ge=0, le=65535, description="0-based first register")
+    count: int = Field(ge=1, le=125, description="registers in the block (one read)")
+    every: DurationS = Field(1.0, ge=0.1, le=3600, description="poll period, e.g. 1s")
+
+    @model_validator(mode="after")
+    def _fits(self) -> FacadeBlock:
+        if self.address + self.count > 65536:
+            raise ValueError(f"block at {self.address}+{self.count} runs past 65535")
+        return self
+
+
+class FacadeDevice(_Strict):
+    """A configured device served to other masters through a facade listener."""
+
+    device: str = Field(pattern=IDENT_RE, description="id of a configured device")
+    unit_id: int | None = Field(
+        None, ge=0, le=255, description="unit id the masters address; default the device's own"
+    )
+    mode: Literal["cache", "pass_through"] = Field(
+        "pass_through",
+        description="cache: answer from `blocks` polled by edged; pass_through: forward each "
+        "read to the device below boundary reads",
+    )
+    blocks: tuple[FacadeBlock, ...] = Field((), description="register blocks (mode cache)")
+    max_age: DurationS = Field(
+        3.0, gt=0, description="a cached block older than this answers exception 0x0B"
+    )
+
+    @model_validator(mode="after")
+    def _blocks_for_cache(self) -> FacadeDevice:
+        if self.mode == "cache" and not self.blocks:
+            raise ValueError("mode cache needs at least one entry in blocks")
+        if self.mode == "pass_through" and self.blocks:
+            raise ValueError("blocks are only polled in mode cache")
+        return self
+
+
+class FacadeListener(_Strict):
+    host: str = Field("127.0.0.1", description="address to bind (127.0.0.1: this host only)")
+    port: int = Field(1502, ge=0, le=65535, description="TCP port (502 needs privileges)")
+    devices: tuple[FacadeDevice, ...] = Field(
+        min_length=1, description="the devices served on this listener"
+    )
+
+
+class Facade(_Strict):
+    """A Modbus TCP server through which other masters (SCADA, EMS, a PLC) read the
+    devices edged polls, so edged stays the one master on the bus
+    (docs/multimaster.md). Read-only: functions 3 and 4 are served, every other
+    function (writes included) is refused with exception 01. Off by default."""
+
+    enabled: bool = Field(False, description="serve the listeners")
+    listeners: tuple[FacadeListener, ...] = Field(
+        (), description="TCP listeners, each with its own unit id map"
+    )
+    allow: tuple[str, ...] = Field(
+        ("127.0.0.0/8", "::1/128"),
+        description="client networks (CIDR) allowed to connect; others are closed at once",
+    )
+    max_connections: int = Field(16, ge=1, le=1024, description="open connections, all listeners")
+    idle_timeout: DurationS = Field(
+        120.0, gt=0, description="a connection silent for this long is closed"
+    )
+    max_rate: float = Field(
+        50.0, gt=0, description="requests/s per client address (burst: one second's worth); "
+        "beyond it requests answer exception 0x06",
+    )  # fmt: skip
+    client_queue: int = Field(
+        4, ge=1, le=64,
+        description="pass-through reads one client may have waiting for the bus; one more "
+        "answers exception 0x06 at once",
+    )  # fmt: skip
+    answer_within: DurationS = Field(
+        2.0, gt=0, description="a pass-through read not answered by then answers 0x0B"
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, networks: tuple[str, ...]) -> tuple[str, ...]:
+        for net in networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not a network (CIDR)") from None
+        return networks
+
+
 class Settings(_Strict):
     site: str = Field(pattern=IDENT_RE)
     timezone: ZoneName = "UTC"
@@ -702,7 +816,36 @@ class Settings(_Strict):
     sparkplug: Sparkplug = Field(
         Sparkplug(), description="Sparkplug B output (docs/sparkplug.md); off by default"
     )
+    facade: Facade = Field(Facade(), description="Modbus TCP server for other masters; off")
+
+    @model_validator(mode="after")
+    def _facade_devices(self) -> Settings:
+        problems = facade_problems(self.facade, self.devices)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @property
     def zone(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.timezone)
+
+
+def facade_problems(facade: Facade, devices: tuple[Device, ...]) -> list[str]:
+    """Facade entries naming unknown devices or one upstream unit id twice."""
+    by_id = {d.id: d for d in devices}
+    problems = []
+    for n, listener in enumerate(facade.listeners):
+        seen: dict[int, str] = {}
+        for entry in listener.devices:
+            device = by_id.get(entry.device)
+            if device is None:
+                problems.append(f"facade listener {n}: no device {entry.device!r}")
+                continue
+            unit = entry.unit_id if entry.unit_id is not None else device.transport.unit_id
+            if unit in seen:
+                problems.append(
+                    f"facade listener {n}: unit id {unit} is both {seen[unit]!r} and "
+                    f"{entry.device!r}; give one an explicit unit_id"
+                )
+            seen[unit] = entry.device
+    return problems
