@@ -36,7 +36,7 @@ from edged.core.compensation.transformers import (
 from edged.core.model import Event, Flag, Interval
 
 if TYPE_CHECKING:  # only annotations: the core loads no pydantic at run time
-    from edged.config.schema import Device, InstrumentTransformer
+    from edged.config.schema import Channel, Device, InstrumentTransformer
 
 # Compensated energy is published to the micro-kWh: finer than any revenue
 # register, coarse enough that the decimal figures are reproducible by hand.
@@ -128,6 +128,21 @@ def params_of(device: Device) -> CompensationParams | None:
         v2h_channel=comp.v2h,
         params_hash=params_hash(device),
     )
+
+
+def output_channels(device: Device) -> dict[str, Channel]:
+    """Each compensated channel's name -> the raw channel it is computed from
+    (same unit and demand unit): what virtual meters and peaks look up."""
+    comp = device.compensation
+    if comp is None:
+        return {}
+    raw = {c.name: c for c in device.channels}
+    return {c.name + comp.suffix: raw[c.name] for c in comp.channels if c.name in raw}
+
+
+def channels_of(device: Device) -> dict[str, Channel]:
+    """A device's raw channels and its compensated ones, by name."""
+    return {c.name: c for c in device.channels} | output_channels(device)
 
 
 def parameters_event(params: CompensationParams, at: datetime) -> Event:
