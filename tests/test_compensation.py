@@ -7,14 +7,17 @@ or from the worked example in docs/compensation.md, whose every step is shown th
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edged.config.load import ConfigError, load_settings
 from edged.config.schema import Device
 from edged.core.compensation.losses import LineLoss, TransformerLoss, losses
 from edged.core.compensation.record import (
@@ -471,3 +474,70 @@ def test_compensated_energy_is_conserved_across_a_restart(
 
     whole = piece(900)
     assert abs(piece(split_s) + piece(900 - split_s) - whole) <= Decimal("0.000003")
+
+
+def test_check_config_reports_certificate_problems_with_file_and_line(tmp_path: Path) -> None:
+    config = tmp_path / "edged.yaml"
+    config.write_text(
+        """\
+site: s
+timezone: UTC
+devices:
+  - id: unit1
+    transport: {type: tcp, host: 127.0.0.1}
+    channels:
+      - {name: energy_export, register: 0}
+    measurements:
+      points:
+        - {name: I, register: 12, type: float32, unit: A}
+    compensation:
+      current: I
+      channels:
+        - {name: energy_export, flow: received}
+      ct:
+        rated_current_a: 1000
+        points:
+          - {percent: 100, ratio_error_pct: 0.1, phase_min: 3}
+          - {percent: 20, ratio_error_pct: 0.1, phase_min: 400}
+"""
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert f"{config}:19 devices[0].compensation.ct.points[1].phase_min" in str(caught.value)
+
+
+def test_operating_point_from_i2h_and_v2h_registers() -> None:
+    # A meter with its own I2h and V2h accumulators: the interval's deltas are
+    # the V2h and I2h themselves, whatever the samples say.
+    params = CompensationParams(
+        device="unit1", suffix="_c", roles=ROLES, transformer=TRANSFORMER, line=LINE,
+        i2h_channel="i2h", v2h_channel="v2h",
+    )  # fmt: skip
+    records = [
+        record("energy_export", 1800.0),
+        record("i2h", 90_000.0, unit="A2h"),
+        record("v2h", 30_250_000.0, unit="V2h"),
+    ]
+    point = operating_points(records, params, NO_SAMPLES)[END]
+    assert point.i2h == Decimal(90_000)
+    assert point.v2h == Decimal(30_250_000)
+    [out] = compensate_records(records, params, NO_SAMPLES)
+    # no CT/VT certificates: factor 1; losses 24.6 kWh as in the worked example
+    assert out.value == 1775.4
+
+
+def test_demand_follows_the_raw_records_averaging() -> None:
+    # A PARTIAL record of 450 s whose engine demand is the average over its 450 s:
+    # 500 kWh / 0.125 h = 4000 kW. Compensated (no errors, 24.6/2 kWh losses at the
+    # example's 11 kV and 600 A for half the time): 500 - 12.3 = 487.7 kWh over
+    # the same 0.125 h = 3901.6 kW.
+    params = CompensationParams(
+        device="unit1", suffix="_c", roles=ROLES, transformer=TRANSFORMER, line=LINE
+    )
+    raw = replace(
+        record("energy_export", 500.0, duration_s=450.0, flags=frozenset({Flag.PARTIAL})),
+        demand=4000.0,
+    )
+    out = compensate(raw, params, op("-500", "0", hours="0.125"))
+    assert out.value == 487.7
+    assert out.demand == pytest.approx(3901.6, abs=1e-9)

@@ -273,8 +273,12 @@ def compensate(
     value = _quantize(raw * dec(factor) + applied, raw)
     demand = None
     if record.demand is not None:
-        hours = Decimal(int((record.end - record.start).total_seconds())) / 3600
-        demand = float(value / hours)
+        # Over the same length the engine averaged the raw demand over (nominal,
+        # or duration_s for PARTIAL/LONG): the raw value / demand ratio.
+        if record.value:
+            demand = float(dec(record.demand) * value / raw)
+        elif record.duration_s > 0:
+            demand = float(value / (dec(record.duration_s) / 3600))
     info.update(
         {
             "factor": factor,
