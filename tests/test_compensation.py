@@ -6,6 +6,7 @@ or from the worked example in docs/compensation.md, whose every step is shown th
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edged.config.load import ConfigError, load_settings
-from edged.config.schema import Device
+from edged.config.schema import Device, VirtualMeter
 from edged.core.compensation.losses import LineLoss, TransformerLoss, losses
 from edged.core.compensation.record import (
     NO_SAMPLES,
@@ -40,6 +41,7 @@ from edged.core.compensation.transformers import (
 )
 from edged.core.model import Flag, Interval, TimeState
 from edged.core.payloads import interval_payload
+from edged.core.virtual.plan import combine_meter, plan_virtual_meter
 from tests.schema_check import validate_payload
 
 END = datetime(2026, 11, 21, 0, 15, tzinfo=UTC)
@@ -454,26 +456,37 @@ def test_correction_is_continuous_across_certificate_points(knot: float, side: i
 @given(
     power_kw=st.decimals(min_value=1, max_value=20_000, places=2),
     split_s=st.integers(min_value=1, max_value=899),
-    current=st.floats(min_value=10, max_value=1500),
+    current=st.integers(min_value=10, max_value=1500),
+    voltage=st.integers(min_value=9000, max_value=13000),
+    polls=st.tuples(st.integers(1, 900), st.integers(1, 900)),
 )
 def test_compensated_energy_is_conserved_across_a_restart(
-    power_kw: Decimal, split_s: int, current: float
+    power_kw: Decimal, split_s: int, current: int, voltage: int, polls: tuple[int, int]
 ) -> None:
     # A restart splits a 900 s interval into two records (PARTIAL before and
-    # after): at a steady operating point, the compensated energies of the two
-    # pieces add up to that of the whole interval, to within the micro-kWh
-    # rounding of each record.
-    def piece(seconds: int) -> Decimal:
+    # after), each with its own fast-poll samples (however many polls each got):
+    # at a steady operating point the compensated energies of the two pieces add
+    # up to that of the whole interval, to within the micro-kWh rounding of each.
+    def piece(seconds: int, n_samples: int) -> Decimal:
         hours = Decimal(seconds) / 3600
         energy = power_kw * hours
-        point = op(str(-energy), str(-energy / 3), i=current, hours=str(hours))
-        raw = record("energy_export", float(energy), duration_s=float(seconds))
-        out = compensate(raw, PARAMS, point)
+        records = [
+            record("energy_export", float(energy), duration_s=float(seconds)),
+            record("energy_import", 0.0, duration_s=float(seconds)),
+            record("reactive_export", float(energy / 3), unit="kvarh", duration_s=float(seconds)),
+            record("reactive_import", 0.0, unit="kvarh", duration_s=float(seconds)),
+        ]
+        samples = NO_SAMPLES
+        for _ in range(n_samples):
+            samples = samples.add({"V": float(voltage), "I": float(current)}, PARAMS)
+        out = compensate_records(records, PARAMS, samples)[0]
         assert out.value is not None
         return Decimal(repr(out.value))
 
-    whole = piece(900)
-    assert abs(piece(split_s) + piece(900 - split_s) - whole) <= Decimal("0.000003")
+    whole = piece(900, sum(polls))
+    assert abs(piece(split_s, polls[0]) + piece(900 - split_s, polls[1]) - whole) <= Decimal(
+        "0.000003"
+    )
 
 
 def test_check_config_reports_certificate_problems_with_file_and_line(tmp_path: Path) -> None:
@@ -541,3 +554,56 @@ def test_demand_follows_the_raw_records_averaging() -> None:
     out = compensate(raw, params, op("-500", "0", hours="0.125"))
     assert out.value == 487.7
     assert out.demand == pytest.approx(3901.6, abs=1e-9)
+
+
+@st.composite
+def certificates(draw: st.DrawFn) -> tuple[CertificatePoint, ...]:
+    percents = sorted(draw(st.sets(st.integers(1, 150), min_size=1, max_size=6)))
+    errors = st.floats(min_value=-5, max_value=5)
+    phases = st.floats(min_value=-300, max_value=300)
+    return tuple(CertificatePoint(p, draw(errors), draw(phases)) for p in percents)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cert=certificates(), x=st.floats(min_value=0, max_value=200), h=st.floats(0, 1e-3))
+def test_interpolation_is_lipschitz_continuous(
+    cert: tuple[CertificatePoint, ...], x: float, h: float
+) -> None:
+    # No jump anywhere, certificate points included: a step of h in the current
+    # moves the errors by at most the steepest segment's slope times h.
+    segments = list(itertools.pairwise(cert))
+    slope_ratio = max(
+        (abs(b.ratio_error_pct - a.ratio_error_pct) / (b.percent - a.percent) for a, b in segments),
+        default=0.0,
+    )
+    slope_phase = max(
+        (abs(b.phase_min - a.phase_min) / (b.percent - a.percent) for a, b in segments),
+        default=0.0,
+    )
+    here, there = interpolate(cert, x), interpolate(cert, x + h)
+    assert abs(there.ratio_error_pct - here.ratio_error_pct) <= slope_ratio * h + 1e-9
+    assert abs(there.phase_min - here.phase_min) <= slope_phase * h + 1e-9
+
+
+def test_virtual_meter_sums_compensated_channels() -> None:
+    unit2 = {**_device(), "id": "unit2"}
+    devices = [Device.model_validate(DEVICE), Device.model_validate(unit2)]
+    meter = VirtualMeter.model_validate(
+        {
+            "id": "station",
+            "channels": [
+                {
+                    "name": "export_total",
+                    "add": ["unit1.energy_export_compensated", "unit2.energy_export_compensated"],
+                }
+            ],
+        }
+    )
+    plan = plan_virtual_meter(meter, devices)
+    refs = [(i.device, i.channel) for i in plan.channels[0].inputs]
+    assert refs == [("unit1", "energy_export_compensated"), ("unit2", "energy_export_compensated")]
+    a = compensate(record("energy_export", 1800.0), PARAMS, op("-1800", "-600"))
+    b = replace(a, device="unit2", value=100.5)
+    inputs = {("unit1", "energy_export_compensated"): a, ("unit2", "energy_export_compensated"): b}
+    [total] = combine_meter(plan, site="tekapo-a", end=END, zone=UTC, records=inputs)
+    assert total.value == 1876.17493  # 1775.674930 + 100.5
