@@ -46,6 +46,7 @@ from edged.config.schema import (
     Settings,
     TimeSettings,
 )
+from edged.core.compensation.record import channels_of
 from edged.core.demand import PeakState
 from edged.core.model import (
     Event,
@@ -705,7 +706,11 @@ class App:
 
     @staticmethod
     def _demand_units_of(settings: Settings) -> dict[tuple[str, str], str | None]:
-        return {(d.id, c.name): c.demand_unit for d in settings.devices for c in d.channels}
+        return {
+            (d.id, name): c.demand_unit
+            for d in settings.devices
+            for name, c in channels_of(d).items()  # raw and compensated channels
+        }
 
     @staticmethod
     def _plan_virtual(settings: Settings, running: VirtualMeters | None) -> VirtualMeters | None:

@@ -23,6 +23,13 @@ import structlog
 from edged.app.heartbeat import Heartbeat
 from edged.config.schema import Device
 from edged.core import flags as flag_table
+from edged.core.compensation.record import (
+    NO_SAMPLES,
+    channels_of,
+    compensate_records,
+    parameters_event,
+    params_of,
+)
 from edged.core.deadband import Deadband, Reported, report
 from edged.core.demand import PeakState, peak_event, update_peaks
 from edged.core.engine import intervals as engine
@@ -330,6 +337,11 @@ class DevicePoller:
         # Carried over when a config reload restarts this device's poller.
         self.health = health or DeviceHealth()
         self._plan: DevicePlan = plan_device(device)
+        # Compensated channels (docs/compensation.md): computed from finished
+        # records, beside them; the fast-poll samples since the last boundary
+        # read give the interval's operating point.
+        self._compensation = params_of(device)
+        self._samples = NO_SAMPLES
         self.heartbeat = Heartbeat(f"poller:{device.id}")
         self.measure_heartbeat = Heartbeat(f"measure:{device.id}")
 
@@ -376,6 +388,8 @@ class DevicePoller:
             payload = measurement_payload(self._site, self.device.id, at, values, shown)
             if self._on_measurement is not None:
                 self._on_measurement(self._topics.measurement(self.device.id), payload)
+            if self._compensation is not None:
+                self._samples = self._samples.add(payload["values"], self._compensation)
             # Kept locally too (unless the disk budget sheds them), so a
             # historian can be backfilled; payload["values"] has NaN as None.
             self._recorder.add_measurement(Measurement(self.device.id, at, payload["values"]))
@@ -416,7 +430,11 @@ class DevicePoller:
         self.heartbeat.busy(asyncio.get_running_loop().time())
         read = await self._read(boundary=None, lateness_ms=None)
         self._states = engine.baseline_device(self._states, read, self.device.channels)
-        self._submit(read, [], [])
+        self._samples = NO_SAMPLES
+        started = [] if self._compensation is None else [
+            parameters_event(self._compensation, read.read_at)
+        ]  # fmt: skip
+        self._submit(read, [], started)
         boundary = next_boundary(self._clock.now(), self.device.interval_s, self._ctx.zone)
         self._link.expect_boundary((boundary - self._clock.now()).total_seconds())
         while not self._stop.is_set():
@@ -428,7 +446,7 @@ class DevicePoller:
             read = await self._read(boundary, lateness_ms)
             step = engine.step_device(self._states, read, self._ctx)
             self._states = step.states
-            self._submit(read, step.records, step.events)
+            self._submit(read, self._with_compensation(step.records), step.events)
             # Aim at the next boundary after now: if this read overran whole
             # intervals, the ones passed are closed as MISSING at the next read.
             boundary = next_boundary(
@@ -494,6 +512,13 @@ class DevicePoller:
         self._update_health(read)
         return read
 
+    def _with_compensation(self, records: Sequence[Interval]) -> Sequence[Interval]:
+        """The raw records and, after them, their compensated channels."""
+        samples, self._samples = self._samples, NO_SAMPLES
+        if self._compensation is None:
+            return records
+        return [*records, *compensate_records(records, self._compensation, samples)]
+
     def _update_health(self, read: Read) -> None:
         health = self.health
         health.reads += 1
@@ -522,7 +547,7 @@ class DevicePoller:
             self._peaks, records, self._ctx.zone, device.billing_reset_day
         )
         if closed:
-            units = {c.name: c.demand_unit for c in device.channels}
+            units = {name: c.demand_unit for name, c in channels_of(device).items()}
             events = [*events, peak_event(device.id, closed, units)]
         pending = outbox_pending(self._store, self._topics, self._site, records, events)
         pending.reads.append(read)

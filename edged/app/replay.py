@@ -30,6 +30,7 @@ import structlog
 
 from edged.app.poller import Pending, Recorder
 from edged.config.schema import Settings
+from edged.core.compensation.record import channels_of
 from edged.core.errors import EdgedError
 from edged.core.export import TimeArgumentError, parse_range
 from edged.core.payloads import Topics, command_response_payload, encode, replay_copy
@@ -82,7 +83,7 @@ class RequestError(EdgedError, ValueError):
 
 def known_channels(settings: Settings) -> dict[str, frozenset[str]]:
     """Device id -> its channel names, virtual meters included."""
-    known = {d.id: frozenset(c.name for c in d.channels) for d in settings.devices}
+    known = {d.id: frozenset(channels_of(d)) for d in settings.devices}
     for vm in settings.virtual_meters:
         known[vm.id] = frozenset(c.name for c in vm.channels)
     return known

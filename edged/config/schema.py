@@ -424,6 +424,137 @@ def _unit_per_kilo(unit: str) -> float | None:
     return None
 
 
+class CertificatePointConfig(_Strict):
+    """One point of an instrument transformer's test certificate (at its burden).
+    Give the ratio error as `ratio_error_pct` (IEC 61869) or `rcf` (IEEE C57.13)."""
+
+    percent: float = Field(gt=0, le=400, description="% of rated primary current/voltage")
+    ratio_error_pct: float | None = Field(
+        None, ge=-5, le=5, description="ratio error in %, positive when the secondary reads high"
+    )
+    rcf: float | None = Field(
+        None, description="IEEE C57.13 ratio correction factor (true/marked ratio) instead"
+    )
+    phase_min: float = Field(
+        ge=-300,
+        le=300,
+        description="phase displacement in minutes of arc, positive when the secondary leads",
+    )
+
+    @model_validator(mode="after")
+    def _one_ratio(self) -> CertificatePointConfig:
+        if (self.ratio_error_pct is None) == (self.rcf is None):
+            raise ValueError("give exactly one of ratio_error_pct and rcf")
+        if self.rcf is not None and not 1 / 1.05 <= self.rcf <= 1 / 0.95:
+            raise ValueError(f"rcf {self.rcf} is a ratio error beyond +-5 %")
+        return self
+
+    @property
+    def error_pct(self) -> float:
+        if self.ratio_error_pct is not None:
+            return self.ratio_error_pct
+        assert self.rcf is not None
+        return (1.0 / self.rcf - 1.0) * 100.0
+
+
+class InstrumentTransformer(_Strict):
+    """A CT (rated_current_a) or VT (rated_voltage_v) certificate; errors are
+    interpolated linearly between points and held flat beyond the first/last."""
+
+    rated_current_a: float | None = Field(None, gt=0, description="CT rated primary current, A")
+    rated_voltage_v: float | None = Field(None, gt=0, description="VT rated primary voltage, V")
+    burden_va: float | None = Field(None, gt=0, description="burden of the certificate, VA")
+    points: tuple[CertificatePointConfig, ...] = Field(
+        min_length=1, description="certificate points, strictly increasing in percent"
+    )
+
+    @model_validator(mode="after")
+    def _monotonic(self) -> InstrumentTransformer:
+        if (self.rated_current_a is None) == (self.rated_voltage_v is None):
+            raise ValueError("give exactly one of rated_current_a (CT) and rated_voltage_v (VT)")
+        percents = [p.percent for p in self.points]
+        if any(percents[i + 1] <= percents[i] for i in range(len(percents) - 1)):
+            raise ValueError(f"certificate points must be strictly increasing in %: {percents}")
+        return self
+
+
+class TransformerLossConfig(_Strict):
+    """Power transformer between the meter and the point of connection."""
+
+    no_load_loss_kw: float = Field(ge=0, description="no-load (iron) loss at rated voltage, kW")
+    rated_voltage_v: float = Field(gt=0, description="rated voltage on the metered side, V")
+    load_loss_kw: float = Field(ge=0, description="load (copper) loss at rated current, kW")
+    rated_current_a: float = Field(gt=0, description="rated current on the metered side, A")
+
+
+class LineLossConfig(_Strict):
+    """Line between the meter (or transformer) and the point of connection."""
+
+    resistance_ohm: float = Field(ge=0, description="per phase, referred to the metered side")
+    phases: Literal[1, 3] = Field(3, description="number of phases carrying the current")
+
+
+class CompensatedChannel(_Strict):
+    name: str = Field(pattern=IDENT_RE, description="a kWh or kvarh channel of this device")
+    kind: Literal["active", "reactive"] = Field(
+        "active", description="active (kWh) or reactive (kvarh) energy"
+    )
+    flow: Literal["delivered", "received"] = Field(
+        description="delivered: from the grid to the meter (losses added); received: from "
+        "the meter to the grid (losses subtracted)"
+    )
+
+
+class Compensation(_Strict):
+    """CT/VT error correction and transformer/line loss compensation, published as
+    extra channels `<name><suffix>` beside the raw ones (docs/compensation.md)."""
+
+    channels: tuple[CompensatedChannel, ...] = Field(
+        min_length=1, description="the raw channels to compensate, and their direction"
+    )
+    suffix: str = Field(
+        "_compensated",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="appended to a raw channel's name to name its compensated channel",
+    )
+    current: str | None = Field(None, description="fast-poll point of the phase current, A")
+    voltage: str | None = Field(None, description="fast-poll point of the voltage, V")
+    i2h: str | None = Field(None, description="channel counting I^2 h (A^2h), instead of samples")
+    v2h: str | None = Field(None, description="channel counting V^2 h (V^2h), instead of samples")
+    ct: InstrumentTransformer | None = Field(None, description="the CT's test certificate")
+    vt: InstrumentTransformer | None = Field(None, description="the VT's test certificate")
+    transformer: TransformerLossConfig | None = Field(
+        None, description="power transformer losses to compensate"
+    )
+    line: LineLossConfig | None = Field(None, description="line losses to compensate")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Compensation:
+        if self.ct is not None and self.ct.rated_current_a is None:
+            raise ValueError("ct needs rated_current_a")
+        if self.vt is not None and self.vt.rated_voltage_v is None:
+            raise ValueError("vt needs rated_voltage_v")
+        if self.current is not None and self.i2h is not None:
+            raise ValueError("give the current as a fast-poll point or an i2h channel, not both")
+        if self.voltage is not None and self.v2h is not None:
+            raise ValueError("give the voltage as a fast-poll point or a v2h channel, not both")
+        has_i = self.current is not None or self.i2h is not None
+        has_v = self.voltage is not None or self.v2h is not None
+        if (self.ct is not None or self.transformer is not None or self.line is not None) and (
+            not has_i
+        ):
+            raise ValueError("ct, transformer and line losses need `current` or `i2h`")
+        if (self.vt is not None or self.transformer is not None) and not has_v:
+            raise ValueError("vt and transformer losses need `voltage` or `v2h`")
+        seen = set()
+        for channel in self.channels:
+            key = (channel.kind, channel.flow)
+            if key in seen:
+                raise ValueError(f"two {channel.kind} channels with flow {channel.flow}")
+            seen.add(key)
+        return self
+
+
 def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, dict) else value
 
@@ -474,6 +605,9 @@ class Device(_Strict):
     channel_count: int | None = Field(
         None, ge=1, le=1024, description="channels expanded from a channel_template"
     )
+    compensation: Compensation | None = Field(
+        None, description="instrument-transformer correction and loss compensation"
+    )
 
     @field_validator("interval")
     @classmethod
@@ -501,6 +635,12 @@ class Device(_Strict):
                 channel._rated_demand = rated_kva * self.plausibility_margin * per_kilo
         return self
 
+    @model_validator(mode="after")
+    def _compensation_refs(self) -> Device:
+        if self.compensation is not None:
+            check_compensation_refs(self)
+        return self
+
     @property
     def rated_kva(self) -> float | None:
         """The connection's rated apparent power (primary side), if known."""
@@ -514,6 +654,33 @@ class Device(_Strict):
     @property
     def interval_s(self) -> int:
         return int(self.interval)
+
+
+def check_compensation_refs(device: Device) -> None:
+    """The compensation block names this device's channels and points, in the
+    units the arithmetic assumes."""
+    comp = device.compensation
+    assert comp is not None
+    units = {c.name: c.unit for c in device.channels}
+    points = {p.name: p.unit for p in (device.measurements.points if device.measurements else ())}
+    problems: list[str] = []
+    for channel in comp.channels:
+        want = "kWh" if channel.kind == "active" else "kvarh"
+        if channel.name not in units:
+            problems.append(f"compensation channel {channel.name!r} is not a channel")
+        elif units[channel.name] != want:
+            problems.append(f"{channel.kind} channel {channel.name!r} is in "
+                            f"{units[channel.name]!r}, not {want}")  # fmt: skip
+        elif channel.name + comp.suffix in units:
+            problems.append(f"{channel.name + comp.suffix!r} is already a channel")
+    for key, name, want in (("current", comp.current, "A"), ("voltage", comp.voltage, "V")):
+        if name is not None and points.get(name) != want:
+            problems.append(f"compensation {key}: {name!r} is not a fast-poll point in {want}")
+    for key, name, want in (("i2h", comp.i2h, "A2h"), ("v2h", comp.v2h, "V2h")):
+        if name is not None and units.get(name) != want:
+            problems.append(f"compensation {key}: {name!r} is not a channel in {want}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 class VirtualChannel(_Strict):

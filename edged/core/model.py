@@ -137,6 +137,8 @@ class Interval:
     read_lateness_ms: float | None
     original_value: float | None = None
     rolling_demand: float | None = None
+    # On a compensated channel only: what was applied (docs/compensation.md).
+    compensation: Mapping[str, object] | None = None
 
     @property
     def id(self) -> str:
