@@ -25,7 +25,9 @@ from edged.sim.meter import ClockPoint, MeterServer, SimulatedMeter, StaticPoint
 from edged.sim.meter import Point as SimPoint
 from edged.sim.modbus_frames import DataType
 
-PROFILES = sorted(p.stem for p in SHIPPED_PROFILES_DIR.glob("*.yaml"))
+PROFILES = sorted(
+    p.name.removesuffix(".yaml") for p in SHIPPED_PROFILES_DIR.iterdir() if p.name.endswith(".yaml")
+)
 STATUS_WORD = 0b1
 
 

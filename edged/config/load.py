@@ -13,6 +13,8 @@ import hashlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,9 @@ from edged.core.engine.intervals import device_problems
 from edged.core.plan import check_links
 from edged.core.virtual.plan import VirtualMeterError, plan_virtual_meter
 
-SHIPPED_PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+# Package data, found through importlib.resources so that a wheel, a zipapp or a
+# Debian package's virtualenv finds them as well as a source checkout does.
+SHIPPED_PROFILES_DIR: Traversable = files("edged.config") / "profiles"
 SYSTEM_PROFILES_DIR = Path("/etc/edged/profiles")
 
 
@@ -106,7 +110,7 @@ def _scalar(node: yaml.Node) -> Any:
         loader.dispose()
 
 
-def _load_yaml(path: Path) -> _Located:
+def _load_yaml(path: Path | Traversable) -> _Located:
     name = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -142,10 +146,14 @@ class _Origin:
     path: KeyPath
 
 
-def find_profile(name: str, config_dir: Path) -> Path | None:
+def _profile_dirs(config_dir: Path) -> tuple[Traversable, ...]:
+    return (config_dir / "profiles", SYSTEM_PROFILES_DIR, SHIPPED_PROFILES_DIR)
+
+
+def find_profile(name: str, config_dir: Path) -> Traversable | None:
     if not re.match(IDENT_RE, name):
         return None
-    for directory in (config_dir / "profiles", SYSTEM_PROFILES_DIR, SHIPPED_PROFILES_DIR):
+    for directory in _profile_dirs(config_dir):
         candidate = directory / f"{name}.yaml"
         if candidate.is_file():
             return candidate
@@ -154,9 +162,13 @@ def find_profile(name: str, config_dir: Path) -> Path | None:
 
 def available_profiles(config_dir: Path) -> list[str]:
     names: set[str] = set()
-    for directory in (config_dir / "profiles", SYSTEM_PROFILES_DIR, SHIPPED_PROFILES_DIR):
+    for directory in _profile_dirs(config_dir):
         if directory.is_dir():
-            names.update(p.stem for p in directory.glob("*.yaml"))
+            names.update(
+                p.name.removesuffix(".yaml")
+                for p in directory.iterdir()
+                if p.name.endswith(".yaml")
+            )
     return sorted(names)
 
 
