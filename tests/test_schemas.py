@@ -1,4 +1,4 @@
-"""The JSON Schemas in schemas/ against the payload builders, and end to end.
+"""The JSON Schemas in edged/schemas/ against the payload builders, and end to end.
 
 The schemas are the MQTT contract for consumers; these tests keep them and
 the code in step: every payload the builders produce validates, nothing else

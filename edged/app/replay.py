@@ -101,7 +101,7 @@ def _names(value: Any, key: str) -> tuple[str, ...]:
 def parse_request(
     payload: bytes, zone: tzinfo, now: datetime, known: Mapping[str, frozenset[str]]
 ) -> ReplayRequest:
-    """A replay request (schemas/replay_request.json) -> what to replay.
+    """A replay request (edged/schemas/replay_request.json) -> what to replay.
 
     Times are read as by `edged replay` (ISO-8601, or local dates and times in the
     site zone, or relative to `now`). Unknown devices and channels are refused, so

@@ -13,6 +13,8 @@ import hashlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,9 @@ from edged.core.plan import check_links
 from edged.core.virtual.plan import VirtualMeterError, plan_virtual_meter
 
 _YAML_LIMITS = safe_yaml.Limits()
-SHIPPED_PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+# Package data, found through importlib.resources so that a wheel, a zipapp or a
+# Debian package's virtualenv finds them as well as a source checkout does.
+SHIPPED_PROFILES_DIR: Traversable = files("edged.config") / "profiles"
 SYSTEM_PROFILES_DIR = Path("/etc/edged/profiles")
 
 
@@ -83,10 +87,11 @@ class _Located:
     lines: Mapping[KeyPath, int]  # path -> 1-based line of the key (or item)
 
 
-def _load_yaml(path: Path) -> _Located:
+def _load_yaml(path: Path | Traversable) -> _Located:
     name = str(path)
     try:
-        size = path.stat().st_size
+        # Shipped profiles (package data) may not be files on disk: no stat.
+        size = path.stat().st_size if isinstance(path, Path) else 0
         if size > _YAML_LIMITS.max_bytes:
             raise ConfigError(
                 [Problem(name, None, "", f"file larger than {_YAML_LIMITS.max_bytes} bytes")]
@@ -121,10 +126,14 @@ class _Origin:
     path: KeyPath
 
 
-def find_profile(name: str, config_dir: Path) -> Path | None:
+def _profile_dirs(config_dir: Path) -> tuple[Traversable, ...]:
+    return (config_dir / "profiles", SYSTEM_PROFILES_DIR, SHIPPED_PROFILES_DIR)
+
+
+def find_profile(name: str, config_dir: Path) -> Traversable | None:
     if not re.match(IDENT_RE, name):
         return None
-    for directory in (config_dir / "profiles", SYSTEM_PROFILES_DIR, SHIPPED_PROFILES_DIR):
+    for directory in _profile_dirs(config_dir):
         candidate = directory / f"{name}.yaml"
         if candidate.is_file():
             return candidate
@@ -133,9 +142,13 @@ def find_profile(name: str, config_dir: Path) -> Path | None:
 
 def available_profiles(config_dir: Path) -> list[str]:
     names: set[str] = set()
-    for directory in (config_dir / "profiles", SYSTEM_PROFILES_DIR, SHIPPED_PROFILES_DIR):
+    for directory in _profile_dirs(config_dir):
         if directory.is_dir():
-            names.update(p.stem for p in directory.glob("*.yaml"))
+            names.update(
+                p.name.removesuffix(".yaml")
+                for p in directory.iterdir()
+                if p.name.endswith(".yaml")
+            )
     return sorted(names)
 
 
