@@ -218,7 +218,9 @@ class App:
 
     def _on_transition(self, transition: TimeTransition) -> None:
         """A clock event: flag the intervals it falls in and publish it."""
-        self.time_flags.add(transition.at, transition.at, transition.flags)
+        # Filed by monotonic time: it belongs to the records open when it
+        # happened, whatever it did to the reference clock.
+        self.time_flags.add_event(transition.mono_s, transition.flags)
         self._record_event(transition.to_event(None))
 
     def _record_event(self, event: Event) -> None:

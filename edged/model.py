@@ -89,6 +89,12 @@ class Read:
     error: ReadError | None = None
     flags: frozenset[Flag] = frozenset()  # observed by this read: status bits, meter clock, etc.
     meter_clock_offset_s: float | None = None
+    # Monotonic time (s) the request went out, for the real elapsed time
+    # between two reads; None when the shell does not know it.
+    mono_s: float | None = None
+    # Reference-time windows in which the gateway was down (POWER_FAIL on the
+    # records, MISSING ones included, whose intervals overlap them).
+    outages: tuple[tuple[datetime, datetime], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", _frozen_mapping(self.values))

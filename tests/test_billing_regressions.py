@@ -1,0 +1,160 @@
+"""Issue 13: every observation as a named regression test.
+
+Observations 1-5 run edged's time path in the deterministic world of
+tests/timesim.py (virtual true, system and monotonic clocks; a meter counting
+1754 counts per true second, multiplier 0.144 kWh: 252.576 kWh per true
+second, 909 273.6 kW). Expected figures are worked out by hand in the
+comments, never by calling the code under test.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from edged.flags import quality
+from edged.model import Flag, Interval, Quality
+from tests.timesim import Meter, World, make_device
+
+T0 = 1_795_000_000.0  # on a whole second, so 1 s .. 1 h boundaries line up with it
+TRUE_KW = 909_273.6  # 1754 counts/s x 0.144 kWh x 3600 s/h
+ONE_COUNT = 0.144
+
+
+def world_1s(**kwargs: object) -> World:
+    return World([(make_device(), Meter(rate=1754, origin_s=T0 - 0.25))], **kwargs)  # type: ignore[arg-type]
+
+
+def stepped_record(world: World, flag: Flag) -> Interval:
+    """The one record carrying `flag` (exactly one must)."""
+    found = [r for r in world.channel_records() if flag in r.flags]
+    assert len(found) == 1, [(r.end, sorted(r.flags)) for r in world.channel_records()]
+    return found[0]
+
+
+def assert_no_phantom_peak(world: World, true_kw: float = TRUE_KW, slack_kw: float = 0.0) -> None:
+    peak = world.peak()
+    assert peak is not None
+    assert peak <= true_kw + slack_kw, f"peak {peak} kW against a true {true_kw} kW"
+
+
+def test_obs1_backward_step_3s_is_flagged_not_actual() -> None:
+    world = world_1s()
+    world.at(T0 + 10.2, lambda: world.set_ntp(err_s=-3.0))  # the NTP source steps back 3 s
+    world.run_until(T0 + 25)
+    step = [t for t in world.transitions if t.kind == "clock_step"]
+    assert len(step) == 1
+    assert step[0].adjustment_s == pytest.approx(-3.0)
+    record = stepped_record(world, Flag.CLOCK_SET_BACKWARD)
+    # 1 s of nominal interval, but 3 s + 1 s of real time between its reads:
+    assert record.duration_s == pytest.approx(4.0, abs=1e-6)
+    # 4 s x 1754 counts = 7016 counts x 0.144 = 1010.304 kWh (one count either way).
+    assert record.value == pytest.approx(1010.304, abs=ONE_COUNT)
+    # Demand over the real 4 s: 1010.304 kWh / (4/3600 h) = 909 273.6 kW, not 4x.
+    assert record.demand == pytest.approx(TRUE_KW, rel=2e-4)
+    assert Flag.LONG in record.flags
+    assert quality(record.flags) is not Quality.ACTUAL
+    assert_no_phantom_peak(world, slack_kw=ONE_COUNT * 3600)
+    # No id twice.
+    ids = [r.id for r in world.channel_records()]
+    assert len(ids) == len(set(ids))
+
+
+def test_obs2_restart_behind_mark_then_backward_correction_is_time_adjusted() -> None:
+    world = world_1s()
+    world.run_until(T0 + 10)
+    world.set_ntp(silent=True)
+    # Down 2 s without a clean stop; the RTC comes back 30 s behind.
+    world.restart(2.0, clean=False, sys_err_after_s=-30.0)
+    assert world.transitions[-1].kind == "amt_entered"
+    world.at(world.true_s + 6.0, lambda: world.set_ntp(silent=False))
+    world.run_until(T0 + 40)
+    adjusted = [t for t in world.transitions if t.kind == "time_adjusted"]
+    assert adjusted
+    assert adjusted[-1].stepped
+    assert adjusted[-1].adjustment_s < 0
+    record = stepped_record(world, Flag.TIME_ADJUSTED)
+    assert Flag.CLOCK_SET_BACKWARD in record.flags
+    assert Flag.LONG in record.flags
+    assert quality(record.flags) is not Quality.ACTUAL
+    # Whatever it spans, it says so: real duration, demand over it.
+    assert record.duration_s > 1.0 + 1.0
+    assert record.value is not None
+    assert record.value == pytest.approx(252.576 * record.duration_s, abs=ONE_COUNT)
+    # Records on assumed time before it are AMT, without demand.
+    amt = [r for r in world.channel_records() if Flag.AMT in r.flags]
+    assert amt
+    assert all(r.demand is None for r in amt)
+    assert_no_phantom_peak(world, slack_kw=ONE_COUNT * 3600)
+
+
+def test_obs3_forward_step_read_belongs_to_the_boundary_the_clock_jumped_to() -> None:
+    world = world_1s()
+    world.at(T0 + 10.2, lambda: world.set_ntp(err_s=5.0))
+    world.run_until(T0 + 25)
+    record = stepped_record(world, Flag.CLOCK_SET_FORWARD)
+    assert record.read_at is not None
+    # Read after its end by less than one interval: it is the read of that boundary.
+    assert timedelta(0) <= record.read_at - record.end < timedelta(seconds=1)
+    # The boundaries jumped over are MISSING, and there are four or five of them
+    # (a 5 s step from inside an interval lands inside another one).
+    records = world.channel_records()
+    i = records.index(record)
+    before = records[:i]
+    jumped = [r for r in before if Flag.MISSING in r.flags]
+    assert len(jumped) in (4, 5)
+    assert all(r.end > before[0].end for r in jumped)
+    # The record closing the step spans less than a second of real time.
+    assert record.duration_s < 1.0
+    assert quality(record.flags) is not Quality.ACTUAL
+    assert_no_phantom_peak(world, slack_kw=ONE_COUNT * 3600)
+
+
+def test_obs4_backward_15s_soon_after_a_boundary_no_triple_peak() -> None:
+    # 10 s intervals, 5184 kW: 10 counts/s x 0.144 kWh = 1.44 kWh/s.
+    device = make_device(interval_s=10)
+    world = World([(device, Meter(rate=10, origin_s=T0 - 0.25))])
+    # Polls at .37 past each true second; the 3rd round that sees the new
+    # offset steps the reference, 1.37 s after a boundary.
+    world.at(T0 + 18.0, lambda: world.set_ntp(err_s=-15.0))
+    world.run_until(T0 + 80)
+    step = next(t for t in world.transitions if t.kind == "clock_step")
+    reads = [f for f in world.reads if f.boundary is not None and f.mono_s < step.mono_s]
+    assert step.mono_s - reads[-1].mono_s < 3.0  # accepted less than 3 s after a boundary
+    record = stepped_record(world, Flag.CLOCK_SET_BACKWARD)
+    # 10 s nominal + 15 s the reference went back = 25 s real: 250 counts = 36.0 kWh.
+    assert record.duration_s == pytest.approx(25.0, abs=1e-6)
+    assert record.value == pytest.approx(36.0, abs=ONE_COUNT)
+    assert record.demand == pytest.approx(5184.0, abs=ONE_COUNT * 3600 / 25)
+    assert quality(record.flags) is not Quality.ACTUAL
+    assert_no_phantom_peak(world, true_kw=5184.0, slack_kw=ONE_COUNT * 360)
+
+
+def test_obs5_assumed_time_ended_by_slew_is_time_adjusted() -> None:
+    # A clock that was right (0.2 s off: slewed, not stepped); NTP silent for
+    # 27 s after start; 5 s intervals: five or six AMT records first.
+    device = make_device(interval_s=5)
+    world = World(
+        [(device, Meter(rate=1754, origin_s=T0 - 0.25))],
+        ntp_silent=True,
+        confirmed_before_start=False,
+        sys_err_s=0.2,
+    )
+    world.at(T0 + 27.0, lambda: world.set_ntp(silent=False))
+    world.run_until(T0 + 60)
+    adjusted = [t for t in world.transitions if t.kind == "time_adjusted"]
+    assert len(adjusted) == 1
+    assert not adjusted[0].stepped
+    records = world.channel_records()
+    amt = [r for r in records if Flag.AMT in r.flags]
+    assert len(amt) in (5, 6)
+    first_after = records[len(amt)]
+    assert Flag.AMT not in first_after.flags
+    assert Flag.TIME_ADJUSTED in first_after.flags
+    assert quality(first_after.flags) is not Quality.ACTUAL
+    # Only one record says assumed time ended.
+    assert sum(Flag.TIME_ADJUSTED in r.flags for r in records) == 1
+    peak_state = world.pollers[0].peaks["energy_import"].block
+    assert peak_state is not None
+    assert peak_state.end > first_after.end
