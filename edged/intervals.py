@@ -33,11 +33,13 @@ Counter arithmetic
       whatever the span (serial-number arithmetic, RFC 1982: half the modulus
       is the largest window in which "forward by d" and "backward by M - d"
       can be told apart). For a one-interval span that is max_demand = M/2
-      counts per interval, as config.py documents. It is deliberately *not*
-      scaled by the span: k x M/2 >= M for any gap of two or more intervals,
-      which would accept any reading and hide a meter exchange during an
-      outage. Configure ``max_demand`` (the site's real maximum) for 16-bit
-      counters, where M/2 is little energy.
+      counts per interval, as config.py documents. Over a span of up to two
+      intervals (one missed read) it is k x M/2, still unambiguous (issue 13:
+      a 16-bit counter lost 40 kWh after one missed read); beyond that it is
+      deliberately *not* scaled by the span: k x M/2 >= M would accept any
+      reading and hide a meter exchange during an outage. Configure
+      ``max_demand`` (the site's real maximum) for 16-bit counters, where M/2
+      is little energy.
     * default for a float or signed counter without ``rollover``: no upward
       limit; any decrease is a reset.
 
@@ -433,7 +435,7 @@ def check_delta(
                     reset = "went_back" if wrapped else "jumped"
                 elif modulus is not None and counts + modulus <= allowance:
                     reset = "ambiguous_wraps"
-            elif modulus is not None and 2 * counts >= modulus:
+            elif modulus is not None and 2 * counts >= modulus * _default_spans(span_s, nominal_s):
                 reset = "went_back" if wrapped else "jumped"
         implied = None
         if span_s > 0:
@@ -450,6 +452,23 @@ def check_delta(
         quantum=quantum,
         coarse=coarse,
     )
+
+
+def _default_spans(span_s: float, nominal_s: float) -> Decimal:
+    """How many intervals' worth of M/2 the default rule allows over a span.
+
+    Up to two intervals the reading is unambiguous even at M/2 per interval
+    (the next candidate, counts + M, exceeds 2 x M/2), so a span of k <= 2
+    intervals allows k x M/2: one missed read on a 16-bit counter no longer
+    throws away two intervals of ordinary energy (issue 13); the price is
+    that a meter exchange within one missed read passes as energy. Beyond two
+    intervals it stays M/2 (k x M/2 >= M would accept any reading and hide a
+    meter exchange during an outage).
+    """
+    if nominal_s <= 0:
+        return Decimal(1)
+    k = max(Decimal(1), Decimal(repr(span_s)) / Decimal(repr(nominal_s)))
+    return k if k <= 2 else Decimal(1)
 
 
 def allocate(total: Decimal, weights: Sequence[int], finest: int = 0) -> list[Decimal]:

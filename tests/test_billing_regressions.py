@@ -158,3 +158,101 @@ def test_obs5_assumed_time_ended_by_slew_is_time_adjusted() -> None:
     peak_state = world.pollers[0].peaks["energy_import"].block
     assert peak_state is not None
     assert peak_state.end > first_after.end
+
+
+def test_obs7_float32_register_below_resolution_is_flagged_and_kept_out_of_peaks() -> None:
+    # A float32 kWh register just under 2**24 resolves 1 kWh; 0.5 kWh per 5 s
+    # interval (360 kW) reads as 0, 1, 0, 1, ... kWh.
+    device = make_device(interval_s=5, multiplier=1.0, type_="float32")
+    meter = Meter(rate=0.1, origin_s=T0 - 0.25, start=16_777_000.0, float32=True)
+    world = World([(device, meter)])
+    world.run_until(T0 + 60)
+    valued = [r for r in world.channel_records() if r.value is not None]
+    assert {r.value for r in valued} <= {0.0, 1.0}
+    assert len(valued) >= 10
+    for record in valued:
+        assert Flag.ESTNEEDED in record.flags, record
+        assert quality(record.flags) is not Quality.ACTUAL
+    # No 720 kW phantom (1 kWh in 5 s): nothing here may feed a peak.
+    assert world.peak() is None
+    # The sum still telescopes: first counter to last counter.
+    assert sum(r.value or 0.0 for r in valued) == valued[-1].counter_end - valued[0].counter_start  # type: ignore[operator]
+
+
+def test_obs8_local_meter_clock_through_the_repeated_dst_hour_is_not_clock_error() -> None:
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    from edged.registers import ClockSpec, ReadPlan, apply_plan
+
+    points = ("y", "mo", "d", "h", "mi", "s")
+    clock = ClockSpec("ymdhms", points, ZoneInfo("Pacific/Auckland"), 10.0)
+    plan = ReadPlan(requests=(), optional=(), values=(), clock=clock)
+    # NZ daylight time ends 2026-04-05 03:00 NZDT -> 02:00 NZST: 02:30 local
+    # happens twice, at 13:30Z (NZDT, +13) and at 14:30Z (NZST, +12).
+    local = dict(zip(points, (2026, 4, 5, 2, 30, 0), strict=True))
+    for utc_time in (
+        datetime(2026, 4, 4, 13, 30, tzinfo=UTC),
+        datetime(2026, 4, 4, 14, 30, tzinfo=UTC),
+    ):
+        result = apply_plan(plan, local, reference_s=utc_time.timestamp() + 1.0)
+        assert result.meter_clock_offset_s == pytest.approx(-1.0)
+        assert Flag.CLOCK_ERROR not in result.flags
+
+
+def test_obs9a_missing_records_inside_an_unclean_outage_carry_power_fail() -> None:
+    world = world_1s()
+    world.run_until(T0 + 10.5)
+    mark = world.last_mark
+    assert mark is not None
+    world.restart(5.0, clean=False, reboot=True, confirmed=True)
+    world.run_until(T0 + 25)
+    records = world.channel_records()
+    # The mark was at 10 s; the gateway came back at 15.5 s: the boundaries
+    # 11..15 were nobody's to read.
+    inside = [r for r in records if mark < r.end <= mark + timedelta(seconds=5)]
+    assert [r.end - mark for r in inside] == [timedelta(seconds=s) for s in (1, 2, 3, 4, 5)]
+    for record in inside:
+        assert Flag.MISSING in record.flags
+        assert Flag.POWER_FAIL in record.flags, record
+    closing = records[records.index(inside[-1]) + 1]
+    assert Flag.LONG in closing.flags
+    assert Flag.POWER_FAIL in closing.flags
+    # Energy across the outage is kept: 16 s from the counter at 10 s... to 16 s: 6 s.
+    assert closing.value == pytest.approx(6 * 252.576, abs=ONE_COUNT)
+
+
+def test_obs9b_16bit_counter_one_missed_read_keeps_its_energy() -> None:
+    from datetime import UTC, datetime
+
+    from edged.intervals import ChannelState, IntervalContext, step_channel
+    from edged.model import Read, TimeState
+
+    device = make_device(interval_s=900, multiplier=0.001, type_="uint16")
+    channel = device.channels[0]
+    ctx = IntervalContext("sim", device, UTC)
+    t0 = datetime(2026, 11, 21, tzinfo=UTC)
+    state = ChannelState(counter=10_000, counter_at=t0, last_end=t0)
+    # 20 000 Wh per quarter hour; the 00:15 read was missed: +40 000 counts by 00:30.
+    read = Read("unit1", t0 + timedelta(minutes=30), t0 + timedelta(minutes=30), 0.0,
+                TimeState.SYNCED, {"energy_import": 50_000})  # fmt: skip
+    step = step_channel(state, read, channel, ctx)
+    assert [r.value for r in step.records] == [None, 40.0]
+    assert Flag.COUNTER_RESET not in step.records[-1].flags
+    assert Flag.LONG in step.records[-1].flags
+    assert step.events == ()
+
+
+def test_obs9d_billing_period_closed_times_end_in_z() -> None:
+    from datetime import UTC, datetime
+
+    from edged.demand import Peak, PeakState, peak_event
+
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    end = datetime(2026, 12, 1, tzinfo=UTC)
+    peak = Peak(1010.304, start, start + timedelta(minutes=15))
+    event = peak_event("unit1", {"energy_import": PeakState(start, end, peak, None)}, {})
+    details = event.details["channels"]["energy_import"]  # type: ignore[index]
+    assert details["period_start"] == "2026-11-01T00:00:00Z"
+    assert details["period_end"] == "2026-12-01T00:00:00Z"
+    assert details["peak"]["end"] == "2026-11-01T00:15:00Z"
