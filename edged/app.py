@@ -27,7 +27,7 @@ import structlog
 from edged import __version__, logs
 from edged.clock import BoundaryWaiter, Clock, SystemClock
 from edged.config import ConfigError, Settings, TimeSettings, config_hash, load_settings
-from edged.demand import PeakState
+from edged.demand import PeakState, peak_event, update_peaks
 from edged.devices import DeviceSet, PollerContext, supervised
 from edged.housekeeping import (
     BudgetDecision,
@@ -126,6 +126,8 @@ class App:
         self._recorder: Recorder | None = None
         self._early_events: list[Event] = []
         self._demand_units: dict[tuple[str, str], str | None] = {}
+        # Peak demand of virtual meters' channels (issue 13: they had none).
+        self._virtual_peaks: dict[str, dict[str, PeakState]] = {}
         self._virtual: VirtualMeters | None = None
         self._devices: DeviceSet | None = None
         self._outbox: OutboxDepth | None = None
@@ -251,10 +253,26 @@ class App:
         if self._virtual is None or self._recorder is None or self.store is None:
             return
         combined = self._virtual.add(records)
-        if combined:
-            self._recorder.submit(
-                outbox_pending(self.store, self.topics, self.settings.site, combined, [])
-            )
+        if not combined:
+            return
+        changed: dict[tuple[str, str], PeakState] = {}
+        events = []
+        for meter in sorted({r.device for r in combined}):
+            before = self._virtual_peaks.get(meter, {})
+            mine = [r for r in combined if r.device == meter]
+            after, closed = update_peaks(before, mine, self.settings.zone)
+            self._virtual_peaks[meter] = after
+            if closed:
+                units = {r.channel: r.demand_unit for r in mine}
+                events.append(peak_event(meter, closed, units))
+            for channel, state in after.items():
+                if state != before.get(channel):
+                    changed[(meter, channel)] = state
+        pending = outbox_pending(self.store, self.topics, self.settings.site, combined, events)
+        pending.peaks.update(changed)
+        self._recorder.submit(pending)
+        for (meter, channel), state in changed.items():
+            self._on_peak(meter, channel, state)
 
     async def _note_outage(self, store: Store, last_mark: datetime | None) -> None:
         """After an unclean stop, POWER_FAIL on the intervals the outage spans."""
@@ -390,6 +408,10 @@ class App:
         await self._note_outage(store, last_mark)
         peaks = await store.peak_states()
         self._demand_units = self._demand_units_of(settings)
+        virtual_ids = {vm.id for vm in settings.virtual_meters}
+        for (device_id, channel), peak in peaks.items():
+            if device_id in virtual_ids:
+                self._virtual_peaks.setdefault(device_id, {})[channel] = peak
         for (device_id, channel), peak in peaks.items():
             self._on_peak(device_id, channel, peak)
         self._virtual = self._plan_virtual(settings, None)
@@ -560,7 +582,11 @@ class App:
 
     @staticmethod
     def _demand_units_of(settings: Settings) -> dict[tuple[str, str], str | None]:
-        return {(d.id, c.name): c.demand_unit for d in settings.devices for c in d.channels}
+        units = {(d.id, c.name): c.demand_unit for d in settings.devices for c in d.channels}
+        for vm in settings.virtual_meters:
+            for vc in vm.channels:
+                units[(vm.id, vc.name)] = vc.unit[:-1] if vc.unit.endswith("h") else None
+        return units
 
     @staticmethod
     def _plan_virtual(settings: Settings, running: VirtualMeters | None) -> VirtualMeters | None:

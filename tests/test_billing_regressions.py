@@ -9,7 +9,7 @@ comments, never by calling the code under test.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -256,3 +256,79 @@ def test_obs9d_billing_period_closed_times_end_in_z() -> None:
     assert details["period_start"] == "2026-11-01T00:00:00Z"
     assert details["period_end"] == "2026-12-01T00:00:00Z"
     assert details["peak"]["end"] == "2026-11-01T00:15:00Z"
+
+
+STATION = [
+    {
+        "id": "station",
+        "channels": [
+            {"name": "total", "add": ["u1.energy_import", "u2.energy_import"]},
+            {"name": "net", "add": ["u1.energy_import"], "subtract": ["u2.energy_import"]},
+        ],
+    }
+]
+
+
+def station_world(gaps: str = "long", interval_s: int = 5) -> tuple[World, Meter]:
+    # u1: 60 counts/s x 0.144 = 8.64 kWh/s, 43.2 kWh per 5 s;
+    # u2: 30 counts/s: 4.32 kWh/s, 21.6 kWh per 5 s.
+    u2_meter = Meter(rate=30, origin_s=T0 - 0.25)
+    world = World(
+        [
+            (make_device("u1", interval_s, gaps=gaps), Meter(rate=60, origin_s=T0 - 0.25)),
+            (make_device("u2", interval_s, gaps=gaps), u2_meter),
+        ],
+        virtual_meters=STATION,
+    )
+    return world, u2_meter
+
+
+def test_obs6_virtual_meter_long_record_covers_the_whole_span_of_its_inputs() -> None:
+    world, u2 = station_world()
+    # u2 offline for the reads at 15, 20 and 25 s; back for the one at 30 s.
+    world.at(T0 + 12.5, lambda: setattr(u2, "offline", True))
+    world.at(T0 + 27.5, lambda: setattr(u2, "offline", False))
+    world.run_until(T0 + 41)
+    total = {r.end: r for r in world.virtual_records if r.channel == "total"}
+    net = {r.end: r for r in world.virtual_records if r.channel == "net"}
+    base = world.virtual_records[0].end - timedelta(seconds=5)  # T0
+
+    def at(s: int) -> datetime:
+        return base + timedelta(seconds=s)
+
+    for s in (15, 20, 25):
+        assert total[at(s)].value is None
+        assert Flag.MISSING in total[at(s)].flags
+    closing = total[at(30)]
+    # u1's four records (4 x 43.2 = 172.8) + u2's LONG (20 s x 4.32 = 86.4).
+    assert closing.value == pytest.approx(259.2)
+    assert Flag.LONG in closing.flags
+    assert closing.duration_s == pytest.approx(20.0)
+    # 259.2 kWh over 20 s: 46 656 kW.
+    assert closing.demand == pytest.approx(46_656.0)
+    assert net[at(30)].value == pytest.approx(172.8 - 86.4)
+    # Over the whole run the station total is the sum of its inputs.
+    u1 = sum(r.value or 0.0 for r in world.channel_records("u1") if r.end >= at(10))
+    u2_sum = sum(r.value or 0.0 for r in world.channel_records("u2") if r.end >= at(10))
+    station = sum(r.value or 0.0 for r in total.values() if r.end >= at(10))
+    assert station == pytest.approx(u1 + u2_sum)
+    # Each id once.
+    ids = [r.id for r in world.virtual_records]
+    assert len(ids) == len(set(ids))
+
+
+def test_obs6_prorate_gap_over_64_intervals_is_recombined_whole() -> None:
+    world, u2 = station_world(gaps="prorate", interval_s=1)
+    world.at(T0 + 5.5, lambda: setattr(u2, "offline", True))
+    world.at(T0 + 5.5 + 100, lambda: setattr(u2, "offline", False))
+    world.run_until(T0 + 110)
+    last: dict[datetime, Interval] = {}
+    for record in world.virtual_records:
+        if record.channel == "total":
+            last[record.end] = record  # consumers keep the last record per id
+    missing = [end for end, r in last.items() if r.value is None]
+    assert missing == []
+    # 1 s of u1 (8.64) + 1 s of u2 (4.32) per end, give or take a count's rounding.
+    assert sum(r.value or 0.0 for r in last.values()) == pytest.approx(
+        len(last) * 12.96, abs=2 * ONE_COUNT * len(last) ** 0.5 + 1
+    )
