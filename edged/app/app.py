@@ -47,7 +47,7 @@ from edged.config.schema import (
     TimeSettings,
 )
 from edged.core.compensation.record import channels_of
-from edged.core.demand import PeakState
+from edged.core.demand import PeakState, peak_event, update_peaks
 from edged.core.model import (
     Event,
     Flag,
@@ -146,6 +146,8 @@ class App:
         self._recorder: Recorder | None = None
         self._early_events: list[Event] = []
         self._demand_units: dict[tuple[str, str], str | None] = {}
+        # Peak demand of virtual meters' channels (issue 13: they had none).
+        self._virtual_peaks: dict[str, dict[str, PeakState]] = {}
         self._virtual: VirtualMeters | None = None
         self._devices: DeviceSet | None = None
         self._outbox: OutboxDepth | None = None
@@ -295,7 +297,9 @@ class App:
 
     def _on_transition(self, transition: TimeTransition) -> None:
         """A clock event: flag the intervals it falls in and publish it."""
-        self.time_flags.add(transition.at, transition.at, transition.flags)
+        # Filed by monotonic time: it belongs to the records open when it
+        # happened, whatever it did to the reference clock.
+        self.time_flags.add_event(transition.mono_s, transition.flags)
         self._record_event(transition.to_event(None))
 
     def _record_event(self, event: Event) -> None:
@@ -326,10 +330,26 @@ class App:
         if self._virtual is None or self._recorder is None or self.store is None:
             return
         combined = self._virtual.add(records)
-        if combined:
-            self._recorder.submit(
-                outbox_pending(self.store, self.topics, self.settings.site, combined, [])
-            )
+        if not combined:
+            return
+        changed: dict[tuple[str, str], PeakState] = {}
+        events = []
+        for meter in sorted({r.device for r in combined}):
+            before = self._virtual_peaks.get(meter, {})
+            mine = [r for r in combined if r.device == meter]
+            after, closed = update_peaks(before, mine, self.settings.zone)
+            self._virtual_peaks[meter] = after
+            if closed:
+                units = {r.channel: r.demand_unit for r in mine}
+                events.append(peak_event(meter, closed, units))
+            for channel, state in after.items():
+                if state != before.get(channel):
+                    changed[(meter, channel)] = state
+        pending = outbox_pending(self.store, self.topics, self.settings.site, combined, events)
+        pending.peaks.update(changed)
+        self._recorder.submit(pending)
+        for (meter, channel), state in changed.items():
+            self._on_peak(meter, channel, state)
 
     async def _note_outage(self, store: Store, last_mark: datetime | None) -> None:
         """After an unclean stop, POWER_FAIL on the intervals the outage spans."""
@@ -505,6 +525,10 @@ class App:
         await self._note_outage(store, last_mark)
         peaks = await store.peak_states()
         self._demand_units = self._demand_units_of(settings)
+        virtual_ids = {vm.id for vm in settings.virtual_meters}
+        for (device_id, channel), peak in peaks.items():
+            if device_id in virtual_ids:
+                self._virtual_peaks.setdefault(device_id, {})[channel] = peak
         for (device_id, channel), peak in peaks.items():
             self._on_peak(device_id, channel, peak)
         self._virtual = self._plan_virtual(settings, None)
@@ -706,11 +730,15 @@ class App:
 
     @staticmethod
     def _demand_units_of(settings: Settings) -> dict[tuple[str, str], str | None]:
-        return {
+        units = {
             (d.id, name): c.demand_unit
             for d in settings.devices
             for name, c in channels_of(d).items()  # raw and compensated channels
         }
+        for vm in settings.virtual_meters:
+            for vc in vm.channels:
+                units[(vm.id, vc.name)] = vc.unit[:-1] if vc.unit.endswith("h") else None
+        return units
 
     @staticmethod
     def _plan_virtual(settings: Settings, running: VirtualMeters | None) -> VirtualMeters | None:

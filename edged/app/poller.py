@@ -49,6 +49,7 @@ from edged.core.plan import (
 from edged.core.scale import rescaled
 from edged.core.schedule import next_boundary
 from edged.core.time.flags import TimeFlags
+from edged.core.time.readtiming import ReadTiming
 from edged.io.bus import Priority
 from edged.io.clock import BoundaryWaiter, Clock
 from edged.io.modbus import (
@@ -328,10 +329,13 @@ class DevicePoller:
         self._on_measurement = on_measurement
         # Last exponent of each scale-registered channel (SCALE_CHANGED on a change).
         self._scale_factors: dict[str, int] = {}
-        # End of the interval the next boundary read closes: time events
-        # (steps, AMT ending, outages) after it flag that interval.
+        # When the previous read was taken: time events (steps, AMT ending)
+        # after it, in monotonic order, and outages after it, in reference
+        # time, flag the record the next boundary read closes.
         known = [st.counter_at for st in states.values() if st.counter_at is not None]
-        self._interval_since: datetime | None = min(known) if known else None
+        self._timing = ReadTiming(
+            device.interval_s, zone, min(known) if known else None, clock.monotonic()
+        )
         self._stop = asyncio.Event()
         self._wakes: set[asyncio.Future[None]] = set()
         # Carried over when a config reload restarts this device's poller.
@@ -447,6 +451,9 @@ class DevicePoller:
             step = engine.step_device(self._states, read, self._ctx)
             self._states = step.states
             self._submit(read, self._with_compensation(step.records), step.events)
+            # A forward step of the reference may have labelled the read with
+            # a later boundary than the one aimed at.
+            boundary = read.boundary or boundary
             # Aim at the next boundary after now: if this read overran whole
             # intervals, the ones passed are closed as MISSING at the next read.
             boundary = next_boundary(
@@ -474,6 +481,7 @@ class DevicePoller:
     async def _read(self, boundary: datetime | None, lateness_ms: float | None) -> Read:
         time_state = self._clock.time_state
         read_at = self._clock.now()
+        mono_s = self._clock.monotonic()
         if boundary is not None:
             # Lateness is measured when the request is sent, not when we woke.
             lateness_ms = (read_at - boundary) / timedelta(milliseconds=1)
@@ -486,14 +494,17 @@ class DevicePoller:
         )
         # On a shared bus the request may wait its turn: record when it went out.
         read_at += timedelta(seconds=result.queued_s)
-        if boundary is not None:
-            lateness_ms = (read_at - boundary) / timedelta(milliseconds=1)
+        mono_s += result.queued_s
         flags: frozenset[Flag] = result.flags
+        outages: tuple[tuple[datetime, datetime], ...] = ()
         if boundary is not None:
-            flags |= self._time_flags.flags_for(self._interval_since, read_at)
-            self._interval_since = read_at
-        elif self._interval_since is None:
-            self._interval_since = read_at
+            timed = self._timing.boundary_read(boundary, read_at, mono_s, self._time_flags)
+            boundary = timed.boundary
+            flags |= timed.flags
+            outages = timed.outages
+            lateness_ms = (read_at - boundary) / timedelta(milliseconds=1)
+        else:
+            self._timing.baseline(read_at, mono_s)
         changed = rescaled(self._scale_factors, result.scale_factors)
         self._scale_factors.update(result.scale_factors)
         read = Read(
@@ -508,6 +519,8 @@ class DevicePoller:
             registers=result.registers,
             error=result.error,
             meter_clock_offset_s=result.meter_clock_offset_s,
+            mono_s=mono_s,
+            outages=outages,
         )
         self._update_health(read)
         return read

@@ -601,6 +601,17 @@ class Device(_Strict):
     clock_tolerance: DurationS = Field(
         10.0, gt=0, description="meter clock offset beyond this flags CLOCK_ERROR"
     )
+    elapsed_tolerance: DurationS = Field(
+        1.0,
+        gt=0,
+        description="a record whose real elapsed time (monotonic, between its two reads) "
+        "differs from what the reference clock says by more than the larger of this and "
+        "elapsed_tolerance_fraction of the interval reports the real time in duration_s and "
+        "is flagged (PARTIAL/LONG besides any CLOCK_SET_*/TIME_ADJUSTED), never actual",
+    )
+    elapsed_tolerance_fraction: float = Field(
+        0.002, ge=0, lt=1, description="see elapsed_tolerance (0.002 = 0.2 % of the interval)"
+    )
     measurements: Measurements | None = None
     channel_count: int | None = Field(
         None, ge=1, le=1024, description="channels expanded from a channel_template"

@@ -35,6 +35,7 @@ import structlog
 
 from edged.config.schema import Mqtt, Settings, Sparkplug
 from edged.core.backoff import Backoff
+from edged.core.errors import EdgedError
 from edged.core.model import Event, Interval, parse_iso_utc
 from edged.core.sparkplug import (
     BD_SEQ_METRIC,
@@ -101,7 +102,7 @@ def default_client_id(settings: Sparkplug, site: str) -> str:
     return settings.client_id or f"edged-sp-{site}-{socket.gethostname()}"
 
 
-class HostOffline(aiomqtt.MqttError):
+class HostOffline(EdgedError, aiomqtt.MqttError):
     """The primary host application said it is offline: the session ends."""
 
 

@@ -218,6 +218,11 @@ def combine(
         # Irregular inputs (flagged PARTIAL/LONG) make the total span what the
         # longest of them spans.
         duration_s = max(r.duration_s for _, r in present) if present else nominal_s
+        if duration_s != nominal_s and demand is not None and value is not None and duration_s > 0:
+            # Over the time the record really covers, as for any irregular
+            # record: value / duration, not a sum of averages over different
+            # lengths (issue 13).
+            demand = float(_decimal(value) / (_decimal(duration_s) / 3600))
     else:
         flags.add(Flag.MISSING)
     if channel.demand_unit is None:
