@@ -15,6 +15,7 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -44,15 +45,15 @@ async def test_the_paho_client_and_the_pending_publishes_table_are_where_edged_e
     # calls set() on what it finds: edged puts its own entries there.
     entry = _Recorder()
     pending[7] = entry
-    paho.on_publish(
-        paho, None, 7, ReasonCode(PacketTypes.PUBACK, "Success"), Properties(PacketTypes.PUBACK)
-    )
+    on_publish: Any = paho.on_publish
+    properties: Any = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+    on_publish(paho, None, 7, ReasonCode(PacketTypes.PUBACK, "Success"), properties)
     assert entry.calls == 1
     assert 7 not in pending
 
 
 def test_paho_publish_answers_with_a_message_info() -> None:
-    paho = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    paho = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     info = paho.publish("edged/canary", b"x", qos=1)  # not connected: queued, not sent
     assert isinstance(info, mqtt.MQTTMessageInfo)
     assert isinstance(info.mid, int)
