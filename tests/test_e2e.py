@@ -13,23 +13,13 @@ from typing import Any
 
 import pytest
 
-from tests.support.config import site_config, tcp_device
+from tests.support.config import daemon_config
 from tests.support.daemon import Daemon
 from tests.support.meters import KWH_PER_COUNT, meter
 from tests.support.mqtt import Broker, by_end, collect, intervals
 from tests.support.schema import validate_messages
 
 pytestmark = pytest.mark.integration
-
-
-def write_config(tmp_path: Path, broker: Broker, modbus_port: int, ntp_port: int) -> Path:
-    """Device ``unit1`` on the simulator, 1 s intervals, on NTP time."""
-    return site_config(
-        tmp_path,
-        devices=[tcp_device("unit1", modbus_port)],
-        mqtt_port=broker.port,
-        ntp_port=ntp_port,
-    )
 
 
 def assert_consistent_series(records: list[dict[str, Any]]) -> None:
@@ -50,7 +40,7 @@ async def test_daemon_publishes_consecutive_intervals(
     tmp_path: Path, broker: Broker, ntp_port: int
 ) -> None:
     async with meter() as (_server, port), collect(broker, "edged/#") as got:
-        config = write_config(tmp_path, broker, port, ntp_port)
+        config = daemon_config(tmp_path, broker.port, port, ntp_port)
         async with Daemon(config, tmp_path) as d:
             await got.wait_for(lambda c: len(intervals(c)) >= 6, 20, "6 intervals")
             assert await d.stop() == 0
@@ -111,7 +101,7 @@ async def test_daemon_publishes_consecutive_intervals(
 
 async def test_broker_outage_loses_nothing(tmp_path: Path, broker: Broker, ntp_port: int) -> None:
     async with meter() as (_server, port):
-        config = write_config(tmp_path, broker, port, ntp_port)
+        config = daemon_config(tmp_path, broker.port, port, ntp_port)
         async with Daemon(config, tmp_path) as d:
             async with collect(broker, "edged/+/device/+/interval/#") as before:
                 await before.wait_for(lambda c: len(intervals(c)) >= 2, 20, "2 intervals")
@@ -142,7 +132,7 @@ async def test_sigterm_and_restart_continue_the_series(
     tmp_path: Path, broker: Broker, ntp_port: int
 ) -> None:
     async with meter() as (_server, port), collect(broker, "edged/+/device/+/interval/#") as got:
-        config = write_config(tmp_path, broker, port, ntp_port)
+        config = daemon_config(tmp_path, broker.port, port, ntp_port)
         async with Daemon(config, tmp_path) as d:
             await got.wait_for(lambda c: len(intervals(c)) >= 3, 20, "3 intervals")
             assert await d.stop(signal.SIGTERM) == 0

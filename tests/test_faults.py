@@ -11,14 +11,14 @@ import json
 import random
 import signal
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiomqtt
 import pytest
 
 from edged.core.model import parse_iso_utc
-from tests.support.config import site_config, tcp_device
+from tests.support.config import daemon_config
 from tests.support.daemon import Daemon
 from tests.support.meters import meter
 from tests.support.mqtt import Broker, Collector, by_end, collect, intervals
@@ -27,24 +27,6 @@ from tests.support.schema import validate_messages
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 KILL_CYCLES = 20
-
-
-def write_config(
-    tmp_path: Path,
-    broker: Broker,
-    modbus_port: int,
-    ntp_port: int,
-    units: Sequence[int] = (1,),
-    mqtt_port: int | None = None,
-) -> Path:
-    """Device ``unit<N>`` for each simulated unit N, all on the one simulator;
-    the daemon connects to ``mqtt_port`` if given, else to the broker."""
-    return site_config(
-        tmp_path,
-        devices=[tcp_device(f"unit{unit}", modbus_port, unit=unit) for unit in units],
-        mqtt_port=mqtt_port or broker.port,
-        ntp_port=ntp_port,
-    )
 
 
 def stored_interval_ids(db: Path) -> set[str]:
@@ -64,7 +46,7 @@ async def test_sigkill_at_random_points_loses_no_interval(
 ) -> None:
     rng = random.Random(20261121)
     async with meter() as (_server, port), collect(broker, "edged/+/device/+/interval/#") as got:
-        config = write_config(tmp_path, broker, port, ntp_port)
+        config = daemon_config(tmp_path, broker.port, port, ntp_port)
         async with Daemon(config, tmp_path, autostart=False) as d:
             for _cycle in range(KILL_CYCLES):
                 await d.start(wait_ready=False)
@@ -73,10 +55,14 @@ async def test_sigkill_at_random_points_loses_no_interval(
                 await d.stop(signal.SIGKILL)
             seen_before_last_start = len(intervals(got))
             await d.start()
+            # Measured records: on a loaded machine the first read after the
+            # restart may close a run of MISSING boundaries all at once.
             await got.wait_for(
-                lambda c: len(intervals(c)) >= seen_before_last_start + 3,
+                lambda c: (
+                    sum(p["value"] is not None for p in intervals(c)[seen_before_last_start:]) >= 3
+                ),
                 30,
-                "the last run to publish",
+                "the last run to publish measured intervals",
             )
             built = stored_interval_ids(tmp_path / "state" / "edged.db")
             await got.wait_for(
@@ -271,9 +257,7 @@ async def test_broker_killed_with_messages_in_flight_loses_no_interval(
         await until(lambda: follower.subscriptions == 1, 10, "the consumer to subscribe")
         async with meter(UNITS) as (_server, port), trap.serving() as trap_port:
             # The daemon reaches the broker through the trap.
-            config = write_config(
-                tmp_path, broker, port, ntp_port, units=UNITS, mqtt_port=trap_port
-            )
+            config = daemon_config(tmp_path, trap_port, port, ntp_port, units=UNITS)
             async with Daemon(config, tmp_path) as d:
                 await got.wait_for(lambda c: len(whole_bursts(c)) >= 3, 30, "a steady stream")
                 trap.armed = True

@@ -107,3 +107,24 @@ def site_config(
         tmp_path, devices=devices, mqtt_port=mqtt_port, ntp_port=ntp_port, **overrides
     )
     return write_settings(tmp_path / name, tree)
+
+
+def daemon_config(
+    tmp_path: Path,
+    mqtt_port: int,
+    modbus_port: int,
+    ntp_port: int,
+    *,
+    interval: str = "1s",
+    units: Sequence[int] = (1,),
+    **overrides: Any,
+) -> Path:
+    """The common daemon test: device ``unit<N>`` for each simulated unit N, all
+    on the one simulator (one 1 kWh/s energy counter each), on NTP time."""
+    return site_config(
+        tmp_path,
+        devices=[tcp_device(f"unit{u}", modbus_port, unit=u, interval=interval) for u in units],
+        mqtt_port=mqtt_port,
+        ntp_port=ntp_port,
+        **overrides,
+    )

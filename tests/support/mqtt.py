@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
 
+from edged.core.model import parse_iso_utc
 from edged.sim.broker import Mosquitto
 
 Broker = Mosquitto
@@ -84,3 +86,15 @@ def events(got: Collector, kind: str) -> list[dict[str, Any]]:
 
 def gateway_status(got: Collector) -> list[dict[str, Any]]:
     return [p for t, p, _ in got.messages if t.endswith("/gateway/status")]
+
+
+def assert_unbroken(records: Sequence[dict[str, Any]], what: str) -> None:
+    """Consecutive 1 s intervals, each continuing the previous counter, with no
+    MISSING, PARTIAL or LONG after the first record."""
+    assert len(records) >= 2, what
+    ends = [parse_iso_utc(r["end"]) for r in records]
+    gaps = {(b - a).total_seconds() for a, b in itertools.pairwise(ends)}
+    assert gaps == {1.0}, (what, [r["end"] for r in records])
+    for previous, record in itertools.pairwise(records):
+        assert not {"MISSING", "PARTIAL", "LONG"} & set(record["flags"]), (what, record)
+        assert record["counter_start"] == previous["counter_end"], (what, record)
