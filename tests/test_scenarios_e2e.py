@@ -75,9 +75,14 @@ def flagged(got: Collector, device: str, flag: str) -> list[dict[str, Any]]:
 async def test_every_scenario_produces_its_flag(
     tmp_path: Path, broker: Broker, ntp_port: int
 ) -> None:
+    # The wrap meter stands still 1500 counts short of the modulus until the
+    # daemon has its baseline, then runs at 1 kWh/s: it wraps 1.5 s later
+    # whatever the daemon's start-up time (a counter that wrapped before the
+    # baseline read would show no rollover at all).
     meters = {
-        unit: SimulatedMeter.pmc1(load_kw=3600.0, kwh_per_count=KWH_PER_COUNT,
-                                  initial_counts=(MODULUS - 3500) if name == "wrap" else 50_000)
+        unit: SimulatedMeter.pmc1(load_kw=0.0 if name == "wrap" else 3600.0,
+                                  kwh_per_count=KWH_PER_COUNT,
+                                  initial_counts=(MODULUS - 1500) if name == "wrap" else 50_000)
         for unit, name in UNITS.items()
     }  # fmt: skip
     async with MeterServer(meters) as server, collect(broker, "edged/#") as got:
@@ -86,7 +91,12 @@ async def test_every_scenario_produces_its_flag(
         daemon = Daemon(config, tmp_path)
         try:
             await daemon.start()
-            await got.wait_for(lambda c: len(records(c, "steady")) >= 2, 20, "first intervals")
+            await got.wait_for(
+                lambda c: len(records(c, "steady")) >= 2 and len(records(c, "wrap")) >= 1,
+                20,
+                "first intervals",
+            )
+            meters[2].set_load(3600.0)  # the wrap meter starts counting towards its wrap
             meters[3].set_counts(10)  # meter replaced / counter cleared
             meters[4].set_fault(Fault.exception(4), for_s=1.5)  # server device failure
             meters[5].set_fault(Fault.silent(), for_s=2.2)  # outage
@@ -98,6 +108,7 @@ async def test_every_scenario_produces_its_flag(
                     len(flagged(c, "outage", "LONG")) >= 1
                     and len(flagged(c, "estimate", "ESTIMATED")) >= 2
                     and len(records(c, "station")) >= 4
+                    and len(flagged(c, "wrap", "ROLLOVER")) >= 1
                 ),
                 25,
                 "scenario flags",
