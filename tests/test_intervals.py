@@ -682,6 +682,10 @@ FLAG_SCENARIOS: dict[Flag, Callable[[], frozenset[Flag]]] = {
         boundary_read(WINTER + Q, 5), started(65_530, WINTER), channel={"type": "uint16"}
     ),
     Flag.COUNTER_RESET: _scenario(boundary_read(WINTER + Q, 5), started(1_000_000, WINTER)),
+    Flag.SCALE_CHANGED: _scenario(
+        replace(boundary_read(WINTER + Q, 1_000_001), rescaled=frozenset({CH})),
+        started(1_000_000, WINTER),
+    ),
     Flag.OUT_OF_RANGE: _scenario(
         boundary_read(WINTER + Q, 1_000_001),
         started(1_000_000, WINTER),

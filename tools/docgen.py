@@ -470,7 +470,16 @@ def _profile_keys_section() -> str:
             "\n`channel_template` (in a profile or on a device) with `channel_count` expands "
             "to channels 1..N before validation: a channel whose `name` contains `{n}` (any "
             "format spec, e.g. `branch{n:02d}`), whose `register` is channel 1's, and whose "
-            "`stride` (default 2) is the register distance from one channel to the next.\n"
+            "`stride` (default 2) is the register distance from one channel to the next. "
+            "A `scale_register` in the template moves by `scale_stride` per channel (default "
+            "0: one shared scale register; 1 for a power-of-ten register per circuit).\n"
+        )
+    if "site_must_set" in load.PROFILE_KEYS:
+        text += (
+            "\n`site_must_set` lists values a profile can only assume, as `{key: "
+            "channels.NAME.KEY, why: TEXT}` (or a top-level device key): `edged check-config` "
+            "warns, at the device's line, for every device that does not state the value "
+            "itself (the PMC-1 pulse value is programmed per site).\n"
         )
     return text
 

@@ -30,6 +30,7 @@ from edged.core.compensation.record import (
     parameters_event,
     params_of,
 )
+from edged.core.deadband import Deadband, Reported, report
 from edged.core.demand import PeakState, peak_event, update_peaks
 from edged.core.engine import intervals as engine
 from edged.core.engine.intervals import ChannelState, IntervalContext
@@ -45,6 +46,7 @@ from edged.core.plan import (
     DevicePlan,
     plan_device,
 )
+from edged.core.scale import rescaled
 from edged.core.schedule import next_boundary
 from edged.core.time.flags import TimeFlags
 from edged.io.bus import Priority
@@ -98,6 +100,16 @@ def outbox_pending(
     return pending
 
 
+@dataclass(slots=True)
+class MeasureCounts:
+    """Fast-poll values since start: read, published after report-by-exception,
+    and stored (published ones, unless the disk budget sheds measurements)."""
+
+    polled: int = 0
+    published: int = 0
+    stored: int = 0
+
+
 class Recorder:
     """Single writer: batches pollers' results into durable transactions."""
 
@@ -106,8 +118,11 @@ class Recorder:
         store: Store,
         on_committed: Callable[[], None],
         measurement_flush_s: float = MEASUREMENT_FLUSH_S,
+        tap: Callable[[Sequence[Interval]], Sequence[OutboxMessage]] | None = None,
     ) -> None:
         self._store = store
+        # More outbox rows for the same records (Sparkplug), in the same commit.
+        self._tap = tap
         self._on_committed = on_committed
         self._queue: asyncio.Queue[Pending | asyncio.Future[None] | None] = asyncio.Queue()
         self.heartbeat = Heartbeat("recorder")
@@ -115,6 +130,7 @@ class Recorder:
         self._measurements: list[Measurement] = []
         self._flush_timer: asyncio.TimerHandle | None = None
         self._shedding: frozenset[str] = frozenset()
+        self.measure_counts = MeasureCounts()  # shared by the pollers
 
     @property
     def shedding(self) -> frozenset[str]:
@@ -127,11 +143,16 @@ class Recorder:
             self._measurements.clear()
 
     def submit(self, pending: Pending) -> None:
+        if self._tap is not None and pending.intervals:
+            # Seqs allocated now, right after the records' own: still in commit order.
+            for message in self._tap([record for record, _ in pending.intervals]):
+                pending.messages.append((self._store.allocate_seq(), message))
         self._queue.put_nowait(pending)
 
     def add_measurement(self, measurement: Measurement) -> None:
         if "measurements" in self._shedding:
             return
+        self.measure_counts.stored += len(measurement.values)
         self._measurements.append(measurement)
         if len(self._measurements) >= MEASUREMENT_BATCH_ROWS:
             self._queue.put_nowait(Pending())  # an empty step: commit what is buffered
@@ -305,6 +326,8 @@ class DevicePoller:
         self._on_records = on_records
         self._on_peak = on_peak
         self._on_measurement = on_measurement
+        # Last exponent of each scale-registered channel (SCALE_CHANGED on a change).
+        self._scale_factors: dict[str, int] = {}
         # End of the interval the next boundary read closes: time events
         # (steps, AMT ending, outages) after it flag that interval.
         known = [st.counter_at for st in states.values() if st.counter_at is not None]
@@ -329,10 +352,13 @@ class DevicePoller:
         if plan.measurements is None or plan.measure_every_s is None:
             return
         every_s = plan.measure_every_s
-        units = {
-            p.name: p.unit
-            for p in (self.device.measurements.points if self.device.measurements else ())
-        }
+        points = self.device.measurements.points if self.device.measurements else ()
+        units = {p.name: p.unit for p in points}
+        # Report by exception (edged.core.deadband): what moved, or was silent too long.
+        bands = {p.name: Deadband(p.deadband, p.deadband_percent) for p in points}
+        max_silence_s = self.device.measurements.max_silence if self.device.measurements else None
+        reported: dict[str, Reported] = {}
+        counts = self._recorder.measure_counts
         loop = asyncio.get_running_loop()
         next_mono = loop.time()
         while not self._stop.is_set():
@@ -353,7 +379,13 @@ class DevicePoller:
             if result.error is not None:
                 continue
             at = started + timedelta(seconds=result.queued_s)
-            payload = measurement_payload(self._site, self.device.id, at, result.values, units)
+            values, reported = report(bands, reported, result.values, loop.time(), max_silence_s)
+            counts.polled += len(result.values)
+            counts.published += len(values)
+            if not values:
+                continue  # nothing moved beyond its deadband
+            shown = {name: units[name] for name in values if name in units}
+            payload = measurement_payload(self._site, self.device.id, at, values, shown)
             if self._on_measurement is not None:
                 self._on_measurement(self._topics.measurement(self.device.id), payload)
             if self._compensation is not None:
@@ -462,8 +494,11 @@ class DevicePoller:
             self._interval_since = read_at
         elif self._interval_since is None:
             self._interval_since = read_at
+        changed = rescaled(self._scale_factors, result.scale_factors)
+        self._scale_factors.update(result.scale_factors)
         read = Read(
             flags=flags,
+            rescaled=changed,
             device=self.device.id,
             boundary=boundary,
             read_at=read_at,

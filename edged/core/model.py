@@ -41,6 +41,7 @@ class Flag(StrEnum):
     MISSING = "MISSING"
     ROLLOVER = "ROLLOVER"
     COUNTER_RESET = "COUNTER_RESET"
+    SCALE_CHANGED = "SCALE_CHANGED"
     DEVICE_ERROR = "DEVICE_ERROR"
     OUT_OF_RANGE = "OUT_OF_RANGE"
     DST = "DST"
@@ -102,6 +103,9 @@ class Read:
     error: ReadError | None = None
     flags: frozenset[Flag] = frozenset()  # observed by this read: status bits, meter clock, etc.
     meter_clock_offset_s: float | None = None
+    # Channels whose scale register (power of ten) differs from the previous read's:
+    # their record is SCALE_CHANGED. Not stored: a restart compares from its first read.
+    rescaled: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", _frozen_mapping(self.values))

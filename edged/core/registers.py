@@ -26,6 +26,7 @@ C-level ``struct`` calls.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -505,6 +506,9 @@ class PlanResult:
     meter_clock_s: float | None
     meter_clock_offset_s: float | None
     problems: tuple[str, ...]
+    # The power-of-ten exponent each scale-registered value was read with, so a
+    # caller can tell when the meter changed it between two reads.
+    scale_factors: Mapping[str, int] = field(default_factory=dict)
 
 
 def build_plan(
@@ -569,8 +573,9 @@ def scaled_value(spec: ValueSpec, decoded: Mapping[str, int | float]) -> int | f
             return None
         if isinstance(raw, int):
             raw = raw * 10**sf if sf >= 0 else float(Decimal(raw).scaleb(sf))
-        else:
-            raw = raw * 10.0**sf
+        elif math.isfinite(raw):
+            # Exactly (decimal): 0.1 x 10**-1 is 0.01, not 0.010000000000000002.
+            raw = float(Decimal(repr(raw)).scaleb(sf))
     value = _times(raw, spec.scale)
     if spec.offset:
         if isinstance(value, int):
@@ -612,12 +617,15 @@ def apply_plan(
     """
     values: dict[str, int | float] = {}
     problems: list[str] = []
+    scale_factors: dict[str, int] = {}
     for spec in plan.values:
         value = scaled_value(spec, decoded)
         if value is None:
             problems.append(f"{spec.name}: scale factor not implemented")
             continue
         values[spec.name] = value
+        if spec.sf_point is not None:
+            scale_factors[spec.name] = int(decoded[spec.sf_point])
     flags: set[Flag] = set()
     for status in plan.status:
         word = decoded.get(status.point)
@@ -640,4 +648,4 @@ def apply_plan(
             offset_s = clock_s - reference_s
             if abs(offset_s) > clock.tolerance_s:
                 flags.add(Flag.CLOCK_ERROR)
-    return PlanResult(values, frozenset(flags), clock_s, offset_s, tuple(problems))
+    return PlanResult(values, frozenset(flags), clock_s, offset_s, tuple(problems), scale_factors)

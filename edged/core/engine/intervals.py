@@ -373,11 +373,12 @@ def counter_quantum(magnitude: Decimal, data_type: str) -> Decimal:
 def default_max_demand(channel: Channel, interval_s: int) -> float | None:
     """The demand limit in force for a one-interval span (unit per hour).
 
-    Configured ``max_demand``, else half the counter modulus per interval
+    Configured ``max_demand``, else the device's rated power x margin, else
+    half the counter modulus per interval
     (see the module docstring for how longer spans are judged), else None.
     """
-    if channel.max_demand is not None:
-        return channel.max_demand
+    if channel.plausible_demand is not None:
+        return channel.plausible_demand
     modulus = channel.rollover_counts
     if modulus is None:
         return None
@@ -421,11 +422,10 @@ def check_delta(
         else:
             counts, reset = ds - de, "went_back"
         if reset is None:
-            if channel.max_demand is not None:
+            if (limit := channel.plausible_demand) is not None:
                 hours = Decimal(repr(max(span_s, nominal_s))) / 3600
                 allowance = (
-                    Decimal(repr(channel.max_demand)) * hours / Decimal(repr(channel.multiplier))
-                    + quantum
+                    Decimal(repr(limit)) * hours / Decimal(repr(channel.multiplier)) + quantum
                 )
                 if counts > allowance:
                     reset = "went_back" if wrapped else "jumped"
@@ -592,6 +592,10 @@ def _read_outcome(read: Read, channel: Channel) -> tuple[Counter | None, frozens
     value = _normalise(raw, channel)
     if value is None and isinstance(raw, float):
         flags.add(Flag.DEVICE_ERROR)  # NaN/inf: the meter says "data not valid"
+    if channel.name in read.rescaled:
+        # Both ends are raw x 10**sf with their own sf, so the delta is right only
+        # if the meter rescaled its counter consistently: worth a look, not a value.
+        flags.add(Flag.SCALE_CHANGED)
     return value, frozenset(flags)
 
 
