@@ -62,8 +62,10 @@ devices:
     measurements:
       every: 100ms
       points:
-        - {{name: V, register: 10, type: float32, unit: V}}
-        - {{name: I, register: 12, type: float32, unit: A}}
+        # report by exception: the steady V and I are published once, but every
+        # poll still counts towards the operating point
+        - {{name: V, register: 10, type: float32, unit: V, deadband: 1}}
+        - {{name: I, register: 12, type: float32, unit: A, deadband: 1}}
     compensation:
       current: I
       voltage: V
