@@ -397,6 +397,9 @@ def test_config_builds_params() -> None:
         ({"channels": [{"name": "nope", "flow": "received"}]}, "is not a channel"),
         ({"channels": [{"name": "reactive_export", "flow": "received"}]}, "not kWh"),
         ({"current": None}, "need `current` or `i2h`"),
+        ({"line": {"resistance_ohm": float("inf")}}, "finite number"),
+        ({"ct": {"rated_current_a": float("inf"), "points": [
+            {"percent": 100, "ratio_error_pct": 0.1, "phase_min": 1}]}}, "finite number"),
     ],
 )  # fmt: skip
 def test_config_validation(change: dict[str, object], message: str) -> None:
