@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ K = 1.000201240  # 1 / 0.9997988, rounded to 9 places
 LOSS_KW = 98.4  # 12 + 32.4 + 54
 
 
-def write_config(tmp_path: Path, broker: Broker, modbus_port: int, ntp_port: int) -> Path:
+def write_config(
+    tmp_path: Path, broker: Broker, modbus_port: int, ntp_port: int, line_ohm: float = 0.05
+) -> Path:
     config = tmp_path / "edged.yaml"
     config.write_text(
         f"""\
@@ -86,7 +89,7 @@ devices:
           - {{percent: 100, ratio_error_pct: -0.12, phase_min: 5.5}}
       transformer: {{no_load_loss_kw: 12, rated_voltage_v: 11000, load_loss_kw: 90,
                      rated_current_a: 1000}}
-      line: {{resistance_ohm: 0.05}}
+      line: {{resistance_ohm: {line_ohm}}}
 virtual_meters:
   - id: station
     channels:
@@ -293,3 +296,52 @@ async def test_compensated_energy_is_conserved_across_a_daemon_restart(
     expected_total = kwh * K - 12 * v2h_total / 121e6 - 2.4e-4 * a2h
     total = sum(comp[e]["value"] for e in ends)
     assert total == pytest.approx(expected_total, abs=len(ends) * 1e-6)
+
+
+async def test_a_parameter_change_is_an_event_and_leaves_published_records_alone(
+    tmp_path: Path, broker: Broker, ntp_port: int
+) -> None:
+    def compensated(c: Collector) -> list[dict[str, Any]]:
+        return [p for t, p, _ in c.messages if t.endswith("interval/energy_export_compensated")]
+
+    def hashes(c: Collector) -> list[str]:
+        return [
+            p["details"]["params_hash"]
+            for p in c.payloads("unit1/event")
+            if p["kind"] == "compensation_parameters"
+        ]
+
+    async with meter() as port, collect(broker, "edged/#") as got:
+        config = write_config(tmp_path, broker, port, ntp_port)
+        async with daemon(config, tmp_path) as d:
+            await got.wait_for(lambda c: len(compensated(c)) >= 3, 30, "3 compensated intervals")
+            write_config(tmp_path, broker, port, ntp_port, line_ohm=0.10)  # a new line figure
+            assert d.process is not None
+            d.process.send_signal(signal.SIGHUP)
+            await got.wait_for(lambda c: len(hashes(c)) >= 2, 30, "the new parameter set")
+            await got.wait_for(
+                lambda c: any(
+                    r["compensation"]["params_hash"] == hashes(c)[-1] and r["value"] is not None
+                    for r in compensated(c)
+                ),
+                30,
+                "a record under the new set",
+            )
+            assert await d.stop() == 0
+    validate_messages(got.messages)
+    old, new = hashes(got)
+    assert old != new
+    records = compensated(got)
+    # Each record was published once (no re-publication of an id under the new
+    # set) and names the set it was computed with: the old one up to the
+    # reload, the new one after.
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids))
+    used = [r["compensation"]["params_hash"] for r in records]
+    assert used == sorted(used, key=lambda h: h == new)  # old ..., then new ...
+    assert used[0] == old
+    assert used[-1] == new
+    # the line loss doubled with the resistance: 3 x 0.10 ohm x 600^2 / 1000 = 108 kW
+    last = [r for r in records if r["value"] is not None][-1]
+    hours = last["duration_s"] / 3600
+    assert last["compensation"]["loss_kwh"]["line"] == pytest.approx(108 * hours, abs=2e-6)
