@@ -12,6 +12,7 @@ import math
 import shutil
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -500,6 +501,15 @@ facade:
     # pymodbus 2 + mbpoll 2 answered, then pymodbus 2 + mbpoll 1 refused with 0x0B.
     assert clients["127.0.0.1"]["requests"] == 7
     assert clients["127.0.0.1"]["exceptions"] == 3
+    # `edged status` (which reads the store) shows the facade's last state.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edged.cli.main", "status", "-c", str(config),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    (line,) = [x for x in out.decode().splitlines() if "facade" in x]
+    assert f"listening 127.0.0.1:{facade_port} (2 devices)" in line
+    assert "7 requests, 3 exceptions" in line
 
 
 @pytest.mark.integration

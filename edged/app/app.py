@@ -465,6 +465,7 @@ class App:
                 if settings.facade.enabled:
                     self.facade = self._build_facade(settings, devices)
                     await self.facade.start()
+                    await store.set_mark("facade", self._facade_summary())
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
                 housekeeping_task = group.create_task(
                     supervised(housekeeper.run, "housekeeping", self._stop), name="housekeeping"
@@ -490,6 +491,7 @@ class App:
                 await reload_task  # a reload in progress completes first
                 if self.facade is not None:
                     await self.facade.close()
+                    await store.set_mark("facade", self._facade_summary())
                 await devices.stop()
                 if watchdog_task is not None:
                     # Pings up to here: a slow stop is not a hang; TimeoutStopSec bounds it.
@@ -526,6 +528,23 @@ class App:
     def _build_facade(settings: Settings, devices: DeviceSet) -> FacadeServer:
         units = {d.id: d.transport.unit_id for d in settings.devices}
         return FacadeServer(settings.facade, devices.link_for, units.get)
+
+    def _facade_summary(self) -> str:
+        """One line on the facade for `edged status` (kept as a store mark)."""
+        assert self.facade is not None
+        st = self.facade.status()
+        listening = ", ".join(f"{x['host']}:{x['port']} ({x['devices']} devices)"
+                              for x in st["listeners"])  # fmt: skip
+        clients = st["clients"]
+        return (
+            f"listening {listening}; {st['connections']} connections, {len(clients)} clients, "
+            f"{sum(c['requests'] for c in clients)} requests, "
+            f"{sum(c['exceptions'] for c in clients)} exceptions "
+            f"({sum(c['busy'] for c in clients)} busy); pass-through "
+            f"{st['pass_through_reads']} bus reads, {st['pass_through_shared']} shared; "
+            f"refused {st['rejected_connections']} connections, closed "
+            f"{st['closed_malformed']} malformed; at {iso_utc(self.clock.now())}"
+        )
 
     # -- reload -----------------------------------------------------------------
 
@@ -662,6 +681,8 @@ class App:
             await asyncio.sleep(self.settings.status_every)
             self._outbox = await store.outbox_depth()
             publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+            if self.facade is not None:  # for `edged status`, which reads the store
+                await store.set_mark("facade", self._facade_summary())
             # Read counts and last good reads, which change with every read.
             for device_id, health in self._device_health.items():
                 self._publish_device_status(device_id, health)
