@@ -197,6 +197,7 @@ async def phase(link: MeteredLink, seconds: float, facade_port: int | None,
     for n, unit in enumerate(UNITS):
         which = "first" if n == 0 else "second"
         result[f"{which}_lateness_p50_ms"] = ms(pct(late[unit], 0.5))
+        result[f"{which}_lateness_p95_ms"] = ms(pct(late[unit], 0.95))
         result[f"{which}_lateness_p99_ms"] = ms(pct(late[unit], 0.99))
         result[f"{which}_lateness_max_ms"] = ms(max(late[unit], default=None))
         result[f"{which}_reads"] = len(late[unit])
@@ -283,6 +284,10 @@ async def main(argv: list[str]) -> int:
         f"{BAUD} Bd, 2 meters, 1 s boundaries, {args.masters} masters x "
         f"{MASTER_REGISTERS} registers/s ({args.mode}); one transaction: boundary "
         f"{figures['boundary_tx_ms']} ms, master {figures['master_tx_ms']} ms\n"
+        f"  boundary lateness p50 first/second meter: alone "
+        f"{figures[a + 'first_lateness_p50_ms']}/{figures[a + 'second_lateness_p50_ms']} ms, "
+        f"with masters {figures[m + 'first_lateness_p50_ms']}/"
+        f"{figures[m + 'second_lateness_p50_ms']} ms\n"
         f"  boundary lateness p99 first/second meter: alone "
         f"{figures[a + 'first_lateness_p99_ms']}/{figures[a + 'second_lateness_p99_ms']} ms, "
         f"with masters {figures[m + 'first_lateness_p99_ms']}/"

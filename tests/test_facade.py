@@ -25,7 +25,7 @@ from edged.config.schema import Device, Facade, Settings
 from edged.core import mbap
 from edged.core.mbap import ExceptionCode, FrameError
 from edged.core.registers import Point, ReadRequest
-from edged.io.bus import Priority
+from edged.io.bus import BusScheduler, Priority
 from edged.io.facade import FacadeServer, TokenBucket, p99
 from edged.io.modbus import RtuBus, ScheduledLink, build_links
 from edged.sim.faults import Fault
@@ -610,3 +610,34 @@ async def test_a_flood_leaves_boundary_reads_on_time_and_other_masters_served() 
     # (a 10-register read, ~40 ms at 9600 Bd) plus the other meter's boundary
     # read (~24 ms); bounded loosely, the machine is shared.
     assert max(lateness) < 0.25, lateness
+
+
+# -- the bus: pass-through reads below boundary reads and fast polls -------------
+
+
+async def test_pass_through_reads_come_last_and_yield_around_boundaries() -> None:
+    now = [100.0]
+    bus: BusScheduler[str] = BusScheduler("bus", clock=lambda: now[0])
+    bus.register_unit(1, 0.5)
+    submitted = [
+        bus.submit(1, Priority.PASS_THROUGH, "master"),
+        bus.submit(1, Priority.FAST, "fast poll"),
+        bus.submit(1, Priority.BOUNDARY, "boundary"),
+    ]
+    order = []
+    for _ in submitted:
+        job = await bus.take()
+        bus.started(job)
+        now[0] += 0.04  # each 40 ms on the wire
+        bus.finished(job, ok=True, unresponsive=False, timeout=False)
+        order.append(job.payload)
+    assert order == ["boundary", "fast poll", "master"]
+    # The unit's estimate is 40 ms (from the fast poll and the pass-through
+    # read): a pass-through
+    # read 45 ms before a boundary would still be on the wire then, so it is
+    # held until the boundary's reads are taken; 60 ms before, it may go.
+    bus.expect_boundary(now[0] + 0.045)
+    job = bus.submit(1, Priority.PASS_THROUGH, "late master")
+    assert bus._fast_hold_s(job, now[0]) > 0.045
+    now[0] -= 0.015
+    assert bus._fast_hold_s(job, now[0]) == 0.0
