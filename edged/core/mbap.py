@@ -25,6 +25,8 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
+from edged.core.errors import EdgedError
+
 MBAP_HEADER_BYTES = 7
 # Length field: the unit id plus a PDU of 1..253 bytes.
 MIN_LENGTH = 2
@@ -49,7 +51,7 @@ class ExceptionCode(IntEnum):
     GATEWAY_TARGET_FAILED = 0x0B
 
 
-class FrameError(ValueError):
+class FrameError(EdgedError, ValueError):
     """The byte stream is not Modbus TCP: close the connection."""
 
 

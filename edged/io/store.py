@@ -563,15 +563,28 @@ class Store:
     # -- outbox ---------------------------------------------------------------
 
     async def outbox_batch(
-        self, limit: int, after_seq: int = 0, up_to_seq: int | None = None
+        self,
+        limit: int,
+        after_seq: int = 0,
+        up_to_seq: int | None = None,
+        *,
+        sparkplug: bool = False,
     ) -> list[OutboxRow]:
-        """Unsent messages with after_seq < seq <= up_to_seq, oldest first."""
+        """Unsent messages with after_seq < seq <= up_to_seq, oldest first: the JSON
+        publisher's, or with `sparkplug` the Sparkplug session's (topics under
+        `spBv1.0/`, which only that session can send: edged.io.sparkplug)."""
         async with (
             self._write_lock,
             self._db.execute(
                 "SELECT seq, topic, payload, qos, retain, created_at FROM outbox"
-                " WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-                (after_seq, up_to_seq if up_to_seq is not None else 2**63 - 1, limit),
+                " WHERE seq > ? AND seq <= ? AND (substr(topic, 1, 8) = 'spBv1.0/') = ?"
+                " ORDER BY seq LIMIT ?",
+                (
+                    after_seq,
+                    up_to_seq if up_to_seq is not None else 2**63 - 1,
+                    int(sparkplug),
+                    limit,
+                ),
             ) as cursor,
         ):
             rows = await cursor.fetchall()
