@@ -26,6 +26,7 @@ from edged.config.schema import Device, Facade, Settings
 from edged.core import mbap
 from edged.core.mbap import ExceptionCode, FrameError
 from edged.core.registers import Point, ReadRequest
+from edged.core.reload import applied_settings, restart_required
 from edged.io.bus import BusScheduler, Priority
 from edged.io.facade import FacadeServer, TokenBucket, p99
 from edged.io.modbus import RtuBus, ScheduledLink, build_links
@@ -647,3 +648,17 @@ async def test_pass_through_reads_come_last_and_yield_around_boundaries() -> Non
     assert bus._fast_hold_s(job, now[0]) > 0.045
     now[0] -= 0.015
     assert bus._fast_hold_s(job, now[0]) == 0.0
+
+
+def test_a_changed_facade_applies_at_the_next_start() -> None:
+    base: dict[str, Any] = {
+        "site": "s",
+        "devices": [{"id": "a", "transport": {"type": "tcp", "host": "h", "unit_id": 1},
+                     "channels": [{"name": "e", "register": 0}]}],
+    }  # fmt: skip
+    old = Settings.model_validate(base)
+    new = Settings.model_validate(
+        {**base, "facade": {"enabled": True, "listeners": [{"devices": [{"device": "a"}]}]}}
+    )
+    assert restart_required(old, new) == ("facade",)
+    assert applied_settings(old, new).facade.enabled is False
