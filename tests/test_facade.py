@@ -662,3 +662,30 @@ def test_a_changed_facade_applies_at_the_next_start() -> None:
     )
     assert restart_required(old, new) == ("facade",)
     assert applied_settings(old, new).facade.enabled is False
+
+
+@pytest.mark.integration
+async def test_a_facade_that_cannot_bind_costs_no_billing_data(
+    tmp_path: Path, broker: Broker, ntp_port: int
+) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    sim = SimulatedMeter.pmc1(load_kw=3600.0, kwh_per_count=KWH_PER_COUNT, initial_counts=1000)
+    try:
+        async with MeterServer({1: sim}) as server, collect(broker, "edged/#") as got:
+            modbus_port = await server.start_tcp()
+            config = write_config(tmp_path, broker, modbus_port, ntp_port)
+            with config.open("a") as f:
+                f.write(f"facade: {{enabled: true, listeners: [{{port: {port}, "
+                        "devices: [{device: unit1}]}]}\n")  # fmt: skip
+            async with daemon(config, tmp_path) as d:
+                await got.wait_for(lambda c: len(intervals(c)) >= 3, 20, "3 intervals")
+                assert await d.stop() == 0
+    finally:
+        taken.close()
+    (event,) = [p for p in got.payloads("/gateway/event") if p["kind"] == "facade_failed"]
+    assert event["details"]["listeners"] == [f"127.0.0.1:{port}"]
+    assert all("facade" not in p for p in got.payloads("/gateway/status"))
+    validate_messages(got.messages)

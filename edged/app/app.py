@@ -556,9 +556,7 @@ class App:
                 devices = self._devices = DeviceSet(context, group)
                 await devices.apply(settings.devices)
                 if settings.facade.enabled:
-                    self.facade = self._build_facade(settings, devices)
-                    await self.facade.start()
-                    await store.set_mark("facade", self._facade_summary())
+                    await self._start_facade(settings, devices, store)
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
                 housekeeping_task = group.create_task(
                     supervised(housekeeper.run, "housekeeping", self._stop), name="housekeeping"
@@ -626,10 +624,27 @@ class App:
             await store.close()
             log.info("edged stopped")
 
-    @staticmethod
-    def _build_facade(settings: Settings, devices: DeviceSet) -> FacadeServer:
+    async def _start_facade(self, settings: Settings, devices: DeviceSet, store: Store) -> None:
+        """Serve the other masters. A listener that cannot bind (the port taken,
+        an address not on this host) costs the facade, never the billing reads:
+        an error, a `facade_failed` event, and edged runs on without it."""
         units = {d.id: d.transport.unit_id for d in settings.devices}
-        return FacadeServer(settings.facade, devices.link_for, units.get)
+        facade = FacadeServer(settings.facade, devices.link_for, units.get)
+        try:
+            await facade.start()
+        except OSError as exc:
+            await facade.close()
+            log.error("facade not started; edged runs without it", error=str(exc))
+            self._record_event(
+                Event(device=None, kind="facade_failed", at=self.clock.now(),
+                      message=f"the Modbus TCP facade could not start: {exc}",
+                      details={"error": str(exc),
+                               "listeners": [f"{x.host}:{x.port}"
+                                             for x in settings.facade.listeners]})
+            )  # fmt: skip
+            return
+        self.facade = facade
+        await store.set_mark("facade", self._facade_summary())
 
     def _facade_summary(self) -> str:
         """One line on the facade for `edged status` (kept as a store mark)."""
