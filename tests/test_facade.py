@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
+from edged.config.load import ConfigError, load_settings
 from edged.config.schema import Device, Facade, Settings
 from edged.core import mbap
 from edged.core.mbap import ExceptionCode, FrameError
@@ -103,29 +104,48 @@ def test_p99_nearest_rank() -> None:
     assert p99([5.0]) == 5.0
 
 
-def test_facade_config_checks_devices_and_unit_ids() -> None:
-    base: dict[str, Any] = {
-        "site": "s",
-        "devices": [
-            {"id": "a", "transport": {"type": "tcp", "host": "h", "unit_id": 1},
-             "channels": [{"name": "e", "register": 0}]},
-            {"id": "b", "transport": {"type": "tcp", "host": "h", "unit_id": 1},
-             "channels": [{"name": "e", "register": 0}]},
-        ],
-    }  # fmt: skip
-    same_unit = {"enabled": True, "listeners": [{"devices": [{"device": "a"}, {"device": "b"}]}]}
-    with pytest.raises(ValueError, match="unit id 1 is both"):
-        Settings.model_validate({**base, "facade": same_unit})
-    mapped = {"enabled": True, "listeners": [{"devices": [{"device": "a"},
-              {"device": "b", "unit_id": 2}]}]}  # fmt: skip
-    assert Settings.model_validate({**base, "facade": mapped}).facade.listeners[0].port == 1502
-    with pytest.raises(ValueError, match="no device 'c'"):
-        Settings.model_validate({**base, "facade": {"listeners": [{"devices": [{"device": "c"}]}]}})
+def test_facade_config_checks_devices_and_unit_ids(tmp_path: Path) -> None:
+    devices = """\
+site: s
+devices:
+  - id: a
+    transport: {type: tcp, host: h, unit_id: 1}
+    channels: [{name: e, register: 0}]
+  - id: b
+    transport: {type: tcp, host: h2, unit_id: 1}
+    channels: [{name: e, register: 0}]
+"""
+    config = tmp_path / "edged.yaml"
+    config.write_text(
+        devices
+        + """\
+facade:
+  enabled: true
+  listeners:
+    - devices:
+        - {device: a}
+        - {device: b}
+        - {device: c}
+"""
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert [(p.line, p.key_path, p.message) for p in caught.value.problems] == [
+        (14, "facade.listeners[0].devices[1]",
+         "unit id 1 is already 'a' on this listener; give one an explicit unit_id"),
+        (15, "facade.listeners[0].devices[2]", "no device 'c'"),
+    ]  # fmt: skip
+    config.write_text(
+        devices + "facade: {enabled: true, listeners: [{devices: [{device: a}, "
+        "{device: b, unit_id: 2}]}]}\n"
+    )
+    assert load_settings(config).facade.listeners[0].port == 1502
     with pytest.raises(ValueError, match="mode cache needs"):
         Facade.model_validate({"listeners": [{"devices": [{"device": "a", "mode": "cache"}]}]})
     with pytest.raises(ValueError, match="not a network"):
         Facade.model_validate({"allow": ["10.0.0.0/33"]})
-    assert Settings.model_validate(base).facade.enabled is False
+    config.write_text(devices)
+    assert load_settings(config).facade.enabled is False
 
 
 # -- the server over real sockets -----------------------------------------------

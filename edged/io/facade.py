@@ -186,6 +186,8 @@ class FacadeServer:
                 unit = entry.unit_id if entry.unit_id is not None else unit_of(entry.device)
                 if unit is None:
                     raise ValueError(f"facade: no device {entry.device!r}")
+                if unit in units:  # check-config says so with file:line
+                    raise ValueError(f"facade: unit id {unit} twice on one listener")
                 units[unit] = _Target(entry, [_Block(b) for b in entry.blocks])
             self._targets.append(units)
         self._servers: list[asyncio.Server] = []
