@@ -25,6 +25,7 @@ from edged.config.registers import address_hint, normalise, parse_register_text
 from edged.config.schema import (
     IDENT_RE,
     Settings,
+    facade_problems,
 )
 from edged.core.engine.intervals import device_problems
 from edged.core.errors import EdgedError
@@ -606,6 +607,8 @@ def _cross_checks(settings: Settings, doc: _Located) -> list[Problem]:
             plan_virtual_meter(meter, settings.devices)
         except VirtualMeterError as exc:
             problems.append(_problem(doc, ("virtual_meters", i), str(exc)))
+    for path, message in facade_problems(settings.facade, settings.devices):
+        problems.append(_problem(doc, ("facade", *path), message))
     return problems
 
 

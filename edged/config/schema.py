@@ -428,6 +428,8 @@ class CertificatePointConfig(_Strict):
     """One point of an instrument transformer's test certificate (at its burden).
     Give the ratio error as `ratio_error_pct` (IEC 61869) or `rcf` (IEEE C57.13)."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     percent: float = Field(gt=0, le=400, description="% of rated primary current/voltage")
     ratio_error_pct: float | None = Field(
         None, ge=-5, le=5, description="ratio error in %, positive when the secondary reads high"
@@ -461,6 +463,8 @@ class InstrumentTransformer(_Strict):
     """A CT (rated_current_a) or VT (rated_voltage_v) certificate; errors are
     interpolated linearly between points and held flat beyond the first/last."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     rated_current_a: float | None = Field(None, gt=0, description="CT rated primary current, A")
     rated_voltage_v: float | None = Field(None, gt=0, description="VT rated primary voltage, V")
     burden_va: float | None = Field(None, gt=0, description="burden of the certificate, VA")
@@ -481,6 +485,8 @@ class InstrumentTransformer(_Strict):
 class TransformerLossConfig(_Strict):
     """Power transformer between the meter and the point of connection."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     no_load_loss_kw: float = Field(ge=0, description="no-load (iron) loss at rated voltage, kW")
     rated_voltage_v: float = Field(gt=0, description="rated voltage on the metered side, V")
     load_loss_kw: float = Field(ge=0, description="load (copper) loss at rated current, kW")
@@ -489,6 +495,8 @@ class TransformerLossConfig(_Strict):
 
 class LineLossConfig(_Strict):
     """Line between the meter (or transformer) and the point of connection."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     resistance_ohm: float = Field(ge=0, description="per phase, referred to the metered side")
     phases: Literal[1, 3] = Field(3, description="number of phases carrying the current")
@@ -996,34 +1004,29 @@ class Settings(_Strict):
     )
     facade: Facade = Field(Facade(), description="Modbus TCP server for other masters; off")
 
-    @model_validator(mode="after")
-    def _facade_devices(self) -> Settings:
-        problems = facade_problems(self.facade, self.devices)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
     @property
     def zone(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.timezone)
 
 
-def facade_problems(facade: Facade, devices: tuple[Device, ...]) -> list[str]:
-    """Facade entries naming unknown devices or one upstream unit id twice."""
+def facade_problems(
+    facade: Facade, devices: tuple[Device, ...]
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Facade entries naming unknown devices or one upstream unit id twice, each
+    with its key path under `facade` (a cross-check of the loader, file:line)."""
     by_id = {d.id: d for d in devices}
-    problems = []
+    problems: list[tuple[tuple[str | int, ...], str]] = []
     for n, listener in enumerate(facade.listeners):
         seen: dict[int, str] = {}
-        for entry in listener.devices:
+        for k, entry in enumerate(listener.devices):
+            where = ("listeners", n, "devices", k)
             device = by_id.get(entry.device)
             if device is None:
-                problems.append(f"facade listener {n}: no device {entry.device!r}")
+                problems.append((where, f"no device {entry.device!r}"))
                 continue
             unit = entry.unit_id if entry.unit_id is not None else device.transport.unit_id
             if unit in seen:
-                problems.append(
-                    f"facade listener {n}: unit id {unit} is both {seen[unit]!r} and "
-                    f"{entry.device!r}; give one an explicit unit_id"
-                )
+                problems.append((where, f"unit id {unit} is already {seen[unit]!r} on this "
+                                        "listener; give one an explicit unit_id"))  # fmt: skip
             seen[unit] = entry.device
     return problems

@@ -134,7 +134,8 @@ async def populate(tmp_path: Path) -> Populated:
                     ok=not (device.id == "unit2" and boundary == UNIT2_FAILS_AT),
                 )
                 ctx = IntervalContext("cli-site", device, NZ)
-                states[device.id], new = engine.close_device(states[device.id], read, ctx)
+                step = engine.step_device(states[device.id], read, ctx)
+                states[device.id], new = dict(step.states), list(step.records)
                 pairs, messages = [], []
                 for record in new:
                     seq = store.allocate_seq()

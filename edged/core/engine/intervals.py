@@ -320,15 +320,6 @@ def counter_delta(start: int | float, end: int | float, rollover: int | None) ->
     return Delta(float(end) - float(start) + rollover, wrapped=True)
 
 
-def energy(counts: int | float | Decimal, multiplier: float) -> float:
-    """counts x multiplier in decimal arithmetic (float counts via their repr)."""
-    return float(_energy(_to_decimal(counts), multiplier))
-
-
-def demand(value: float, hours: float) -> float:
-    return block_demand(value, hours)
-
-
 def _to_decimal(value: int | float | Decimal) -> Decimal:
     if isinstance(value, Decimal):
         return value
@@ -1081,25 +1072,6 @@ def step_device(states: Mapping[str, ChannelState], read: Read, ctx: IntervalCon
         records.extend(step.records)
         events.extend(step.events)
     return DeviceStep(new_states, tuple(records), _merge_events(events))
-
-
-# --------------------------------------------------------------------------
-# The issue-2 entry points, kept for the poller (they drop events: switch to
-# step_device to publish counter_reset / counter_resolution events).
-
-
-def close_boundary(
-    state: ChannelState | None, read: Read, channel: Channel, ctx: IntervalContext
-) -> tuple[ChannelState, list[Interval]]:
-    step = step_channel(state, read, channel, ctx)
-    return step.state, list(step.records)
-
-
-def close_device(
-    states: dict[str, ChannelState], read: Read, ctx: IntervalContext
-) -> tuple[dict[str, ChannelState], list[Interval]]:
-    step = step_device(states, read, ctx)
-    return step.states, list(step.records)
 
 
 def device_problems(device: Device) -> list[str]:
