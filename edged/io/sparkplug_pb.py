@@ -12,6 +12,7 @@ published sparkplug_b.proto, so the two cannot agree by sharing a mistake.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,13 @@ class DecodeError(ValueError):
     """Bytes that are not a Sparkplug B payload edged can read."""
 
 
+# Most varints (keys, types, lengths, small numbers) are one byte.
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     value &= _U64  # negative numbers: two's complement in 64 bits, as protobuf does
     while True:
@@ -46,6 +53,7 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+@functools.cache
 def _key(field_no: int, wire_type: int) -> bytes:
     return _varint((field_no << 3) | wire_type)
 
