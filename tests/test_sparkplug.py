@@ -362,5 +362,9 @@ async def test_sparkplug_rows_share_the_commit_and_only_their_session_sees_them(
         assert row.metric.value == 252.576
         assert row.metric.timestamp_ms == END_MS
         assert (await store.outbox_depth()).count == 2
+        # Sparkplug switched off: its rows go, the JSON record stays.
+        assert await store.drop_sparkplug_rows() == 1
+        assert [r.seq for r in await store.outbox_batch(10)] == [1]
+        assert await store.outbox_batch(10, sparkplug=True) == []
     finally:
         await store.close()

@@ -406,6 +406,9 @@ class App:
         self._outbox = await store.outbox_depth()
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
         sparkplug = self.sparkplug = None
+        if not settings.sparkplug.enabled and (dropped := await store.drop_sparkplug_rows()):
+            log.warning("sparkplug is off: its unsent rows were dropped (JSON records are kept)",
+                        rows=dropped)  # fmt: skip
         if settings.sparkplug.enabled:
             sparkplug = self.sparkplug = SparkplugPublisher(
                 settings.sparkplug, settings.mqtt, store, site=settings.site,
