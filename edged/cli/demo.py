@@ -119,6 +119,9 @@ devices:
     profile: pmc-1
     interval: {interval_s}s
     transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: 1, timeout: 1s}}
+    channels:
+      # The pulse value is programmed per site: state it (the profile asks to).
+      - {{name: energy_import, multiplier: 0.144}}
   - id: ion8600
     interval: {interval_s}s
     transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: 2, timeout: 1s}}

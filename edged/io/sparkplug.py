@@ -35,6 +35,8 @@ import structlog
 
 from edged.config.schema import Mqtt, Settings, Sparkplug
 from edged.core.backoff import Backoff
+from edged.core.compensation.record import channels_of
+from edged.core.errors import EdgedError
 from edged.core.model import Event, Interval, parse_iso_utc
 from edged.core.sparkplug import (
     BD_SEQ_METRIC,
@@ -85,7 +87,8 @@ def device_specs(settings: Settings) -> list[DeviceSpec]:
     specs = [
         DeviceSpec(
             id=d.id,
-            channels=tuple((c.name, c.unit) for c in d.channels),
+            # raw and compensated channels (docs/compensation.md)
+            channels=tuple((name, c.unit) for name, c in channels_of(d).items()),
             points=tuple((p.name, p.unit) for p in d.measurements.points) if d.measurements else (),
         )
         for d in settings.devices
@@ -101,7 +104,7 @@ def default_client_id(settings: Sparkplug, site: str) -> str:
     return settings.client_id or f"edged-sp-{site}-{socket.gethostname()}"
 
 
-class HostOffline(aiomqtt.MqttError):
+class HostOffline(EdgedError, aiomqtt.MqttError):
     """The primary host application said it is offline: the session ends."""
 
 

@@ -17,6 +17,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from edged.core.errors import EdgedError
 from edged.core.sparkplug import DataType, Metric, Property, Value
 
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
@@ -30,7 +31,7 @@ _FLOAT, _DOUBLE, _BOOLEAN = 9, 10, 11
 _STRING_TYPES = frozenset({12, 14, 15})  # String, Text, UUID
 
 
-class DecodeError(ValueError):
+class DecodeError(EdgedError, ValueError):
     """Bytes that are not a Sparkplug B payload edged can read."""
 
 
