@@ -29,8 +29,10 @@ from edged.core.sparkplug import (
     device_birth_metrics,
     epoch_ms,
     host_online,
+    host_state,
     interval_metric,
     measurement_metrics,
+    newer_state,
     next_seq,
     node_birth_metrics,
     parse_row,
@@ -220,6 +222,16 @@ def test_only_node_rebirth_is_obeyed() -> None:
     device = decide_command(MessageType.DCMD, [("Node Control/Rebirth", True), (None, 3)])
     assert not device.rebirth
     assert device.refused == ("Node Control/Rebirth", "(alias only)")
+
+
+def test_stale_host_state_is_ignored() -> None:
+    assert host_state(b'{"online": true, "timestamp": 1700}') == (True, 1700)
+    assert host_state(b'{"online": "yes", "timestamp": 1700}') is None
+    assert host_state(b'{"online": true, "timestamp": true}') is None
+    assert newer_state(None, (False, 5))
+    assert newer_state((False, 5), (True, 5))  # same instant: the later message wins
+    assert newer_state((True, 5), (False, 6))
+    assert not newer_state((True, 6), (False, 5))
 
 
 def test_host_state() -> None:

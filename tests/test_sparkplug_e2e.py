@@ -407,11 +407,18 @@ async def test_births_wait_for_the_primary_host_and_devices_die_and_are_reborn(
             await host.publish("spBv1.0/STATE/scada", state(False), qos=1, retain=True)
             await wait_for(lambda: bool(seen.of("NDEATH")), 10, "NDEATH", seen.summary)
             assert await d.stop() == 0
+        # A restart continues bdSeq from the store: a host never sees the
+        # number of a session it already knows come back for another.
+        await host.publish("spBv1.0/STATE/scada", state(True), qos=1, retain=True)
+        async with daemon(config, tmp_path) as d:
+            await wait_for(lambda: len(seen.of("NBIRTH")) == 2, 15, "NBIRTH", seen.summary)
+            assert await d.stop() == 0
         await host.publish("spBv1.0/STATE/scada", b"", qos=1, retain=True)
     (ddeath,) = seen.of("DDEATH")
     assert ddeath.device == "unit1"
     assert list(ddeath.decoded().metrics) == []
+    first, restarted = (metric_names(b.decoded())["bdSeq"].long_value for b in seen.of("NBIRTH"))
     death = seen.of("NDEATH")[0].decoded()
-    assert death.metrics[0].long_value == metric_names(birth)["bdSeq"].long_value
-    assert len(seen.of("NBIRTH")) == 1
+    assert death.metrics[0].long_value == first == metric_names(birth)["bdSeq"].long_value
+    assert restarted > first
     check_seq(seen, wraps=0)
