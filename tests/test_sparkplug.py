@@ -380,3 +380,28 @@ async def test_sparkplug_rows_share_the_commit_and_only_their_session_sees_them(
         assert await store.outbox_batch(10, sparkplug=True) == []
     finally:
         await store.close()
+
+
+def test_sparkplug_config(tmp_path: Path) -> None:
+    from edged.config.load import ConfigError, load_settings
+    from tests.test_config import GOOD, write
+
+    settings = load_settings(write(tmp_path, GOOD))
+    assert not settings.sparkplug.enabled  # off unless asked for
+    assert settings.sparkplug.group_id == "edged"
+    assert settings.sparkplug.edge_node_id is None  # the site
+    on = GOOD + "sparkplug: {enabled: true, group_id: substations, primary_host_id: scada}\n"
+    sparkplug = load_settings(write(tmp_path, on)).sparkplug
+    assert (sparkplug.enabled, sparkplug.group_id, sparkplug.primary_host_id) == (
+        True,
+        "substations",
+        "scada",
+    )
+    with pytest.raises(ConfigError) as bad_group:
+        load_settings(write(tmp_path, GOOD + "sparkplug: {enabled: true, group_id: a/b}\n"))
+    assert "sparkplug.group_id" in str(bad_group.value.problems[0])
+    clash = GOOD.replace("  topic_prefix: edged\n", "  topic_prefix: edged\n  client_id: gw1\n")
+    clash += "sparkplug: {enabled: true, client_id: gw1}\n"
+    with pytest.raises(ConfigError) as same_id:
+        load_settings(write(tmp_path, clash))
+    assert "must differ from mqtt.client_id" in str(same_id.value.problems[0])

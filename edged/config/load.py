@@ -606,6 +606,12 @@ def _cross_checks(settings: Settings, doc: _Located) -> list[Problem]:
             plan_virtual_meter(meter, settings.devices)
         except VirtualMeterError as exc:
             problems.append(_problem(doc, ("virtual_meters", i), str(exc)))
+    sparkplug = settings.sparkplug
+    if sparkplug.enabled and sparkplug.client_id and sparkplug.client_id == settings.mqtt.client_id:
+        # Two sessions under one id throw each other off the broker, forever.
+        problems.append(
+            _problem(doc, ("sparkplug", "client_id"), "must differ from mqtt.client_id")
+        )
     return problems
 
 
