@@ -366,6 +366,9 @@ def check_against_json(seen: Seen) -> None:
     assert historical >= 1
 
 
+HOST = "  primary_host_id: scada\n"
+
+
 def state(online: bool) -> bytes:
     return json.dumps({"online": online, "timestamp": int(time.time() * 1000)}).encode()
 
@@ -377,7 +380,7 @@ async def test_births_wait_for_the_primary_host_and_devices_die_and_are_reborn(
 
     seen = Seen()
     async with meter((1, 2)) as (server, port), listen(broker, seen) as host:
-        config = write_config(tmp_path, broker, port, (1, 2), "  primary_host_id: scada\n")
+        config = write_config(tmp_path, broker, port, (1, 2), HOST)
         await host.publish("spBv1.0/STATE/scada", state(False), qos=1, retain=True)
         async with daemon(config, tmp_path) as d:
             # The host is offline: edged runs (JSON records flow) but stays unborn.
@@ -412,13 +415,27 @@ async def test_births_wait_for_the_primary_host_and_devices_die_and_are_reborn(
         await host.publish("spBv1.0/STATE/scada", state(True), qos=1, retain=True)
         async with daemon(config, tmp_path) as d:
             await wait_for(lambda: len(seen.of("NBIRTH")) == 2, 15, "NBIRTH", seen.summary)
+            # A reload that removes a device: births again, without it.
+            config.write_text(write_config(tmp_path, broker, port, (1,), HOST).read_text())
+            assert d.process is not None
+            d.process.send_signal(signal.SIGHUP)
+            await wait_for(lambda: len(seen.of("NBIRTH")) == 3, 15, "rebirth", seen.summary)
+            await asyncio.sleep(0.5)  # its DBIRTHs follow at once
             assert await d.stop() == 0
         await host.publish("spBv1.0/STATE/scada", b"", qos=1, retain=True)
     (ddeath,) = seen.of("DDEATH")
     assert ddeath.device == "unit1"
     assert list(ddeath.decoded().metrics) == []
-    first, restarted = (metric_names(b.decoded())["bdSeq"].long_value for b in seen.of("NBIRTH"))
+    first, restarted, reloaded = (
+        metric_names(b.decoded())["bdSeq"].long_value for b in seen.of("NBIRTH")
+    )
     death = seen.of("NDEATH")[0].decoded()
     assert death.metrics[0].long_value == first == metric_names(birth)["bdSeq"].long_value
     assert restarted > first
+    assert reloaded == restarted  # a rebirth, not a new connection
+    after_reload = sessions(seen.sparkplug)[-1]
+    assert [(m.kind, m.device) for m in after_reload if "BIRTH" in m.kind] == [
+        ("NBIRTH", None),
+        ("DBIRTH", "unit1"),
+    ]
     check_seq(seen, wraps=0)
