@@ -405,3 +405,50 @@ def test_sparkplug_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as same_id:
         load_settings(write(tmp_path, clash))
     assert "must differ from mqtt.client_id" in str(same_id.value.problems[0])
+    with pytest.raises(ConfigError) as nowhere:
+        load_settings(write(tmp_path, GOOD + "sparkplug: {json_data: false}\n"))
+    assert "needs sparkplug.enabled" in str(nowhere.value.problems[0])
+
+
+async def test_sparkplug_instead_of_json_rows_take_the_records_seqs(tmp_path: Path) -> None:
+    """json_data false: each record's outbox row is its Sparkplug row, under the
+    seq its stored payload names (so "unsent" still finds it); events stay JSON."""
+    from edged.app.poller import Recorder, outbox_pending
+    from edged.core.model import Event
+    from edged.core.payloads import Topics
+    from edged.io.store import OutboxMessage, Store
+
+    store = await Store.open(tmp_path / "edged.db")
+    try:
+
+        def tap(records: Sequence[Interval]) -> list[OutboxMessage]:
+            return [
+                OutboxMessage(
+                    f"spBv1.0/g/DDATA/n/{r.device}", row_payload(r.device, interval_metric(r))
+                )
+                for r in records
+            ]
+
+        recorder = Recorder(store, on_committed=lambda: None, tap=tap, tap_replaces=True)
+        running = asyncio.create_task(recorder.run())
+        event = Event(device=None, kind="test", at=END, message="m")
+        later = record(value=1.0)
+        pending = outbox_pending(
+            store, Topics("edged", "tekapo-a"), "tekapo-a", [record(), later], [event]
+        )
+        recorder.submit(pending)
+        await recorder.flush()
+        await recorder.close()
+        await running
+        sparkplug_rows = await store.outbox_batch(10, sparkplug=True)
+        assert [(r.seq, r.topic) for r in sparkplug_rows] == [
+            (1, "spBv1.0/g/DDATA/n/unit1"),
+            (2, "spBv1.0/g/DDATA/n/unit1"),
+        ]
+        values = [row.metric.value for r in sparkplug_rows if (row := parse_row(r.payload))]
+        assert values == [252.576, 1.0]
+        assert [(r.seq, r.topic) for r in await store.outbox_batch(10)] == [
+            (3, "edged/tekapo-a/gateway/event")
+        ]
+    finally:
+        await store.close()

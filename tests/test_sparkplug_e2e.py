@@ -439,3 +439,31 @@ async def test_births_wait_for_the_primary_host_and_devices_die_and_are_reborn(
         ("DBIRTH", "unit1"),
     ]
     check_seq(seen, wraps=0)
+
+
+async def test_sparkplug_instead_of_json_data(tmp_path: Path, broker: Broker) -> None:
+    """`json_data: false`: intervals and fast polls only as Sparkplug; the
+    gateway status stays on JSON."""
+    seen = Seen()
+    async with meter((1,)) as (_server, port), listen(broker, seen):
+        config = write_config(tmp_path, broker, port, (1,), "  json_data: false\n")
+        async with daemon(config, tmp_path) as d:
+            await wait_for(
+                lambda: len(interval_metrics(seen)) >= 3, 20, "interval DDATA", seen.summary
+            )
+            await wait_for(
+                lambda: any(t.endswith("/gateway/status") for t, _ in seen.json),
+                10,
+                "gateway status",
+                seen.summary,
+            )
+            assert await d.stop() == 0
+    assert not [t for t, _ in seen.json if "/interval/" in t or t.endswith("/measurement")]
+    measurements = [
+        m
+        for m in seen.of("DDATA")
+        if any(not x.HasField("properties") for x in m.decoded().metrics)
+    ]
+    assert measurements, seen.summary()
+    for metric, _ in interval_metrics(seen):
+        assert spb.properties(metric)["id"][1].startswith(f"{NODE}/unit1/energy_import/")

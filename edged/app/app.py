@@ -407,9 +407,11 @@ class App:
 
     def _on_measurement(self, topic: str, payload: dict[str, Any]) -> bool:
         assert self.publisher is not None
-        sent = self.publisher.publish_now(topic, payload)
+        sent = False
+        if self.settings.sparkplug.json_data:
+            sent = self.publisher.publish_now(topic, payload)
         if self.sparkplug is not None:
-            self.sparkplug.publish_measurement(str(payload["device"]), payload)
+            sent = self.sparkplug.publish_measurement(str(payload["device"]), payload) or sent
         return sent
 
     def _on_health(self, device_id: str, health: DeviceHealth) -> None:
@@ -505,7 +507,10 @@ class App:
                 sparkplug.wake()
 
         recorder = Recorder(
-            store, on_committed=committed, tap=sparkplug.rows_for if sparkplug else None
+            store,
+            on_committed=committed,
+            tap=sparkplug.rows_for if sparkplug else None,
+            tap_replaces=not settings.sparkplug.json_data,
         )
         self._recorder = recorder
         commands = self._commands = None

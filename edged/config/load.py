@@ -612,6 +612,11 @@ def _cross_checks(settings: Settings, doc: _Located) -> list[Problem]:
         problems.append(
             _problem(doc, ("sparkplug", "client_id"), "must differ from mqtt.client_id")
         )
+    if not sparkplug.json_data and not sparkplug.enabled:
+        # The data would go out nowhere.
+        problems.append(
+            _problem(doc, ("sparkplug", "json_data"), "false needs sparkplug.enabled: true")
+        )
     return problems
 
 
