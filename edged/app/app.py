@@ -407,9 +407,11 @@ class App:
 
     def _on_measurement(self, topic: str, payload: dict[str, Any]) -> bool:
         assert self.publisher is not None
-        sent = self.publisher.publish_now(topic, payload)
+        sent = False
+        if self.settings.sparkplug.json_data:
+            sent = self.publisher.publish_now(topic, payload)
         if self.sparkplug is not None:
-            self.sparkplug.publish_measurement(str(payload["device"]), payload)
+            sent = self.sparkplug.publish_measurement(str(payload["device"]), payload) or sent
         return sent
 
     def _on_health(self, device_id: str, health: DeviceHealth) -> None:
@@ -489,6 +491,9 @@ class App:
         self._outbox = await store.outbox_depth()
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
         sparkplug = self.sparkplug = None
+        if not settings.sparkplug.enabled and (dropped := await store.drop_sparkplug_rows()):
+            log.warning("sparkplug is off: its unsent rows were dropped (JSON records are kept)",
+                        rows=dropped)  # fmt: skip
         if settings.sparkplug.enabled:
             sparkplug = self.sparkplug = SparkplugPublisher(
                 settings.sparkplug, settings.mqtt, store, site=settings.site,
@@ -502,7 +507,10 @@ class App:
                 sparkplug.wake()
 
         recorder = Recorder(
-            store, on_committed=committed, tap=sparkplug.rows_for if sparkplug else None
+            store,
+            on_committed=committed,
+            tap=sparkplug.rows_for if sparkplug else None,
+            tap_replaces=not settings.sparkplug.json_data,
         )
         self._recorder = recorder
         commands = self._commands = None

@@ -609,6 +609,17 @@ def _cross_checks(settings: Settings, doc: _Located) -> list[Problem]:
             problems.append(_problem(doc, ("virtual_meters", i), str(exc)))
     for path, message in facade_problems(settings.facade, settings.devices):
         problems.append(_problem(doc, ("facade", *path), message))
+    sparkplug = settings.sparkplug
+    if sparkplug.enabled and sparkplug.client_id and sparkplug.client_id == settings.mqtt.client_id:
+        # Two sessions under one id throw each other off the broker, forever.
+        problems.append(
+            _problem(doc, ("sparkplug", "client_id"), "must differ from mqtt.client_id")
+        )
+    if not sparkplug.json_data and not sparkplug.enabled:
+        # The data would go out nowhere.
+        problems.append(
+            _problem(doc, ("sparkplug", "json_data"), "false needs sparkplug.enabled: true")
+        )
     return problems
 
 

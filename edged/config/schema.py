@@ -860,6 +860,11 @@ class Sparkplug(_Strict):
     client_id: str | None = Field(
         None, description="MQTT client id of the Sparkplug session; default: edged-sp-{site}-{host}"
     )
+    json_data: bool = Field(
+        True,
+        description="also publish interval records and fast-poll values on the JSON topics; "
+        "false: Sparkplug instead (statuses, events and commands stay on JSON)",
+    )
 
 
 class TimeSettings(_Strict):
