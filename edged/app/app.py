@@ -28,6 +28,7 @@ import structlog
 from edged import __version__
 from edged.app import logs
 from edged.app.devices import DeviceSet, PollerContext, supervised
+from edged.app.holding import STORAGE_ERRORS
 from edged.app.housekeeping import (
     BudgetDecision,
     DiskUsage,
@@ -71,7 +72,7 @@ from edged.io.clock import BoundaryWaiter, Clock, SystemClock
 from edged.io.mqtt import Publisher, Refusal, default_client_id
 from edged.io.ntp import NtpReferenceClock, SystemReferenceClock
 from edged.io.sdnotify import Notifier, Systemd, run_watchdog
-from edged.io.store import OutboxDepth, Store
+from edged.io.store import OutboxDepth, Store, StoreError
 
 log = structlog.get_logger("edged.app.app")
 
@@ -195,8 +196,38 @@ class App:
             "outbox_oldest_age_s": oldest_s,
             **self._disk_status(),
             **self._publish_status(),
+            **self._storage_status(),
             "updated_at": iso_utc(self.clock.now()),
         }
+
+    def _storage_status(self) -> dict[str, Any]:
+        if self._recorder is None:
+            return {}
+        holding = self._recorder.holding
+        return {"storage_error": holding.error, **({} if holding.error is None else {
+            "storage_held": holding.counts()})}  # fmt: skip
+
+    def _on_storage_error(self, error: str | None) -> None:
+        """The store started or stopped refusing writes: an event (written
+        with the held data once possible) and the status at once."""
+        holding = self._recorder.holding if self._recorder is not None else None
+        counts = holding.counts() if holding is not None else {}
+        path = str(self.settings.storage.path)
+        self._record_event(
+            Event(
+                device=None,
+                kind="storage_error",
+                at=self.clock.now(),
+                message=(f"the store {path} refuses writes ({error}); data is held in "
+                         "memory and written when it accepts writes again")
+                if error is not None else f"the store {path} accepts writes again; "
+                "held data written",
+                details={"change": "entered" if error is not None else "left",
+                         "error": error, "path": path, **counts},
+            )
+        )  # fmt: skip
+        if self.publisher is not None:
+            self.publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
 
     def _publish_status(self) -> dict[str, Any]:
         if self.publisher is None:
@@ -376,12 +407,33 @@ class App:
     # -- running ----------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except BaseException:
+            # Whatever failed before the task group was up (a store that
+            # stops accepting writes during start-up ...): close the store, or
+            # its worker thread keeps the process alive with no READY sent and
+            # systemd's restart policy never runs.
+            if self.store is not None:
+                with contextlib.suppress(Exception):
+                    await self.store.close()
+            raise
+
+    async def _run(self) -> None:
         settings = self.settings
         notifier = self._systemd.notifier
         store = await Store.open(
             settings.storage.path, now=lambda: datetime.fromtimestamp(self._system_now(), UTC)
         )
         self.store = store
+        try:
+            # A store that cannot be written is a clean exit naming the path
+            # and the OS's reason (systemd restarts it), not a half-started
+            # daemon that never says READY.
+            await store.check_writable()
+        except StoreError:
+            await store.close()
+            raise
         log.info("store open", path=str(settings.storage.path))
         if store.recovered_from is not None:
             self._record_event(store_corrupt_event(store.recovered_from))
@@ -406,6 +458,7 @@ class App:
         self._outbox = await store.outbox_depth()
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
         recorder = Recorder(store, on_committed=publisher.wake)
+        recorder.holding.on_change = self._on_storage_error
         self._recorder = recorder
         commands = self._commands = None
         if settings.mqtt.commands.enabled:
@@ -421,6 +474,7 @@ class App:
             on_change=self._on_budget,
         )
         self.housekeeper = housekeeper
+        recorder.before_commit = housekeeper.check_free_space
         for event in self._early_events:
             self._record_event(event)
         self._early_events.clear()
@@ -635,13 +689,18 @@ class App:
 
     async def _liveness_loop(self, store: Store) -> None:
         while True:
-            await store.set_mark("liveness", iso_utc(self.clock.now()))
+            try:
+                await store.set_mark("liveness", iso_utc(self.clock.now()))
+            except STORAGE_ERRORS as exc:
+                # The recorder reports the failing store; the mark is retried.
+                log.debug("liveness mark not written", error=str(exc))
             await asyncio.sleep(LIVENESS_EVERY_S)
 
     async def _status_loop(self, publisher: Publisher, store: Store) -> None:
         while True:
             await asyncio.sleep(self.settings.status_every)
-            self._outbox = await store.outbox_depth()
+            with contextlib.suppress(*STORAGE_ERRORS):
+                self._outbox = await store.outbox_depth()
             publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
             # Read counts and last good reads, which change with every read.
             for device_id, health in self._device_health.items():

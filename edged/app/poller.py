@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from edged.app.heartbeat import Heartbeat
+from edged.app.holding import STORAGE_ERRORS, Holding
 from edged.config.schema import Device
 from edged.core import flags as flag_table
 from edged.core.demand import PeakState, peak_event, update_peaks
@@ -102,6 +103,11 @@ class Recorder:
     ) -> None:
         self._store = store
         self._on_committed = on_committed
+        # A failed commit (disk full, read-only, I/O error) keeps its batch
+        # here and retries; see edged.app.holding.
+        self.holding: Holding[Pending] = Holding(Pending)
+        # Called before every commit (the disk alarm's free-space check).
+        self.before_commit: Callable[[], None] | None = None
         self._queue: asyncio.Queue[Pending | asyncio.Future[None] | None] = asyncio.Queue()
         self.heartbeat = Heartbeat("recorder")
         self._measurement_flush_s = measurement_flush_s
@@ -133,6 +139,16 @@ class Recorder:
                 self._measurement_flush_s, self._queue.put_nowait, Pending()
             )
 
+    async def _next(self, timeout_s: float | None) -> Pending | asyncio.Future[None] | None:
+        """The next queued item; an empty step when held data is due a retry."""
+        if timeout_s is None:
+            return await self._queue.get()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._queue.get()
+        except TimeoutError:
+            return Pending()
+
     async def close(self) -> None:
         """Flush what is queued and end `run`."""
         self._queue.put_nowait(None)
@@ -146,8 +162,8 @@ class Recorder:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            first = await self._queue.get()
-            batch = Pending()
+            first = await self._next(self.holding.retry_in_s())
+            batch = self.holding.take()
             done = False
             items: list[Pending] = []
             flushed: list[asyncio.Future[None]] = []
@@ -172,7 +188,8 @@ class Recorder:
                 batch.after_commit.extend(item.after_commit)
             if "reads" in self._shedding:
                 batch.reads.clear()
-            measurements, self._measurements = self._measurements, []
+            measurements, self._measurements = self.holding.measurements + self._measurements, []
+            self.holding.measurements = []
             if self._flush_timer is not None:
                 self._flush_timer.cancel()
                 self._flush_timer = None
@@ -187,16 +204,32 @@ class Recorder:
                 )
             ):
                 self.heartbeat.busy(loop.time())
-                await self._store.commit_boundary(
-                    batch.reads,
-                    batch.intervals,
-                    batch.states,
-                    batch.messages,
-                    batch.peaks,
-                    replays=batch.replays,
-                    measurements=measurements,
-                )
-                self.heartbeat.idle()
+                if self.before_commit is not None:
+                    self.before_commit()
+                try:
+                    await self._store.commit_boundary(
+                        batch.reads,
+                        batch.intervals,
+                        batch.states,
+                        batch.messages,
+                        batch.peaks,
+                        replays=batch.replays,
+                        measurements=measurements,
+                    )
+                except STORAGE_ERRORS as exc:
+                    # The daemon stays up: the batch waits in memory and is
+                    # written, in full, once the store accepts writes again.
+                    self.holding.failed(batch, measurements, exc)
+                    for future in flushed:
+                        if not future.done():
+                            future.set_result(None)
+                    if done:
+                        self.holding.abandon()
+                        return
+                    continue
+                finally:
+                    self.heartbeat.idle()
+                self.holding.succeeded()
                 self._on_committed()
             for callback in batch.after_commit:
                 callback()

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -294,6 +295,8 @@ class Publisher:
         self.refusals = Refusals()
         self._refusal_backoff = Backoff(first_s=1.0, max_s=300.0)
         self._on_refused: Callable[[Refusal], None] | None = None
+        # Acknowledged seqs whose outbox delete failed (the store refused writes).
+        self._undeleted: set[int] = set()
 
     def accept_commands(
         self,
@@ -356,7 +359,7 @@ class Publisher:
             broker = self._brokers[self._broker_index]
             try:
                 await self._session(broker)
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, sqlite3.Error) as exc:  # sqlite3: the store failing
                 self._client_now = None
                 if self._stopping:
                     break
@@ -433,6 +436,10 @@ class Publisher:
                 backlog_end = max(backlog_end, live_cursor)
                 self._backlog_from = None
             live = await self._store.outbox_batch(OUTBOX_BATCH, after_seq=live_cursor)
+            if self._undeleted:
+                if live:
+                    live_cursor = live[-1].seq
+                live = [row for row in live if row.seq not in self._undeleted]
             if live:
                 refused += await self._publish_rows(client, live)
                 live_cursor = live[-1].seq
@@ -447,8 +454,9 @@ class Publisher:
                         allowed, after_seq=backlog_cursor, up_to_seq=backlog_end
                     )
                     if rows:
-                        refused += await self._publish_rows(client, rows)
                         backlog_cursor = rows[-1].seq
+                        rows = [r for r in rows if r.seq not in self._undeleted]
+                        refused += await self._publish_rows(client, rows)
                         tokens -= len(rows)
                     else:
                         backlog_cursor = backlog_end
@@ -555,7 +563,18 @@ class Publisher:
                 self._on_refused(report)
 
     async def _acked(self, seqs: Sequence[int]) -> None:
-        await self._store.ack(seqs)
+        # Rows whose delete failed before (a full or read-only disk) are
+        # deleted with these; until then they are not sent again.
+        todo = sorted(self._undeleted | set(seqs))
+        try:
+            await self._store.ack(todo)
+        except (sqlite3.Error, OSError) as exc:
+            if not self._undeleted:
+                log.error("cannot delete acknowledged outbox rows; retried with the next",
+                          error=str(exc), rows=len(todo))  # fmt: skip
+            self._undeleted.update(todo)
+        else:
+            self._undeleted.clear()
         if self._on_acked is not None and seqs:
             self._on_acked(seqs)
 

@@ -269,8 +269,8 @@ def _describe_open_error(path: Path, exc: sqlite3.Error) -> str:
     if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
         return f"{path} is locked by another process (is another edged using it?): {exc}"
     return (
-        f"cannot use {path}: {exc} (check that it is a regular file the edged user "
-        "may read and write, in a directory it may write)"
+        f"cannot use {path}: {_os_reason(path, exc)} (check that it is a regular file "
+        "the edged user may read and write, in a directory it may write)"
     )
 
 
@@ -466,9 +466,25 @@ class Store:
                     [(seq, m.topic, m.payload, m.qos, int(m.retain), now) for seq, m in replays],
                 )
             await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
+        except BaseException as exc:
+            # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR):
+            # a failing ROLLBACK must not hide the error that matters.
+            try:
+                await db.execute("ROLLBACK")
+            except sqlite3.Error as rollback_exc:
+                log.warning("rollback after a failed commit failed",
+                            error=str(exc), rollback_error=str(rollback_exc))  # fmt: skip
             raise
+
+    async def check_writable(self) -> None:
+        """Raise StoreError naming the path and the OS's reason when the store
+        cannot be written (a read-only or full file system): at start-up that
+        is a clean exit for systemd to restart, not a hang."""
+        try:
+            await self.set_mark("writable_check", iso_utc(datetime.now(UTC)))
+        except (sqlite3.Error, OSError) as exc:
+            reason = _os_reason(self.path, exc)
+            raise StoreError(f"cannot write the store {self.path}: {reason}") from None
 
     # -- retention and the disk budget -----------------------------------------
 
@@ -678,6 +694,25 @@ def move_aside(path: Path, target: Path) -> tuple[Path, ...]:
     finally:
         os.close(directory)
     return tuple(moved)
+
+
+def _os_reason(path: Path, exc: BaseException) -> str:
+    """SQLite says "attempt to write a readonly database" or "database or disk
+    is full"; the OS's own word (EROFS, ENOSPC, EACCES) is what an operator
+    searches for, so ask the file system directly as well."""
+    sqlite_says = str(exc)
+    probe = path.parent / f".{path.name}.write-check"
+    try:
+        with probe.open("wb") as handle:
+            handle.write(b"\0" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as os_exc:
+        return f"{os_exc.strerror} [errno {os_exc.errno}] ({sqlite_says})"
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return sqlite_says
 
 
 async def _execute_script(db: aiosqlite.Connection, script: str) -> None:
