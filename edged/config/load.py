@@ -449,6 +449,20 @@ def _load_settings(config_path: Path) -> Settings:
                         f"duplicate channel name {name!r}",
                     )
                 )
+            measurements = device.get("measurements") if isinstance(device, dict) else None
+            points = measurements.get("points") if isinstance(measurements, dict) else None
+            for j, name in _duplicates(points, "name"):
+                key = ("devices", i, "measurements", "points", j, "name")
+                where = _locate(key, doc, origins)
+                problems.append(
+                    Problem(
+                        where.file,
+                        where.line,
+                        format_key_path(key),
+                        f"duplicate measurement point name {name!r}",
+                    )
+                )
+        problems.extend(_virtual_meter_ids(doc, data.get("virtual_meters"), merged_devices))
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
@@ -459,6 +473,31 @@ def _load_settings(config_path: Path) -> Settings:
     if problems or settings is None:
         raise ConfigError(sorted(set(problems), key=_problem_sort_key))
     return settings
+
+
+def _virtual_meter_ids(doc: _Located, meters: Any, devices: list[Any]) -> list[Problem]:
+    """A virtual meter's id must not repeat another's or a device's: its
+    records would carry the same ids as the device's, with other values."""
+    problems: list[Problem] = []
+    for i, name in _duplicates(meters, "id"):
+        problems.append(
+            _problem(doc, ("virtual_meters", i, "id"), f"duplicate virtual meter id {name!r}")
+        )
+    device_ids = {d.get("id") for d in devices if isinstance(d, dict)}
+    for i, meter in enumerate(meters if isinstance(meters, list) else []):
+        meter_id = meter.get("id") if isinstance(meter, dict) else None
+        if isinstance(meter_id, str) and meter_id in device_ids:
+            problems.append(
+                _problem(doc, ("virtual_meters", i, "id"),
+                         f"virtual meter id {meter_id!r} is also a device id")
+            )  # fmt: skip
+        channels = meter.get("channels") if isinstance(meter, dict) else None
+        for j, channel in _duplicates(channels, "name"):
+            problems.append(
+                _problem(doc, ("virtual_meters", i, "channels", j, "name"),
+                         f"duplicate channel name {channel!r}")
+            )  # fmt: skip
+    return problems
 
 
 def _cross_checks(settings: Settings, doc: _Located) -> list[Problem]:

@@ -599,9 +599,30 @@ class Mqtt(_Strict):
         description="broker URLs tried in turn for failover (mqtt://h:1883, mqtts://h:8883); "
         "when set, host and port are not used",
     )
-    topic_prefix: str = Field("edged", pattern=r"^[^#+/][^#+]*[^#+/]$|^[^#+/]$")
+    topic_prefix: str = Field(
+        "edged",
+        pattern=r"^[^#+/][^#+]*[^#+/]$|^[^#+/]$",
+        description="first topic level(s); not starting with $ (broker-reserved, e.g. $SYS), "
+        "no wildcards (+, #), no empty levels",
+    )
     client_id: str | None = None
     keepalive: DurationS = Field(30.0, ge=5)
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_prefix_publishable(cls, prefix: str) -> str:
+        # MQTT 5.0 4.7.2: topics starting with $ are the server's; a broker
+        # accepts a publish there and silently drops it. 4.7.1: + and # are
+        # wildcards, never part of a published topic; an empty level ("a//b")
+        # is legal but always a typo here, and NUL is forbidden (1.5.4).
+        if prefix.startswith("$"):
+            raise ValueError("topic_prefix must not start with $ (reserved by the broker)")
+        if any(not level for level in prefix.split("/")):
+            raise ValueError("topic_prefix must not have empty levels (//)")
+        if "\0" in prefix:
+            raise ValueError("topic_prefix must not contain NUL")
+        return prefix
+
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     username: str | None = None
     password_file: Path | None = Field(None, description="file holding the password")
