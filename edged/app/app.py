@@ -72,7 +72,7 @@ from edged.io.clock import BoundaryWaiter, Clock, SystemClock
 from edged.io.mqtt import Publisher, Refusal, default_client_id
 from edged.io.ntp import NtpReferenceClock, SystemReferenceClock
 from edged.io.sdnotify import Notifier, Systemd, run_watchdog
-from edged.io.store import OutboxDepth, Store, StoreError
+from edged.io.store import OutboxDepth, Store, StoreError, StoreReplaced
 
 log = structlog.get_logger("edged.app.app")
 
@@ -155,6 +155,8 @@ class App:
         self._gateway_status_due = False
         self.store: Store | None = None
         self.publisher: Publisher | None = None
+        # An error that ends the daemon (run() raises it after a clean stop).
+        self.fatal: StoreReplaced | None = None
         self._commands: ReplayCommands | None = None
         self.housekeeper: Housekeeper | None = None
 
@@ -197,8 +199,17 @@ class App:
             **self._disk_status(),
             **self._publish_status(),
             **self._storage_status(),
+            **({"store_id": self.store.store_id} if self.store is not None else {}),
             "updated_at": iso_utc(self.clock.now()),
         }
+
+    def _on_store_replaced(self, exc: StoreReplaced) -> None:
+        """The database file was deleted or replaced under the daemon: stop,
+        and exit with the error (run() raises it), never write on unseen."""
+        if self.fatal is None:
+            log.error("store replaced or deleted while running; stopping", error=str(exc))
+            self.fatal = exc
+        self.request_stop()
 
     def _storage_status(self) -> dict[str, Any]:
         if self._recorder is None:
@@ -409,6 +420,8 @@ class App:
     async def run(self) -> None:
         try:
             await self._run()
+            if self.fatal is not None:
+                raise self.fatal
         except BaseException:
             # Whatever failed before the task group was up (a store that
             # stops accepting writes during start-up ...): close the store, or
@@ -459,6 +472,7 @@ class App:
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
         recorder = Recorder(store, on_committed=publisher.wake)
         recorder.holding.on_change = self._on_storage_error
+        recorder.on_fatal = self._on_store_replaced
         self._recorder = recorder
         commands = self._commands = None
         if settings.mqtt.commands.enabled:

@@ -47,7 +47,7 @@ from edged.io.modbus import (
     Link,
     read_device,
 )
-from edged.io.store import OutboxMessage, Store
+from edged.io.store import OutboxMessage, Store, StoreReplaced
 
 log = structlog.get_logger("edged.app.poller")
 
@@ -80,14 +80,14 @@ def outbox_pending(
     pending = Pending()
     for record in records:
         seq = store.allocate_seq()
-        payload = encode(interval_payload(record, seq))
+        payload = encode(interval_payload(record, seq, store_id=store.store_id))
         pending.intervals.append((record, payload))
         pending.messages.append(
             (seq, OutboxMessage(topics.interval(record.device, record.channel), payload))
         )
     for event in events:
         seq = store.allocate_seq()
-        payload = encode(event_payload(event, site, seq))
+        payload = encode(event_payload(event, site, seq, store.store_id))
         pending.messages.append((seq, OutboxMessage(topics.event(event.device), payload)))
     return pending
 
@@ -108,6 +108,8 @@ class Recorder:
         self.holding: Holding[Pending] = Holding(Pending)
         # Called before every commit (the disk alarm's free-space check).
         self.before_commit: Callable[[], None] | None = None
+        # Told when the store file was replaced or deleted under the daemon.
+        self.on_fatal: Callable[[StoreReplaced], None] | None = None
         self._queue: asyncio.Queue[Pending | asyncio.Future[None] | None] = asyncio.Queue()
         self.heartbeat = Heartbeat("recorder")
         self._measurement_flush_s = measurement_flush_s
@@ -206,6 +208,22 @@ class Recorder:
                 self.heartbeat.busy(loop.time())
                 if self.before_commit is not None:
                     self.before_commit()
+                try:
+                    self._store.check_identity()
+                except StoreReplaced as exc:
+                    # Writing on would go to a file nobody reads: keep the
+                    # batch (it is reported as lost at shutdown) and stop.
+                    self.heartbeat.idle()
+                    self.holding.failed(batch, measurements, exc)
+                    if self.on_fatal is not None:
+                        self.on_fatal(exc)
+                    for future in flushed:
+                        if not future.done():
+                            future.set_result(None)
+                    if done:
+                        self.holding.abandon()
+                        return
+                    continue
                 try:
                     await self._store.commit_boundary(
                         batch.reads,

@@ -23,6 +23,7 @@ import json
 import os
 import sqlite3
 import stat
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -195,6 +196,10 @@ class StoreError(Exception):
     pass
 
 
+class StoreReplaced(StoreError):
+    """The file at the store's path is no longer the one edged opened."""
+
+
 class StoreCorrupt(StoreError):
     """The file is not a database, or SQLite found it damaged."""
 
@@ -286,6 +291,11 @@ class Store:
         # record that a failed commit then loses).
         self._write_lock = asyncio.Lock()
         self.recovered_from: CorruptStore | None = None
+        # A random identity kept in the store (marks.store_id): seq counts per
+        # store, and a consumer tells a new store from a rewind by it.
+        self.store_id = ""
+        # (device, inode) of the file opened: compared before each commit.
+        self._identity: tuple[int, int] | None = None
 
     @classmethod
     async def open(
@@ -377,6 +387,33 @@ class Store:
         async with db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'") as cursor:
             row = await cursor.fetchone()
         self._next_seq = (int(row[0]) if row else 0) + 1
+        store_id = await self.get_mark("store_id")
+        if not store_id:
+            store_id = uuid.uuid4().hex
+            await self.set_mark("store_id", store_id)
+        self.store_id = store_id
+        stat_now = os.stat(self.path)
+        self._identity = (stat_now.st_dev, stat_now.st_ino)
+
+    def check_identity(self) -> None:
+        """Raise StoreReplaced when the file at `path` is missing or is not the
+        one opened (deleted, moved, replaced by a copy or a restore): edged
+        would otherwise write on into a file nobody will read, and a restart
+        would start numbering again in a new one."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            raise StoreReplaced(
+                f"the store {self.path} was deleted while edged was running (store_id "
+                f"{self.store_id}); stopping: restart to start a new store, or restore the file"
+            ) from None
+        except OSError:
+            return  # an unreadable directory is the write's error to report
+        if self._identity is not None and (now.st_dev, now.st_ino) != self._identity:
+            raise StoreReplaced(
+                f"the store {self.path} was replaced while edged was running (store_id "
+                f"{self.store_id}); stopping: restart to use the new file"
+            )
 
     async def close(self) -> None:
         await self._db.close()
