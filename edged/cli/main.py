@@ -18,6 +18,7 @@ from edged import __version__
 from edged.config.load import (
     ConfigError,
     load_settings,
+    load_settings_with_warnings,
 )
 from edged.config.schema import Settings
 from edged.core.export import CSV_COLUMNS
@@ -41,9 +42,13 @@ def _load(path: Path) -> Settings | None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = _load(args.config)
-    if settings is None:
+    try:
+        settings, warnings = load_settings_with_warnings(args.config)
+    except ConfigError:
+        _load(args.config)  # prints the problems
         return 1
+    for warning in warnings:
+        print(warning, file=sys.stderr)
     channels = sum(len(d.channels) for d in settings.devices)
     print(
         f"{args.config}: OK - site {settings.site}, {len(settings.devices)} device(s), "

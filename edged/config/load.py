@@ -401,6 +401,12 @@ def load_settings(path: Path | str) -> Settings:
     Nothing else escapes: a failure this module did not foresee is reported
     as a ConfigError too, so neither check-config nor a reload can die of a
     file's contents."""
+    return load_settings_with_warnings(path)[0]
+
+
+def load_settings_with_warnings(path: Path | str) -> tuple[Settings, list[Problem]]:
+    """`load_settings`, and the located warnings check-config prints: settings
+    that are valid but likely mistakes."""
     try:
         return _load_settings(Path(path))
     except ConfigError:
@@ -410,7 +416,7 @@ def load_settings(path: Path | str) -> Settings:
         raise ConfigError([problem]) from exc
 
 
-def _load_settings(config_path: Path) -> Settings:
+def _load_settings(config_path: Path) -> tuple[Settings, list[Problem]]:
     doc = _load_yaml(config_path)
     if not isinstance(doc.data, dict):
         raise ConfigError([Problem(doc.file, 1, "", "the file must be a YAML mapping")])
@@ -472,7 +478,22 @@ def _load_settings(config_path: Path) -> Settings:
         problems.extend(_cross_checks(settings, doc))
     if problems or settings is None:
         raise ConfigError(sorted(set(problems), key=_problem_sort_key))
-    return settings
+    return settings, _warnings(settings, doc)
+
+
+def _warnings(settings: Settings, doc: _Located) -> list[Problem]:
+    warnings: list[Problem] = []
+    for i, device in enumerate(settings.devices):
+        for j, channel in enumerate(device.channels):
+            full = channel.register_range
+            if channel.rollover is not None and full is not None and channel.rollover < full:
+                warnings.append(
+                    _problem(doc, ("devices", i, "channels", j, "rollover"),
+                             f"warning: rollover {channel.rollover} is below the {channel.type} "
+                             f"register's range ({full}); right only for a meter whose counter "
+                             f"wraps at {channel.rollover - 1}")
+                )  # fmt: skip
+    return warnings
 
 
 def _virtual_meter_ids(doc: _Located, meters: Any, devices: list[Any]) -> list[Problem]:

@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -270,6 +271,31 @@ class Channel(_RegisterMap):
         if self.scale <= 0:
             raise ValueError("scale of an energy counter must be positive")
         return self
+
+    @field_validator("rollover")
+    @classmethod
+    def _rollover_fits_the_register(cls, rollover: int | None, info: ValidationInfo) -> int | None:
+        # A field validator (not the model's) so the error names the key's line.
+        data = info.data
+        data_type: Any = data.get("type")
+        binary = data.get("encoding") == "binary" and data.get("scale_register") is None
+        if rollover is not None and binary and str(data_type).startswith(("uint", "int")):
+            full = 1 << (16 * register_count(data_type))
+            if rollover > full:
+                raise ValueError(
+                    f"rollover {rollover} exceeds what a {data_type} register can hold ({full})"
+                )
+        return rollover
+
+    @property
+    def register_range(self) -> int | None:
+        """How many values the raw register can hold (2**bits), for integer
+        registers read as plain binary; None otherwise."""
+        if self.encoding != "binary" or self.scale_register is not None:
+            return None
+        if self.type.startswith(("uint", "int")):
+            return 1 << (16 * register_count(self.type))
+        return None
 
     # Set by the owning Device from its rating: the physical demand limit
     # (unit per hour) used when max_demand is not configured.
