@@ -5,6 +5,7 @@ located warning (below); a flood of replay requests is answered, every one."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import subprocess
@@ -15,11 +16,17 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from edged.app.replay import RequestError, parse_request
+from edged.app.poller import Recorder
+from edged.app.replay import ReplayCommands, RequestError, parse_request
 from edged.cli.main import main
 from edged.config.load import ConfigError, load_settings, load_settings_with_warnings
 from edged.core.export import TimeArgumentError, parse_time
+from edged.core.payloads import Topics
 from edged.core.units import parse_duration_s, parse_size_bytes
+from edged.io.mqtt import Publisher
+from edged.io.store import Store
+from tests.conftest import Broker
+from tests.test_replay import requester
 
 NZ = ZoneInfo("Pacific/Auckland")
 NOW = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
@@ -127,3 +134,59 @@ def test_rollover_below_the_register_range_is_a_located_warning(
     assert f"{path}:11 devices[0].channels[0].rollover: warning:" in err
     path.write_text(CONFIG.format(rollover=65536))
     assert load_settings_with_warnings(path)[1] == []
+
+
+@pytest.mark.integration
+async def test_a_flood_of_replay_requests_is_answered_every_one(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """300 requests at once: the first few are served, the rest refused as
+    busy, and every requester hears an answer (none dropped past 100)."""
+    config = tmp_path / "edged.yaml"
+    config.write_text(
+        f"site: s1\ntimezone: Pacific/Auckland\nstorage: {{path: {tmp_path / 'edged.db'}}}\n"
+        f"mqtt: {{host: 127.0.0.1, port: {broker.port}, protocol: '5',\n"
+        "       commands: {enabled: true, max_intervals: 100}}\n"
+        "devices:\n  - id: unit1\n    transport: {type: tcp, host: 127.0.0.1}\n"
+        "    channels: [{name: energy_import, register: 0}]\n"
+    )
+    settings = load_settings(config)
+    store = await Store.open(settings.storage.path)
+    topics = Topics("edged", "s1")
+    publisher = Publisher(settings.mqtt, store, "edged-s1", topics.gateway_status, b"{}")
+    recorder = Recorder(store, on_committed=publisher.wake)
+    commands = ReplayCommands(settings, store, recorder, publisher, topics, lambda: NOW)
+    publisher.accept_commands(commands.topic, commands.receive, commands.acked)
+    tasks = [asyncio.create_task(t) for t in (recorder.run(), publisher.run(), commands.run())]
+    count = 300
+    try:
+        async with requester(broker, "replies/#", v5=True) as upstream:
+            await asyncio.sleep(0.5)  # the publisher's session subscribes
+            await asyncio.gather(
+                *(
+                    upstream.send(
+                        commands.topic,
+                        {"request_id": f"r{n}", "from": "2026-11-20", "to": "2026-11-21"},
+                        response_topic="replies/s1",
+                        correlation=f"c{n}".encode(),
+                    )
+                    for n in range(count)
+                )
+            )
+            async with asyncio.timeout(30):
+                while len({p["request_id"] for _t, p, _c in upstream.answers}) < count:
+                    upstream.arrived.clear()
+                    await upstream.arrived.wait()
+        answered = {p["request_id"] for _t, p, _c in upstream.answers}
+        assert answered == {f"r{n}" for n in range(count)}
+        busy = [p for _t, p, _c in upstream.answers if "busy" in str(p.get("error"))]
+        assert len(busy) > 100, len(busy)  # more than the old cap of 100, all answered
+        # each answer carries its own request's correlation data
+        assert all(c == f"c{p['request_id'][1:]}".encode() for _t, p, c in upstream.answers)
+    finally:
+        await publisher.stop({})
+        await recorder.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await store.close()

@@ -53,8 +53,9 @@ OUTBOX_BATCH = 512
 # The backlog's token bucket holds at most this many seconds of its rate.
 BACKLOG_BURST_S = 0.5
 # Answers to commands waiting for a connection; beyond this the oldest are dropped
-# (the requester times out and asks again).
-MAX_PENDING_RESPONSES = 100
+# (the requester times out and asks again). While connected they go out a
+# window at a time, so a flood of requests is answered, `busy` included.
+MAX_PENDING_RESPONSES = 10_000
 # A window of publishes not acknowledged within this ends the session.
 PUBLISH_TIMEOUT_S = 10.0
 
@@ -580,15 +581,27 @@ class Publisher:
 
     async def _publish_responses(self, client: aiomqtt.Client) -> None:
         while self._responses:
-            response = self._responses[0]
-            properties = None
-            if response.correlation_data is not None and self._settings.protocol == "5":
-                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                properties.CorrelationData = response.correlation_data
-            await client.publish(response.topic, response.payload, qos=1, properties=properties)
-            # Only once sent: a dropped connection leaves it for the next session.
-            if self._responses and self._responses[0] is response:
-                self._responses.pop(0)
+            window = self._responses[:PUBLISH_WINDOW]
+            properties: list[Properties | None] = []
+            for response in window:
+                props = None
+                if response.correlation_data is not None and self._settings.protocol == "5":
+                    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                    props.CorrelationData = response.correlation_data
+                properties.append(props)
+            acked, error = await _unless_dropped(
+                send_window(
+                    client, [(r.topic, r.payload, 1, False) for r in window], None, properties
+                ),
+                self._dropped,
+            )
+            # Only once sent: a dropped connection leaves the rest for the next
+            # session; a refused answer is not retried (the requester asks again).
+            sent = {id(r) for r, ok in zip(window, acked, strict=True) if ok}
+            done = {id(r) for r in window} if error is None else sent
+            self._responses = [r for r in self._responses if id(r) not in done]
+            if error is not None:
+                raise error
 
     async def _subscribe_commands(self, client: aiomqtt.Client) -> None:
         topic = self._command_topic
@@ -702,6 +715,7 @@ async def send_window(
     client: aiomqtt.Client,
     messages: Sequence[tuple[str, bytes, int, bool]],
     refused: dict[int, int] | None = None,
+    properties: Sequence[Properties | None] | None = None,
 ) -> tuple[list[bool], aiomqtt.MqttError | None]:
     """Publish `messages` (topic, payload, qos, retain) at once and wait for
     their acknowledgements: which were acknowledged, and the error that ended
@@ -723,7 +737,8 @@ async def send_window(
     error: aiomqtt.MqttError | None = None
     try:
         for index, (topic, payload, qos, retain) in enumerate(messages):
-            info = paho.publish(topic, payload, qos, retain)
+            props = properties[index] if properties is not None else None
+            info = paho.publish(topic, payload, qos, retain, props)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 error = aiomqtt.MqttCodeError(info.rc, "Could not publish message")
                 break
