@@ -108,6 +108,7 @@ devices:
         register: 0
         type: uint16
         rollover: {rollover}
+    rated_power_kva: 100
 """
 
 
@@ -190,3 +191,14 @@ async def test_a_flood_of_replay_requests_is_answered_every_one(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await store.close()
+
+
+def test_a_device_without_a_rating_is_a_located_warning(tmp_path: Path) -> None:
+    """Defect 1: the plausibility limit should come from the site's rating;
+    without one check-config says so, at the device."""
+    path = tmp_path / "edged.yaml"
+    path.write_text(CONFIG.format(rollover=65536).replace("    rated_power_kva: 100\n", ""))
+    _settings, warnings = load_settings_with_warnings(path)
+    (warning,) = warnings
+    assert (warning.line, warning.key_path) == (5, "devices[0]")
+    assert "no rated_power_kva, meter_rating or max_demand for energy_import" in warning.message

@@ -484,6 +484,21 @@ def _load_settings(config_path: Path) -> tuple[Settings, list[Problem]]:
 def _warnings(settings: Settings, doc: _Located) -> list[Problem]:
     warnings: list[Problem] = []
     for i, device in enumerate(settings.devices):
+        unlimited = [
+            c.name
+            for c in device.channels
+            if c.plausible_demand is None
+            and c.rollover_counts is not None
+            and c.demand_unit is not None
+        ]
+        if unlimited:
+            warnings.append(
+                _problem(doc, ("devices", i),
+                         f"warning: device {device.id}: no rated_power_kva, meter_rating or "
+                         f"max_demand for {', '.join(unlimited)}: a counter step is judged only "
+                         "by half the counter's range per interval, which lets a garbled read "
+                         "through as energy; give the device its rating")
+            )  # fmt: skip
         for j, channel in enumerate(device.channels):
             full = channel.register_range
             if channel.rollover is not None and full is not None and channel.rollover < full:
