@@ -32,6 +32,17 @@ from edged.config.schema import Storage
 from edged.core.model import Event
 from edged.core.payloads import Topics
 from edged.io.store import Store
+from edged.sim.meter import MeterServer
+from tests.conftest import Broker, collect
+from tests.test_e2e import Daemon, by_end, intervals
+from tests.test_process import (
+    assert_unbroken,
+    events,
+    gateway_status,
+    pmc1,
+    pmc1_meter,
+    unit_config,
+)
 
 TOPICS = Topics("edged", "s1")
 T0 = datetime(2026, 11, 21, tzinfo=UTC)
@@ -255,3 +266,43 @@ async def test_unwritable_store_at_start_is_a_clean_exit(
     assert str(db) in message, message
     reason = "No space left on device" if failure == "full" else "Read-only file system"
     assert reason in message or ("readonly" in message and failure == "read_only"), message
+
+
+@pytest.mark.integration
+async def test_daemon_on_a_full_disk_stays_up_and_loses_nothing(
+    tmpfs: Path, tmp_path: Path, broker: Broker, ntp_port: int
+) -> None:
+    """The whole daemon on a tmpfs that fills up: it keeps running, the
+    retained status says storage_error, and once space is freed every
+    interval is there, one unbroken series."""
+    async with MeterServer({1: pmc1_meter()}) as server, collect(broker, "edged/#") as got:
+        port = await server.start_tcp()
+        config = tmp_path / "edged.yaml"
+        body = unit_config(port, ntp_port, broker, tmpfs, pmc1("unit1", port, 1))
+        config.write_text(body)
+        d = Daemon(config, tmp_path / "edged.log")
+        await d.start()
+        try:
+            await got.wait_for(lambda c: len(intervals(c)) >= 2, 20, "2 intervals")
+            filler = await asyncio.to_thread(fill, tmpfs)
+            await got.wait_for(
+                lambda c: any(s.get("storage_error") for s in gateway_status(c)), 20,
+                "storage_error in the status",
+            )  # fmt: skip
+            await asyncio.sleep(3)  # boundaries pass while the disk is full
+            assert d.process is not None
+            assert d.process.returncode is None
+            full_at = len(intervals(got))
+            await asyncio.to_thread(filler.unlink)
+            await asyncio.to_thread((tmpfs / "filler-tail").unlink)
+            await got.wait_for(
+                lambda c: gateway_status(c)[-1].get("storage_error") is None
+                and len(intervals(c)) >= full_at + 4, 40, "recovery",
+            )  # fmt: skip
+            assert await d.stop() == 0
+        finally:
+            await d.ensure_stopped()
+    series = sorted(by_end(intervals(got)).values(), key=lambda r: r["end"])[1:]
+    assert_unbroken(series, "unit1 across the full disk")
+    kinds = [e["details"].get("change") for e in events(got, "storage_error")]
+    assert kinds == ["entered", "left"]
