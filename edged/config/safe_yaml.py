@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from edged.core.errors import EdgedError
+
 __all__ = ["Limits", "YamlRefused", "build"]
 
 KeyPath = tuple[str | int, ...]
@@ -46,7 +48,7 @@ class Limits:
     max_depth: int = 64
 
 
-class YamlRefused(Exception):
+class YamlRefused(EdgedError):
     """A construct the configuration reader does not accept, with its line."""
 
     def __init__(self, line: int | None, message: str) -> None:

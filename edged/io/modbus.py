@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
@@ -164,6 +164,53 @@ class _Payload:
 PacketTrace = Callable[[bool, bytes], bytes]
 # Builds a link's client; the client must call the given trace on every packet.
 ClientFactory = Callable[[PacketTrace], ModbusBaseClient]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SerialLine:
+    port: str
+    baudrate: int
+    bytesize: int
+    parity: str
+    stopbits: int
+
+
+def client_factory(
+    framer: FramerType,
+    timeout_s: float,
+    *,
+    host: str = "",
+    port: int = 0,
+    serial: SerialLine | None = None,
+) -> ClientFactory:
+    """The one way edged builds a pymodbus client: over TCP (`host`, `port`)
+    or a serial line, with the given framing.
+
+    retries=0: a boundary read is not retried within the interval, it is
+    recorded as failed (MISSING) and the next boundary tries again; the link
+    reconnects itself (reconnect_delay=0), and every packet goes through the
+    link's trace so the RTU silence is timed from the reply's last byte."""
+
+    def factory(trace: PacketTrace) -> ModbusBaseClient:
+        common: dict[str, Any] = {
+            "framer": framer,
+            "timeout": timeout_s,
+            "retries": 0,
+            "reconnect_delay": 0,
+            "trace_packet": trace,
+        }
+        if serial is not None:
+            return AsyncModbusSerialClient(
+                serial.port,
+                baudrate=serial.baudrate,
+                bytesize=serial.bytesize,
+                parity=serial.parity,
+                stopbits=serial.stopbits,
+                **common,
+            )
+        return AsyncModbusTcpClient(host, port=port, **common)
+
+    return factory
 
 
 class _Connection:
@@ -549,21 +596,9 @@ class TcpEndpoint(ScheduledLink):
         self.port = port
         self.timeout_s = timeout_s
 
-        def factory(trace: PacketTrace) -> ModbusBaseClient:
-            # retries=0: a boundary read is not retried within the interval, it
-            # is recorded as failed (MISSING) and the next boundary tries again.
-            return AsyncModbusTcpClient(
-                host,
-                port=port,
-                timeout=timeout_s,
-                retries=0,
-                reconnect_delay=0,
-                trace_packet=trace,
-            )
-
         super().__init__(
             f"tcp://{host}:{port}",
-            factory,
+            client_factory(FramerType.SOCKET, timeout_s, host=host, port=port),
             connections=max_connections,
             gap_s=request_gap_ms / 1000.0,
             timeout_s=timeout_s,
@@ -579,19 +614,12 @@ class RtuOverTcpEndpoint(ScheduledLink):
         self.host = host
         self.port = port
 
-        def factory(trace: PacketTrace) -> ModbusBaseClient:
-            return AsyncModbusTcpClient(
-                host,
-                port=port,
-                framer=FramerType.RTU,
-                timeout=timeout_s,
-                retries=0,
-                reconnect_delay=0,
-                trace_packet=trace,
-            )
-
         super().__init__(
-            f"rtu+tcp://{host}:{port}", factory, connections=1, gap_s=0.0, timeout_s=timeout_s
+            f"rtu+tcp://{host}:{port}",
+            client_factory(FramerType.RTU, timeout_s, host=host, port=port),
+            connections=1,
+            gap_s=0.0,
+            timeout_s=timeout_s,
         )
 
 
@@ -614,23 +642,11 @@ class RtuBus(ScheduledLink):
         self.port = port
         self.baudrate = baudrate
 
-        def factory(trace: PacketTrace) -> ModbusBaseClient:
-            return AsyncModbusSerialClient(
-                port,
-                framer=FramerType.RTU,
-                baudrate=baudrate,
-                bytesize=bytesize,
-                parity=parity,
-                stopbits=stopbits,
-                timeout=timeout_s,
-                retries=0,
-                reconnect_delay=0,
-                trace_packet=trace,
-            )
-
+        line = SerialLine(port=port, baudrate=baudrate, bytesize=bytesize, parity=parity,
+                          stopbits=stopbits)  # fmt: skip
         super().__init__(
             f"rtu://{port}",
-            factory,
+            client_factory(FramerType.RTU, timeout_s, serial=line),
             connections=1,
             gap_s=rtu_frame_gap_s(baudrate, parity, stopbits),
             timeout_s=timeout_s,
@@ -713,6 +729,8 @@ class DeviceRead:
     queued_s: float
     duration_s: float
     notes: tuple[str, ...]
+    # power-of-ten exponent per scale-registered value (PlanResult.scale_factors)
+    scale_factors: Mapping[str, int] = field(default_factory=dict)
 
 
 async def read_device(
@@ -736,7 +754,8 @@ async def read_device(
     at_s = None if reference_s is None else reference_s + raw.queued_s
     result = apply_plan(plan, raw.values, at_s)
     return DeviceRead(result.values, result.flags, result.meter_clock_offset_s, raw.registers,
-                      None, raw.queued_s, raw.duration_s, raw.notes + result.problems)  # fmt: skip
+                      None, raw.queued_s, raw.duration_s, raw.notes + result.problems,
+                      result.scale_factors)  # fmt: skip
 
 
 def _short(exc: Exception) -> str:

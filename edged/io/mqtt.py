@@ -39,6 +39,7 @@ from paho.mqtt.properties import Properties
 
 from edged.config.schema import Mqtt
 from edged.core.backoff import Backoff
+from edged.core.errors import EdgedError
 from edged.core.payloads import encode
 from edged.io.store import OutboxRow, Store
 
@@ -60,7 +61,7 @@ MAX_PENDING_RESPONSES = 10_000
 PUBLISH_TIMEOUT_S = 10.0
 
 
-class CredentialsError(Exception):
+class CredentialsError(EdgedError):
     """The configured MQTT password cannot be read (the message says why)."""
 
 
