@@ -320,3 +320,26 @@ def test_unpublishable_topic_prefix_is_an_error(tmp_path: Path, prefix: str, wor
     (problem,) = problems_of(tmp_path, text + DEVICE)
     assert problem.startswith("3 mqtt.topic_prefix: "), problem
     assert words in problem, problem
+
+
+async def test_a_reload_that_takes_too_long_is_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the reader's own bounds miss, a reload gives up after
+    RELOAD_LOAD_TIMEOUT_S with config_rejected and keeps running."""
+    import time as time_module
+
+    from edged.app import app as app_module
+
+    path = tmp_path / "edged.yaml"
+    path.write_text(HEAD + DEVICE)
+    settings = load_settings(path)
+    app = app_module.App(settings, path)
+    app._devices = object()  # type: ignore[assignment]  # only checked for None here
+    monkeypatch.setattr(app_module, "RELOAD_LOAD_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(app_module, "load_settings", lambda p: time_module.sleep(1.0))
+    await app._reload()
+    (event,) = app._early_events
+    assert event.kind == "config_rejected"
+    assert "not loaded within 0.2 s" in event.message
+    assert app.settings is settings  # the running configuration is kept

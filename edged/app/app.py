@@ -80,6 +80,8 @@ from edged.io.store import OutboxDepth, Store, StoreError, StoreReplaced
 
 log = structlog.get_logger("edged.app.app")
 
+# A config file that takes longer than this to read and validate is rejected.
+RELOAD_LOAD_TIMEOUT_S = 30.0
 # How long a shutdown waits for the publisher to send the offline status.
 PUBLISHER_STOP_GRACE_S = 5.0
 # How often the liveness mark is persisted: an outage of the gateway is known
@@ -728,7 +730,16 @@ class App:
         try:
             # Off the loop: parsing and validating many devices must not
             # delay a boundary read.
-            new = await asyncio.to_thread(load_settings, path)
+            try:
+                # The reader's work is bounded (edged.config.safe_yaml); this
+                # bounds the rest, so a reload can never hold up a shutdown.
+                async with asyncio.timeout(RELOAD_LOAD_TIMEOUT_S):
+                    new = await asyncio.to_thread(load_settings, path)
+            except TimeoutError:
+                self._reject_config(
+                    path, [f"{path}: not loaded within {RELOAD_LOAD_TIMEOUT_S:g} s"]
+                )
+                return
             diff = await self._devices.apply(new.devices)
         except ConfigError as exc:
             self._reject_config(path, [str(p) for p in exc.problems])
