@@ -135,6 +135,7 @@ class _Seqs:
 
     def __init__(self) -> None:
         self.n = 0
+        self.store_id: str | None = None  # payloads without one, as before
 
     def allocate_seq(self) -> int:
         self.n += 1

@@ -254,3 +254,107 @@ async def test_sighup_with_hostile_yaml_keeps_the_daemon_up(
         (problem,) = event["details"]["problems"]
         assert re.match(rf"{re.escape(str(config))}:\d+ ", problem), problem
     assert_unbroken(series(got, "unit1", "energy_import")[1:], "unit1")
+
+
+# ---------------------------------------------------------------------------
+# Ids and names that would collide in published records (defect 5), and
+# topic prefixes the broker would swallow (defect 7)
+
+TWO_DEVICES = (
+    HEAD
+    + DEVICE
+    + """\
+  - id: unit2
+    transport: {type: tcp, host: 127.0.0.1, port: 502, unit_id: 2}
+    channels:
+      - {name: energy_import, register: 0}
+"""
+)
+
+
+def problems_of(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "edged.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    return [f"{p.line} {p.key_path}: {p.message}" for p in caught.value.problems]
+
+
+def test_virtual_meter_reusing_a_device_id_is_an_error(tmp_path: Path) -> None:
+    text = TWO_DEVICES + (
+        "virtual_meters:\n"  # line 13
+        "  - id: unit1\n"  # line 14
+        "    channels: [{name: total, add: [unit1.energy_import, unit2.energy_import]}]\n"
+    )
+    assert problems_of(tmp_path, text) == [
+        "14 virtual_meters[0].id: virtual meter id 'unit1' is also a device id"
+    ]
+
+
+def test_duplicate_virtual_meter_ids_and_channels_are_errors(tmp_path: Path) -> None:
+    text = TWO_DEVICES + (
+        "virtual_meters:\n"  # 13
+        "  - id: station\n"  # 14
+        "    channels:\n"  # 15
+        "      - {name: total, add: [unit1.energy_import]}\n"  # 16
+        "      - {name: total, add: [unit2.energy_import]}\n"  # 17
+        "  - id: station\n"  # 18
+        "    channels: [{name: total, add: [unit1.energy_import]}]\n"
+    )
+    assert problems_of(tmp_path, text) == [
+        "17 virtual_meters[0].channels[1].name: duplicate channel name 'total'",
+        "18 virtual_meters[1].id: duplicate virtual meter id 'station'",
+    ]
+
+
+def test_duplicate_measurement_point_names_are_an_error(tmp_path: Path) -> None:
+    text = (
+        HEAD
+        + DEVICE
+        + (
+            "    measurements:\n"  # 9
+            "      points:\n"  # 10
+            "        - {name: kw, register: 10, type: float32, unit: kW}\n"  # 11
+            "        - {name: kw, register: 12, type: float32, unit: kW}\n"  # 12
+        )
+    )
+    assert problems_of(tmp_path, text) == [
+        "12 devices[0].measurements.points[1].name: duplicate measurement point name 'kw'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "words"),
+    [("$SYS", "must not start with $"), ("'$share/x'", "must not start with $"),
+     ("a//b", "empty levels"), ("a/+/b", "pattern"), ("a/#", "pattern")],
+)  # fmt: skip
+def test_unpublishable_topic_prefix_is_an_error(tmp_path: Path, prefix: str, words: str) -> None:
+    text = HEAD.replace(
+        "mqtt: {host: 127.0.0.1}", f"mqtt: {{host: 127.0.0.1, topic_prefix: {prefix}}}"
+    )
+    (problem,) = problems_of(tmp_path, text + DEVICE)
+    assert problem.startswith("3 mqtt.topic_prefix: "), problem
+    assert words in problem, problem
+
+
+async def test_a_reload_that_takes_too_long_is_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the reader's own bounds miss, a reload gives up after
+    RELOAD_LOAD_TIMEOUT_S with config_rejected and keeps running."""
+    import time as time_module
+
+    from edged.app import app as app_module
+
+    path = tmp_path / "edged.yaml"
+    path.write_text(HEAD + DEVICE)
+    settings = load_settings(path)
+    app = app_module.App(settings, path)
+    app._devices = object()  # type: ignore[assignment]  # only checked for None here
+    monkeypatch.setattr(app_module, "RELOAD_LOAD_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(app_module, "load_settings", lambda p: time_module.sleep(1.0))
+    await app._reload()
+    (event,) = app._early_events
+    assert event.kind == "config_rejected"
+    assert "not loaded within 0.2 s" in event.message
+    assert app.settings is settings  # the running configuration is kept

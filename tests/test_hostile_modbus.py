@@ -71,6 +71,20 @@ MBAP_HOSTILE = {
     "wrong_unit": lambda tid, unit: _mbap(tid, unit + 1, bytes((3, 4)) + _words(0xDEAD, 0xBEEF)),
     # an exception reply with a trailing byte
     "long_exception": lambda tid, unit: _mbap(tid, unit, bytes((0x83, 4, 0))),
+    # an exception to another function (0x84: fc 4's)
+    "exception_other_function": lambda tid, unit: _mbap(tid, unit, bytes((0x84, 2))),
+    # a non-zero MBAP protocol identifier
+    "protocol_id": lambda tid, unit: (
+        struct.pack(">HHHB", tid, 1, 7, unit) + bytes((3, 4)) + _words(*GOOD)
+    ),
+    # the MBAP length cuts the PDU short (the rest follows as stray bytes)
+    "length_short": lambda tid, unit: _mbap(tid, unit, bytes((3, 4)) + _words(*GOOD), length=5),
+    # the request echoed back (a loop-back or a misconfigured converter)
+    "echo": lambda tid, unit: _mbap(tid, unit, bytes((3, 0, 0, 0, 2))),
+    # a write-single-register echo (fc 6) where a read was asked
+    "write_function": lambda tid, unit: _mbap(tid, unit, bytes((6, 0, 0)) + _words(0xDEAD)),
+    # an empty PDU
+    "empty_pdu": lambda tid, unit: _mbap(tid, unit, b""),
 }
 
 
@@ -84,6 +98,9 @@ RTU_HOSTILE = {
     "odd_byte_count": lambda unit: _rtu(unit, bytes((3, 5)) + _words(*GOOD) + b"\x00"),
     "extra_register": lambda unit: _rtu(unit, bytes((3, 6)) + _words(*GOOD, 0xDEAD)),
     "wrong_unit": lambda unit: _rtu(unit + 1, bytes((3, 4)) + _words(0xDEAD, 0xBEEF)),
+    "bad_crc": lambda unit: _rtu(unit, bytes((3, 4)) + _words(0xDEAD, 0xBEEF))[:-1] + b"\x00",
+    "exception_other_function": lambda unit: _rtu(unit, bytes((0x84, 2))),
+    "short_register": lambda unit: _rtu(unit, bytes((3, 2)) + _words(0xDEAD)),
 }
 
 

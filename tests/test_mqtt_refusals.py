@@ -19,6 +19,7 @@ from edged.config.schema import Mqtt
 from edged.io.mqtt import Publisher, Refusal
 from edged.io.store import OutboxMessage, Store
 from edged.sim.broker import Mosquitto, free_port, mosquitto_path
+from tests.fake_mqtt5 import FakeMqtt5Broker
 from tests.support.mqtt import collect
 
 pytestmark = pytest.mark.integration
@@ -85,3 +86,39 @@ async def test_refused_publish_stays_in_the_outbox_and_is_retried(
         await publisher.stop({})
         await asyncio.wait_for(task, 10)
         await store.close()
+
+
+async def test_quota_exceeded_from_a_fake_mqtt5_broker(tmp_path: Path) -> None:
+    """PUBACK 0x97 (quota exceeded) for the device topics until the quota
+    frees: kept, counted, retried, then delivered once."""
+    quota_full = [True]
+    fake = FakeMqtt5Broker(lambda topic: 0x97 if quota_full[0] and "/device/" in topic else 0)
+    port = await fake.start()
+    store = await Store.open(tmp_path / "edged.db")
+    seqs = [store.allocate_seq() for _ in range(3)]
+    await store.commit_boundary(
+        [], [], {}, [(s, OutboxMessage(DEVICE_TOPIC, f'{{"n":{s}}}'.encode())) for s in seqs]
+    )
+    settings = Mqtt.model_validate({"host": "127.0.0.1", "port": port, "protocol": "5"})
+    publisher = Publisher(settings, store, "edged-s1", "edged/s1/gateway/status", b"{}")
+    reports: list[Refusal] = []
+    publisher.on_refused(reports.append)
+    task = asyncio.create_task(publisher.run())
+    try:
+        await wait_until(lambda: len(fake.refused) >= 6, 15, "two rounds of refusals")
+        assert [r.seq for r in await store.outbox_batch(10)] == seqs
+        (report,) = reports
+        assert (report.reason_code, report.reason, report.count) == (0x97, "quota exceeded", 3)
+        assert publisher.refusals.status()["refused_total"] >= 6
+        quota_full[0] = False
+        await wait_until(lambda: len(fake.accepted) >= 3, 15, "delivery")
+        await wait_until(lambda: not publisher.refusals.refusing, 10, "refusing cleared")
+        assert await store.outbox_batch(10) == []
+        assert [p for t, p in fake.accepted if t == DEVICE_TOPIC] == [
+            f'{{"n":{s}}}'.encode() for s in seqs
+        ]
+    finally:
+        await publisher.stop({})
+        await asyncio.wait_for(task, 10)
+        await store.close()
+        await fake.stop()

@@ -11,20 +11,14 @@ and retained requests.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import aiomqtt
 import pytest
 import yaml
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edged.app.poller import Recorder, outbox_pending
 from edged.app.replay import (
@@ -53,7 +47,7 @@ from edged.sim.broker import free_port
 from tests.support.config import site_config, tcp_device, write_settings
 from tests.support.daemon import Daemon
 from tests.support.meters import meter
-from tests.support.mqtt import Broker, Collector, collect
+from tests.support.mqtt import Broker, Collector, collect, requester
 from tests.support.schema import (
     SchemaViolation,
     validate_message,
@@ -219,69 +213,6 @@ async def test_a_replay_of_an_unsent_record_is_not_queued_twice(tmp_path: Path) 
 
 
 # -- the command, in process: copies drain as backlog behind live data ---------------
-
-
-@dataclass
-class Requester:
-    """An upstream system: publishes requests and keeps the answers it receives."""
-
-    client: aiomqtt.Client
-    answers: list[tuple[str, dict[str, Any], bytes | None]] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def send(
-        self,
-        topic: str,
-        payload: bytes | dict[str, Any],
-        *,
-        response_topic: str | None = None,
-        correlation: bytes | None = None,
-        retain: bool = False,
-    ) -> None:
-        properties = None
-        if response_topic is not None:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.ResponseTopic = response_topic
-            if correlation is not None:
-                properties.CorrelationData = correlation
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        await self.client.publish(topic, data, qos=1, retain=retain, properties=properties)
-
-    def of(self, request_id: str | None) -> list[dict[str, Any]]:
-        return [p for _t, p, _c in self.answers if p["request_id"] == request_id]
-
-    async def wait_for(self, request_id: str | None, status: str, timeout_s: float = 10) -> None:
-        async with asyncio.timeout(timeout_s):
-            while not any(p["status"] == status for p in self.of(request_id)):
-                self.arrived.clear()
-                await self.arrived.wait()
-
-
-@contextlib.asynccontextmanager
-async def requester(broker: Broker, *answers_on: str, v5: bool = False) -> AsyncIterator[Requester]:
-    protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
-    async with aiomqtt.Client(
-        broker.host, broker.port, identifier="upstream", protocol=protocol
-    ) as client:
-        req = Requester(client)
-        for topic_filter in answers_on:
-            await client.subscribe(topic_filter, qos=1)
-
-        async def receive() -> None:
-            async for message in client.messages:
-                props = message.properties
-                correlation = getattr(props, "CorrelationData", None) if props else None
-                payload = json.loads(bytes(message.payload))
-                req.answers.append((message.topic.value, payload, correlation))
-                req.arrived.set()
-
-        task = asyncio.create_task(receive())
-        try:
-            yield req
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 def replays(got: Collector) -> list[dict[str, Any]]:

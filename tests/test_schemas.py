@@ -110,7 +110,9 @@ def test_interval_schema_lists_exactly_the_payload_fields() -> None:
     compensation = {"params_hash": "0123456789abcdef", "source_channel": "energy_export",
                     "raw_value": 10.0}  # fmt: skip
     full = interval_payload(
-        _interval(original_value=12.5, rolling_demand=990.0, compensation=compensation), 1
+        _interval(original_value=12.5, rolling_demand=990.0, compensation=compensation),
+        1,
+        store_id="0123456789abcdef" * 2,
     )
     assert set(schema["properties"]) == set(full)
     assert schema["additionalProperties"] is False

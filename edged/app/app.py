@@ -28,6 +28,7 @@ import structlog
 from edged import __version__
 from edged.app import logs
 from edged.app.devices import DeviceSet, PollerContext, supervised
+from edged.app.holding import STORAGE_ERRORS
 from edged.app.housekeeping import (
     BudgetDecision,
     DiskUsage,
@@ -75,10 +76,12 @@ from edged.io.mqtt import Publisher, Refusal, default_client_id
 from edged.io.ntp import NtpReferenceClock, SystemReferenceClock
 from edged.io.sdnotify import Notifier, Systemd, run_watchdog
 from edged.io.sparkplug import SparkplugPublisher, device_specs
-from edged.io.store import OutboxDepth, Store
+from edged.io.store import OutboxDepth, Store, StoreError, StoreReplaced
 
 log = structlog.get_logger("edged.app.app")
 
+# A config file that takes longer than this to read and validate is rejected.
+RELOAD_LOAD_TIMEOUT_S = 30.0
 # How long a shutdown waits for the publisher to send the offline status.
 PUBLISHER_STOP_GRACE_S = 5.0
 # How often the liveness mark is persisted: an outage of the gateway is known
@@ -161,6 +164,8 @@ class App:
         self._gateway_status_due = False
         self.store: Store | None = None
         self.publisher: Publisher | None = None
+        # An error that ends the daemon (run() raises it after a clean stop).
+        self.fatal: StoreReplaced | None = None
         self.sparkplug: SparkplugPublisher | None = None
         self._commands: ReplayCommands | None = None
         self.housekeeper: Housekeeper | None = None
@@ -207,10 +212,49 @@ class App:
             "outbox_oldest_age_s": oldest_s,
             **self._disk_status(),
             **self._publish_status(),
+            **self._storage_status(),
+            **({"store_id": self.store.store_id} if self.store is not None else {}),
             **({"facade": self.facade.status()} if self.facade is not None else {}),
             **self._measure_status(),
             "updated_at": iso_utc(self.clock.now()),
         }
+
+    def _on_store_replaced(self, exc: StoreReplaced) -> None:
+        """The database file was deleted or replaced under the daemon: stop,
+        and exit with the error (run() raises it), never write on unseen."""
+        if self.fatal is None:
+            log.error("store replaced or deleted while running; stopping", error=str(exc))
+            self.fatal = exc
+        self.request_stop()
+
+    def _storage_status(self) -> dict[str, Any]:
+        if self._recorder is None:
+            return {}
+        holding = self._recorder.holding
+        return {"storage_error": holding.error, **({} if holding.error is None else {
+            "storage_held": holding.counts()})}  # fmt: skip
+
+    def _on_storage_error(self, error: str | None) -> None:
+        """The store started or stopped refusing writes: an event (written
+        with the held data once possible) and the status at once."""
+        holding = self._recorder.holding if self._recorder is not None else None
+        counts = holding.counts() if holding is not None else {}
+        path = str(self.settings.storage.path)
+        self._record_event(
+            Event(
+                device=None,
+                kind="storage_error",
+                at=self.clock.now(),
+                message=(f"the store {path} refuses writes ({error}); data is held in "
+                         "memory and written when it accepts writes again")
+                if error is not None else f"the store {path} accepts writes again; "
+                "held data written",
+                details={"change": "entered" if error is not None else "left",
+                         "error": error, "path": path, **counts},
+            )
+        )  # fmt: skip
+        if self.publisher is not None:
+            self.publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
 
     def _publish_status(self) -> dict[str, Any]:
         if self.publisher is None:
@@ -407,9 +451,11 @@ class App:
 
     def _on_measurement(self, topic: str, payload: dict[str, Any]) -> bool:
         assert self.publisher is not None
-        sent = self.publisher.publish_now(topic, payload)
+        sent = False
+        if self.settings.sparkplug.json_data:
+            sent = self.publisher.publish_now(topic, payload)
         if self.sparkplug is not None:
-            self.sparkplug.publish_measurement(str(payload["device"]), payload)
+            sent = self.sparkplug.publish_measurement(str(payload["device"]), payload) or sent
         return sent
 
     def _on_health(self, device_id: str, health: DeviceHealth) -> None:
@@ -457,12 +503,35 @@ class App:
     # -- running ----------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._run()
+            if self.fatal is not None:
+                raise self.fatal
+        except BaseException:
+            # Whatever failed before the task group was up (a store that
+            # stops accepting writes during start-up ...): close the store, or
+            # its worker thread keeps the process alive with no READY sent and
+            # systemd's restart policy never runs.
+            if self.store is not None:
+                with contextlib.suppress(Exception):
+                    await self.store.close()
+            raise
+
+    async def _run(self) -> None:
         settings = self.settings
         notifier = self._systemd.notifier
         # Rows are stamped with the reference clock (read late: it replaces the
         # placeholder below), the timeline every age is measured on.
         store = await Store.open(settings.storage.path, now=lambda: self.clock.now())
         self.store = store
+        try:
+            # A store that cannot be written is a clean exit naming the path
+            # and the OS's reason (systemd restarts it), not a half-started
+            # daemon that never says READY.
+            await store.check_writable()
+        except StoreError:
+            await store.close()
+            raise
         log.info("store open", path=str(settings.storage.path))
         if store.recovered_from is not None:
             self._record_event(store_corrupt_event(store.recovered_from))
@@ -489,6 +558,9 @@ class App:
         self._outbox = await store.outbox_depth()
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
         sparkplug = self.sparkplug = None
+        if not settings.sparkplug.enabled and (dropped := await store.drop_sparkplug_rows()):
+            log.warning("sparkplug is off: its unsent rows were dropped (JSON records are kept)",
+                        rows=dropped)  # fmt: skip
         if settings.sparkplug.enabled:
             sparkplug = self.sparkplug = SparkplugPublisher(
                 settings.sparkplug, settings.mqtt, store, site=settings.site,
@@ -502,8 +574,13 @@ class App:
                 sparkplug.wake()
 
         recorder = Recorder(
-            store, on_committed=committed, tap=sparkplug.rows_for if sparkplug else None
+            store,
+            on_committed=committed,
+            tap=sparkplug.rows_for if sparkplug else None,
+            tap_replaces=not settings.sparkplug.json_data,
         )
+        recorder.holding.on_change = self._on_storage_error
+        recorder.on_fatal = self._on_store_replaced
         self._recorder = recorder
         commands = self._commands = None
         if settings.mqtt.commands.enabled:
@@ -519,6 +596,7 @@ class App:
             on_change=self._on_budget,
         )
         self.housekeeper = housekeeper
+        recorder.before_commit = housekeeper.check_free_space
         for event in self._early_events:
             self._record_event(event)
         self._early_events.clear()
@@ -694,7 +772,16 @@ class App:
         try:
             # Off the loop: parsing and validating many devices must not
             # delay a boundary read.
-            new = await asyncio.to_thread(load_settings, path)
+            try:
+                # The reader's work is bounded (edged.config.safe_yaml); this
+                # bounds the rest, so a reload can never hold up a shutdown.
+                async with asyncio.timeout(RELOAD_LOAD_TIMEOUT_S):
+                    new = await asyncio.to_thread(load_settings, path)
+            except TimeoutError:
+                self._reject_config(
+                    path, [f"{path}: not loaded within {RELOAD_LOAD_TIMEOUT_S:g} s"]
+                )
+                return
             diff = await self._devices.apply(new.devices)
         except ConfigError as exc:
             self._reject_config(path, [str(p) for p in exc.problems])
@@ -805,13 +892,18 @@ class App:
 
     async def _liveness_loop(self, store: Store) -> None:
         while True:
-            await store.set_mark("liveness", iso_utc(self.clock.now()))
+            try:
+                await store.set_mark("liveness", iso_utc(self.clock.now()))
+            except STORAGE_ERRORS as exc:
+                # The recorder reports the failing store; the mark is retried.
+                log.debug("liveness mark not written", error=str(exc))
             await asyncio.sleep(LIVENESS_EVERY_S)
 
     async def _status_loop(self, publisher: Publisher, store: Store) -> None:
         while True:
             await asyncio.sleep(self.settings.status_every)
-            self._outbox = await store.outbox_depth()
+            with contextlib.suppress(*STORAGE_ERRORS):
+                self._outbox = await store.outbox_depth()
             publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
             if self.facade is not None:  # for `edged status`, which reads the store
                 await store.set_mark("facade", self._facade_summary())

@@ -251,6 +251,27 @@ class Housekeeper:
             await self._store.reclaim()
             self.usage = await self._measure()
 
+    def check_free_space(self) -> None:
+        """Before each boundary commit: raise the free-space alarm the moment
+        the file system falls under `min_free`, not at the next periodic
+        check, which may come after the disk is full. (Only raising: the
+        periodic check clears the alarm, with its hysteresis.)"""
+        if self.state.alarm is not None:
+            return
+        try:
+            free = self._free_bytes()
+        except OSError as exc:
+            log.debug("free space not measured", error=str(exc))
+            return
+        if free >= self.limits.min_free_bytes:
+            return
+        last = self.usage
+        usage = DiskUsage(
+            last.used_bytes if last else 0, free, last.stored if last else frozenset()
+        )
+        self.usage = usage
+        self._apply(decide_budget(usage, self.limits, self.state), usage)
+
     async def _expire(self) -> int:
         retention = self._settings.retention
         cutoffs = retention_cutoffs(

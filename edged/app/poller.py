@@ -13,6 +13,7 @@ the recorder simply does not write: the pollers work the same either way.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
@@ -21,6 +22,7 @@ from typing import Any
 import structlog
 
 from edged.app.heartbeat import Heartbeat
+from edged.app.holding import STORAGE_ERRORS, Holding
 from edged.config.schema import Device
 from edged.core import flags as flag_table
 from edged.core.compensation.record import (
@@ -56,7 +58,7 @@ from edged.io.modbus import (
     Link,
     read_device,
 )
-from edged.io.store import OutboxMessage, Store
+from edged.io.store import OutboxMessage, Store, StoreReplaced
 
 log = structlog.get_logger("edged.app.poller")
 
@@ -89,14 +91,14 @@ def outbox_pending(
     pending = Pending()
     for record in records:
         seq = store.allocate_seq()
-        payload = encode(interval_payload(record, seq))
+        payload = encode(interval_payload(record, seq, store_id=store.store_id))
         pending.intervals.append((record, payload))
         pending.messages.append(
             (seq, OutboxMessage(topics.interval(record.device, record.channel), payload))
         )
     for event in events:
         seq = store.allocate_seq()
-        payload = encode(event_payload(event, site, seq))
+        payload = encode(event_payload(event, site, seq, store.store_id))
         pending.messages.append((seq, OutboxMessage(topics.event(event.device), payload)))
     return pending
 
@@ -120,11 +122,22 @@ class Recorder:
         on_committed: Callable[[], None],
         measurement_flush_s: float = MEASUREMENT_FLUSH_S,
         tap: Callable[[Sequence[Interval]], Sequence[OutboxMessage]] | None = None,
+        tap_replaces: bool = False,
     ) -> None:
         self._store = store
-        # More outbox rows for the same records (Sparkplug), in the same commit.
+        # More outbox rows for the same records (Sparkplug), in the same commit;
+        # or, replacing, the records' rows themselves under their own seqs (which
+        # the stored records carry: "unsent" keeps meaning what it says).
         self._tap = tap
+        self._tap_replaces = tap_replaces
         self._on_committed = on_committed
+        # A failed commit (disk full, read-only, I/O error) keeps its batch
+        # here and retries; see edged.app.holding.
+        self.holding: Holding[Pending] = Holding(Pending)
+        # Called before every commit (the disk alarm's free-space check).
+        self.before_commit: Callable[[], None] | None = None
+        # Told when the store file was replaced or deleted under the daemon.
+        self.on_fatal: Callable[[StoreReplaced], None] | None = None
         self._queue: asyncio.Queue[Pending | asyncio.Future[None] | None] = asyncio.Queue()
         self.heartbeat = Heartbeat("recorder")
         self._measurement_flush_s = measurement_flush_s
@@ -145,9 +158,17 @@ class Recorder:
 
     def submit(self, pending: Pending) -> None:
         if self._tap is not None and pending.intervals:
-            # Seqs allocated now, right after the records' own: still in commit order.
-            for message in self._tap([record for record, _ in pending.intervals]):
-                pending.messages.append((self._store.allocate_seq(), message))
+            tapped = self._tap([record for record, _ in pending.intervals])
+            if self._tap_replaces:
+                by_seq = {
+                    json.loads(payload)["seq"]: message
+                    for (_, payload), message in zip(pending.intervals, tapped, strict=True)
+                }
+                pending.messages = [(seq, by_seq.get(seq, m)) for seq, m in pending.messages]
+            else:
+                # Seqs allocated now, right after the records' own: still in commit order.
+                for message in tapped:
+                    pending.messages.append((self._store.allocate_seq(), message))
         self._queue.put_nowait(pending)
 
     def add_measurement(self, measurement: Measurement) -> None:
@@ -162,6 +183,16 @@ class Recorder:
                 self._measurement_flush_s, self._queue.put_nowait, Pending()
             )
 
+    async def _next(self, timeout_s: float | None) -> Pending | asyncio.Future[None] | None:
+        """The next queued item; an empty step when held data is due a retry."""
+        if timeout_s is None:
+            return await self._queue.get()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._queue.get()
+        except TimeoutError:
+            return Pending()
+
     async def close(self) -> None:
         """Flush what is queued and end `run`."""
         self._queue.put_nowait(None)
@@ -175,8 +206,8 @@ class Recorder:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            first = await self._queue.get()
-            batch = Pending()
+            first = await self._next(self.holding.retry_in_s())
+            batch = self.holding.take()
             done = False
             items: list[Pending] = []
             flushed: list[asyncio.Future[None]] = []
@@ -201,7 +232,8 @@ class Recorder:
                 batch.after_commit.extend(item.after_commit)
             if "reads" in self._shedding:
                 batch.reads.clear()
-            measurements, self._measurements = self._measurements, []
+            measurements, self._measurements = self.holding.measurements + self._measurements, []
+            self.holding.measurements = []
             if self._flush_timer is not None:
                 self._flush_timer.cancel()
                 self._flush_timer = None
@@ -216,16 +248,48 @@ class Recorder:
                 )
             ):
                 self.heartbeat.busy(loop.time())
-                await self._store.commit_boundary(
-                    batch.reads,
-                    batch.intervals,
-                    batch.states,
-                    batch.messages,
-                    batch.peaks,
-                    replays=batch.replays,
-                    measurements=measurements,
-                )
-                self.heartbeat.idle()
+                if self.before_commit is not None:
+                    self.before_commit()
+                try:
+                    self._store.check_identity()
+                except StoreReplaced as exc:
+                    # Writing on would go to a file nobody reads: keep the
+                    # batch (it is reported as lost at shutdown) and stop.
+                    self.heartbeat.idle()
+                    self.holding.failed(batch, measurements, exc)
+                    if self.on_fatal is not None:
+                        self.on_fatal(exc)
+                    for future in flushed:
+                        if not future.done():
+                            future.set_result(None)
+                    if done:
+                        self.holding.abandon()
+                        return
+                    continue
+                try:
+                    await self._store.commit_boundary(
+                        batch.reads,
+                        batch.intervals,
+                        batch.states,
+                        batch.messages,
+                        batch.peaks,
+                        replays=batch.replays,
+                        measurements=measurements,
+                    )
+                except STORAGE_ERRORS as exc:
+                    # The daemon stays up: the batch waits in memory and is
+                    # written, in full, once the store accepts writes again.
+                    self.holding.failed(batch, measurements, exc)
+                    for future in flushed:
+                        if not future.done():
+                            future.set_result(None)
+                    if done:
+                        self.holding.abandon()
+                        return
+                    continue
+                finally:
+                    self.heartbeat.idle()
+                self.holding.succeeded()
                 self._on_committed()
             for callback in batch.after_commit:
                 callback()

@@ -110,6 +110,8 @@ def parse_request(
         data = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise RequestError(f"not a JSON object: {exc}") from None
+    except RecursionError:
+        raise RequestError("not a JSON object: nested too deeply") from None
     if not isinstance(data, dict):
         raise RequestError("not a JSON object")
     request_id = data.get("request_id")
@@ -125,7 +127,7 @@ def parse_request(
         start, end = parse_range(data["from"], data["to"], zone, now, ("'from'", "'to'"))
         devices = _names(data.get("device"), "device")
         channels = _names(data.get("channel"), "channel")
-    except (ValueError, TimeArgumentError) as exc:
+    except (ValueError, OverflowError, TimeArgumentError) as exc:
         raise RequestError(str(exc), request_id) from None
     for device in devices:
         if device not in known:
@@ -311,7 +313,10 @@ class ReplayCommands:
 
 
 def _request_id_of(payload: bytes) -> str | None:
-    data = json.loads(payload)
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
     value = data.get("request_id") if isinstance(data, dict) else None
     return value if isinstance(value, str) and len(value) <= MAX_REQUEST_ID_CHARS else None
 

@@ -99,6 +99,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (StoreError, CredentialsError) as exc:
         print(f"edged: {exc}", file=sys.stderr)
         return 1
+    except sqlite3.Error as exc:  # the store failed during start-up
+        print(f"edged: store {settings.storage.path}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -525,7 +525,8 @@ def load_settings(path: Path | str) -> Settings:
 def load_settings_with_warnings(path: Path | str) -> tuple[Settings, tuple[Problem, ...]]:
     """:func:`load_settings`, plus the warnings check-config prints: values that
     are valid but probably wrong (an address that looks like a 4xxxx register
-    number, a value the profile only assumes), each with its file:line.
+    number, a value the profile only assumes, a rollover below the register's
+    range, a device without a rating), each with its file:line.
 
     Nothing but a ConfigError escapes: a failure this module did not foresee
     is reported as one too, so neither check-config nor a reload can die of a
@@ -579,6 +580,20 @@ def _load_settings(config_path: Path) -> tuple[Settings, tuple[Problem, ...]]:
                         f"duplicate channel name {name!r}",
                     )
                 )
+            measurements = device.get("measurements") if isinstance(device, dict) else None
+            points = measurements.get("points") if isinstance(measurements, dict) else None
+            for j, name in _duplicates(points, "name"):
+                key = ("devices", i, "measurements", "points", j, "name")
+                where = _locate(key, doc, origins)
+                problems.append(
+                    Problem(
+                        where.file,
+                        where.line,
+                        format_key_path(key),
+                        f"duplicate measurement point name {name!r}",
+                    )
+                )
+        problems.extend(_virtual_meter_ids(doc, data.get("virtual_meters"), merged_devices))
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
@@ -591,7 +606,63 @@ def _load_settings(config_path: Path) -> tuple[Settings, tuple[Problem, ...]]:
     for key_path, hint in _address_hints(data):
         where = _locate(key_path, doc, origins)
         warnings.append(Problem(where.file, where.line, format_key_path(key_path), hint))
+    warnings.extend(_warnings(settings, doc))
     return settings, tuple(sorted(set(warnings), key=_problem_sort_key))
+
+
+def _warnings(settings: Settings, doc: _Located) -> list[Problem]:
+    warnings: list[Problem] = []
+    for i, device in enumerate(settings.devices):
+        unlimited = [
+            c.name
+            for c in device.channels
+            if c.plausible_demand is None
+            and c.rollover_counts is not None
+            and c.demand_unit is not None
+        ]
+        if unlimited:
+            warnings.append(
+                _problem(doc, ("devices", i),
+                         f"device {device.id}: no rated_power_kva, meter_rating or "
+                         f"max_demand for {', '.join(unlimited)}: a counter step is judged only "
+                         "by half the counter's range per interval, which lets a garbled read "
+                         "through as energy; give the device its rating")
+            )  # fmt: skip
+        for j, channel in enumerate(device.channels):
+            full = channel.register_range
+            if channel.rollover is not None and full is not None and channel.rollover < full:
+                warnings.append(
+                    _problem(doc, ("devices", i, "channels", j, "rollover"),
+                             f"rollover {channel.rollover} is below the {channel.type} "
+                             f"register's range ({full}); right only for a meter whose counter "
+                             f"wraps at {channel.rollover - 1}")
+                )  # fmt: skip
+    return warnings
+
+
+def _virtual_meter_ids(doc: _Located, meters: Any, devices: list[Any]) -> list[Problem]:
+    """A virtual meter's id must not repeat another's or a device's: its
+    records would carry the same ids as the device's, with other values."""
+    problems: list[Problem] = []
+    for i, name in _duplicates(meters, "id"):
+        problems.append(
+            _problem(doc, ("virtual_meters", i, "id"), f"duplicate virtual meter id {name!r}")
+        )
+    device_ids = {d.get("id") for d in devices if isinstance(d, dict)}
+    for i, meter in enumerate(meters if isinstance(meters, list) else []):
+        meter_id = meter.get("id") if isinstance(meter, dict) else None
+        if isinstance(meter_id, str) and meter_id in device_ids:
+            problems.append(
+                _problem(doc, ("virtual_meters", i, "id"),
+                         f"virtual meter id {meter_id!r} is also a device id")
+            )  # fmt: skip
+        channels = meter.get("channels") if isinstance(meter, dict) else None
+        for j, channel in _duplicates(channels, "name"):
+            problems.append(
+                _problem(doc, ("virtual_meters", i, "channels", j, "name"),
+                         f"duplicate channel name {channel!r}")
+            )  # fmt: skip
+    return problems
 
 
 def _cross_checks(settings: Settings, doc: _Located) -> list[Problem]:
@@ -609,6 +680,17 @@ def _cross_checks(settings: Settings, doc: _Located) -> list[Problem]:
             problems.append(_problem(doc, ("virtual_meters", i), str(exc)))
     for path, message in facade_problems(settings.facade, settings.devices):
         problems.append(_problem(doc, ("facade", *path), message))
+    sparkplug = settings.sparkplug
+    if sparkplug.enabled and sparkplug.client_id and sparkplug.client_id == settings.mqtt.client_id:
+        # Two sessions under one id throw each other off the broker, forever.
+        problems.append(
+            _problem(doc, ("sparkplug", "client_id"), "must differ from mqtt.client_id")
+        )
+    if not sparkplug.json_data and not sparkplug.enabled:
+        # The data would go out nowhere.
+        problems.append(
+            _problem(doc, ("sparkplug", "json_data"), "false needs sparkplug.enabled: true")
+        )
     return problems
 
 

@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -278,6 +279,31 @@ class Channel(_RegisterMap):
         if self.scale <= 0:
             raise ValueError("scale of an energy counter must be positive")
         return self
+
+    @field_validator("rollover")
+    @classmethod
+    def _rollover_fits_the_register(cls, rollover: int | None, info: ValidationInfo) -> int | None:
+        # A field validator (not the model's) so the error names the key's line.
+        data = info.data
+        data_type: Any = data.get("type")
+        binary = data.get("encoding") == "binary" and data.get("scale_register") is None
+        if rollover is not None and binary and str(data_type).startswith(("uint", "int")):
+            full = 1 << (16 * register_count(data_type))
+            if rollover > full:
+                raise ValueError(
+                    f"rollover {rollover} exceeds what a {data_type} register can hold ({full})"
+                )
+        return rollover
+
+    @property
+    def register_range(self) -> int | None:
+        """How many values the raw register can hold (2**bits), for integer
+        registers read as plain binary; None otherwise."""
+        if self.encoding != "binary" or self.scale_register is not None:
+            return None
+        if self.type.startswith(("uint", "int")):
+            return 1 << (16 * register_count(self.type))
+        return None
 
     # Set by the owning Device from its rating: the physical demand limit
     # (unit per hour) used when max_demand is not configured.
@@ -816,9 +842,30 @@ class Mqtt(_Strict):
         description="broker URLs tried in turn for failover (mqtt://h:1883, mqtts://h:8883); "
         "when set, host and port are not used",
     )
-    topic_prefix: str = Field("edged", pattern=r"^[^#+/][^#+]*[^#+/]$|^[^#+/]$")
+    topic_prefix: str = Field(
+        "edged",
+        pattern=r"^[^#+/][^#+]*[^#+/]$|^[^#+/]$",
+        description="first topic level(s); not starting with $ (broker-reserved, e.g. $SYS), "
+        "no wildcards (+, #), no empty levels",
+    )
     client_id: str | None = None
     keepalive: DurationS = Field(30.0, ge=5)
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_prefix_publishable(cls, prefix: str) -> str:
+        # MQTT 5.0 4.7.2: topics starting with $ are the server's; a broker
+        # accepts a publish there and silently drops it. 4.7.1: + and # are
+        # wildcards, never part of a published topic; an empty level ("a//b")
+        # is legal but always a typo here, and NUL is forbidden (1.5.4).
+        if prefix.startswith("$"):
+            raise ValueError("topic_prefix must not start with $ (reserved by the broker)")
+        if any(not level for level in prefix.split("/")):
+            raise ValueError("topic_prefix must not have empty levels (//)")
+        if "\0" in prefix:
+            raise ValueError("topic_prefix must not contain NUL")
+        return prefix
+
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     username: str | None = None
     password_file: Path | None = Field(None, description="file holding the password")
@@ -859,6 +906,11 @@ class Sparkplug(_Strict):
     )
     client_id: str | None = Field(
         None, description="MQTT client id of the Sparkplug session; default: edged-sp-{site}-{host}"
+    )
+    json_data: bool = Field(
+        True,
+        description="also publish interval records and fast-poll values on the JSON topics; "
+        "false: Sparkplug instead (statuses, events and commands stay on JSON)",
     )
 
 

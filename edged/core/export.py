@@ -106,8 +106,28 @@ def localize(naive: datetime, zone: tzinfo, text: str | None = None) -> datetime
     return first
 
 
+# Times edged can hold and compute with (datetime ends at year 9999; a range
+# end plus a day must still be a datetime): anything outside is a typo.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
 def parse_time(text: str, zone: tzinfo, now: datetime) -> datetime:
     """A --from/--to argument -> an aware UTC datetime (see `TIME_HELP`)."""
+    try:
+        at = _parse_time(text, zone, now)
+    except TimeArgumentError:
+        raise
+    except (OverflowError, ValueError) as exc:
+        raise TimeArgumentError(f"{text!r} is out of range: {exc}") from None
+    if not EARLIEST <= at < LATEST:
+        raise TimeArgumentError(
+            f"{text!r} is out of range: times must lie between {EARLIEST.year} and {LATEST.year}"
+        )
+    return at
+
+
+def _parse_time(text: str, zone: tzinfo, now: datetime) -> datetime:
     s = text.strip()
     word = s.lower()
     if word == "now":

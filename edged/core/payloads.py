@@ -62,7 +62,11 @@ def _round(value: float | None, places: int = 6) -> float | None:
     return None if value is None else round(value, places)
 
 
-def interval_payload(interval: Interval, seq: int, *, replay: bool = False) -> dict[str, Any]:
+def interval_payload(
+    interval: Interval, seq: int, *, replay: bool = False, store_id: str | None = None
+) -> dict[str, Any]:
+    """The record as published. `seq` counts per store: with `store_id` (the
+    store's random identity) a consumer tells a new store from a rewind."""
     flags = flag_table.ordered(interval.flags)
     payload: dict[str, Any] = {
         "schema": INTERVAL_SCHEMA,
@@ -88,6 +92,8 @@ def interval_payload(interval: Interval, seq: int, *, replay: bool = False) -> d
         "seq": seq,
         "replay": replay,
     }
+    if store_id is not None:
+        payload["store_id"] = store_id
     if interval.original_value is not None:
         payload["original_value"] = interval.original_value
     if interval.rolling_demand is not None:
@@ -129,8 +135,8 @@ def command_response_payload(
     }
 
 
-def event_payload(event: Event, site: str, seq: int) -> dict[str, Any]:
-    return {
+def event_payload(event: Event, site: str, seq: int, store_id: str | None = None) -> dict[str, Any]:
+    payload: dict[str, Any] = {
         "schema": EVENT_SCHEMA,
         "id": f"{site}/{event.device or 'gateway'}/{event.kind}/{iso_utc(event.at)}",
         "site": site,
@@ -141,6 +147,9 @@ def event_payload(event: Event, site: str, seq: int) -> dict[str, Any]:
         "details": dict(event.details),
         "seq": seq,
     }
+    if store_id is not None:
+        payload["store_id"] = store_id
+    return payload
 
 
 def peak_payload(

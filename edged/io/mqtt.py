@@ -26,6 +26,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -53,8 +54,9 @@ OUTBOX_BATCH = 512
 # The backlog's token bucket holds at most this many seconds of its rate.
 BACKLOG_BURST_S = 0.5
 # Answers to commands waiting for a connection; beyond this the oldest are dropped
-# (the requester times out and asks again).
-MAX_PENDING_RESPONSES = 100
+# (the requester times out and asks again). While connected they go out a
+# window at a time, so a flood of requests is answered, `busy` included.
+MAX_PENDING_RESPONSES = 10_000
 # A window of publishes not acknowledged within this ends the session.
 PUBLISH_TIMEOUT_S = 10.0
 
@@ -295,6 +297,8 @@ class Publisher:
         self.refusals = Refusals()
         self._refusal_backoff = Backoff(first_s=1.0, max_s=300.0)
         self._on_refused: Callable[[Refusal], None] | None = None
+        # Acknowledged seqs whose outbox delete failed (the store refused writes).
+        self._undeleted: set[int] = set()
 
     def accept_commands(
         self,
@@ -357,7 +361,7 @@ class Publisher:
             broker = self._brokers[self._broker_index]
             try:
                 await self._session(broker)
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, sqlite3.Error) as exc:  # sqlite3: the store failing
                 self._client_now = None
                 if self._stopping:
                     break
@@ -434,6 +438,10 @@ class Publisher:
                 backlog_end = max(backlog_end, live_cursor)
                 self._backlog_from = None
             live = await self._store.outbox_batch(OUTBOX_BATCH, after_seq=live_cursor)
+            if self._undeleted:
+                if live:
+                    live_cursor = live[-1].seq
+                live = [row for row in live if row.seq not in self._undeleted]
             if live:
                 refused += await self._publish_rows(client, live)
                 live_cursor = live[-1].seq
@@ -448,8 +456,9 @@ class Publisher:
                         allowed, after_seq=backlog_cursor, up_to_seq=backlog_end
                     )
                     if rows:
-                        refused += await self._publish_rows(client, rows)
                         backlog_cursor = rows[-1].seq
+                        rows = [r for r in rows if r.seq not in self._undeleted]
+                        refused += await self._publish_rows(client, rows)
                         tokens -= len(rows)
                     else:
                         backlog_cursor = backlog_end
@@ -556,21 +565,44 @@ class Publisher:
                 self._on_refused(report)
 
     async def _acked(self, seqs: Sequence[int]) -> None:
-        await self._store.ack(seqs)
+        # Rows whose delete failed before (a full or read-only disk) are
+        # deleted with these; until then they are not sent again.
+        todo = sorted(self._undeleted | set(seqs))
+        try:
+            await self._store.ack(todo)
+        except (sqlite3.Error, OSError) as exc:
+            if not self._undeleted:
+                log.error("cannot delete acknowledged outbox rows; retried with the next",
+                          error=str(exc), rows=len(todo))  # fmt: skip
+            self._undeleted.update(todo)
+        else:
+            self._undeleted.clear()
         if self._on_acked is not None and seqs:
             self._on_acked(seqs)
 
     async def _publish_responses(self, client: aiomqtt.Client) -> None:
         while self._responses:
-            response = self._responses[0]
-            properties = None
-            if response.correlation_data is not None and self._settings.protocol == "5":
-                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                properties.CorrelationData = response.correlation_data
-            await client.publish(response.topic, response.payload, qos=1, properties=properties)
-            # Only once sent: a dropped connection leaves it for the next session.
-            if self._responses and self._responses[0] is response:
-                self._responses.pop(0)
+            window = self._responses[:PUBLISH_WINDOW]
+            properties: list[Properties | None] = []
+            for response in window:
+                props = None
+                if response.correlation_data is not None and self._settings.protocol == "5":
+                    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                    props.CorrelationData = response.correlation_data
+                properties.append(props)
+            acked, error = await _unless_dropped(
+                send_window(
+                    client, [(r.topic, r.payload, 1, False) for r in window], None, properties
+                ),
+                self._dropped,
+            )
+            # Only once sent: a dropped connection leaves the rest for the next
+            # session; a refused answer is not retried (the requester asks again).
+            sent = {id(r) for r, ok in zip(window, acked, strict=True) if ok}
+            done = {id(r) for r in window} if error is None else sent
+            self._responses = [r for r in self._responses if id(r) not in done]
+            if error is not None:
+                raise error
 
     async def _subscribe_commands(self, client: aiomqtt.Client) -> None:
         topic = self._command_topic
@@ -684,6 +716,7 @@ async def send_window(
     client: aiomqtt.Client,
     messages: Sequence[tuple[str, bytes, int, bool]],
     refused: dict[int, int] | None = None,
+    properties: Sequence[Properties | None] | None = None,
 ) -> tuple[list[bool], aiomqtt.MqttError | None]:
     """Publish `messages` (topic, payload, qos, retain) at once and wait for
     their acknowledgements: which were acknowledged, and the error that ended
@@ -705,7 +738,8 @@ async def send_window(
     error: aiomqtt.MqttError | None = None
     try:
         for index, (topic, payload, qos, retain) in enumerate(messages):
-            info = paho.publish(topic, payload, qos, retain)
+            props = properties[index] if properties is not None else None
+            info = paho.publish(topic, payload, qos, retain, props)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 error = aiomqtt.MqttCodeError(info.rc, "Could not publish message")
                 break

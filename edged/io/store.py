@@ -23,6 +23,7 @@ import json
 import os
 import sqlite3
 import stat
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -196,6 +197,10 @@ class StoreError(EdgedError):
     pass
 
 
+class StoreReplaced(StoreError):
+    """The file at the store's path is no longer the one edged opened."""
+
+
 class StoreCorrupt(StoreError):
     """The file is not a database, or SQLite found it damaged."""
 
@@ -270,8 +275,8 @@ def _describe_open_error(path: Path, exc: sqlite3.Error) -> str:
     if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
         return f"{path} is locked by another process (is another edged using it?): {exc}"
     return (
-        f"cannot use {path}: {exc} (check that it is a regular file the edged user "
-        "may read and write, in a directory it may write)"
+        f"cannot use {path}: {_os_reason(path, exc)} (check that it is a regular file "
+        "the edged user may read and write, in a directory it may write)"
     )
 
 
@@ -296,6 +301,11 @@ class Store:
         # record that a failed commit then loses).
         self._write_lock = asyncio.Lock()
         self.recovered_from: CorruptStore | None = None
+        # A random identity kept in the store (marks.store_id): seq counts per
+        # store, and a consumer tells a new store from a rewind by it.
+        self.store_id = ""
+        # (device, inode) of the file opened: compared before each commit.
+        self._identity: tuple[int, int] | None = None
 
     @classmethod
     async def open(
@@ -390,6 +400,33 @@ class Store:
         async with db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'") as cursor:
             row = await cursor.fetchone()
         self._next_seq = (int(row[0]) if row else 0) + 1
+        store_id = await self.get_mark("store_id")
+        if not store_id:
+            store_id = uuid.uuid4().hex
+            await self.set_mark("store_id", store_id)
+        self.store_id = store_id
+        stat_now = os.stat(self.path)
+        self._identity = (stat_now.st_dev, stat_now.st_ino)
+
+    def check_identity(self) -> None:
+        """Raise StoreReplaced when the file at `path` is missing or is not the
+        one opened (deleted, moved, replaced by a copy or a restore): edged
+        would otherwise write on into a file nobody will read, and a restart
+        would start numbering again in a new one."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            raise StoreReplaced(
+                f"the store {self.path} was deleted while edged was running (store_id "
+                f"{self.store_id}); stopping: restart to start a new store, or restore the file"
+            ) from None
+        except OSError:
+            return  # an unreadable directory is the write's error to report
+        if self._identity is not None and (now.st_dev, now.st_ino) != self._identity:
+            raise StoreReplaced(
+                f"the store {self.path} was replaced while edged was running (store_id "
+                f"{self.store_id}); stopping: restart to use the new file"
+            )
 
     async def close(self) -> None:
         await self._db.close()
@@ -479,9 +516,25 @@ class Store:
                     [(seq, m.topic, m.payload, m.qos, int(m.retain), now) for seq, m in replays],
                 )
             await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
+        except BaseException as exc:
+            # SQLite may already have rolled back (SQLITE_FULL, SQLITE_IOERR):
+            # a failing ROLLBACK must not hide the error that matters.
+            try:
+                await db.execute("ROLLBACK")
+            except sqlite3.Error as rollback_exc:
+                log.warning("rollback after a failed commit failed",
+                            error=str(exc), rollback_error=str(rollback_exc))  # fmt: skip
             raise
+
+    async def check_writable(self) -> None:
+        """Raise StoreError naming the path and the OS's reason when the store
+        cannot be written (a read-only or full file system): at start-up that
+        is a clean exit for systemd to restart, not a hang."""
+        try:
+            await self.set_mark("writable_check", iso_utc(datetime.now(UTC)))
+        except (sqlite3.Error, OSError) as exc:
+            reason = _os_reason(self.path, exc)
+            raise StoreError(f"cannot write the store {self.path}: {reason}") from None
 
     # -- retention and the disk budget -----------------------------------------
 
@@ -605,6 +658,15 @@ class Store:
             async with self._write_lock:
                 await self._db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk)
 
+    async def drop_sparkplug_rows(self) -> int:
+        """Delete Sparkplug rows left by a session that is no longer configured
+        (no one else can send them); how many there were."""
+        async with self._write_lock:
+            cursor = await self._db.execute(
+                "DELETE FROM outbox WHERE substr(topic, 1, 8) = 'spBv1.0/'"
+            )
+            return cursor.rowcount
+
     async def outbox_max_seq(self) -> int:
         async with (
             self._write_lock,
@@ -704,6 +766,25 @@ def move_aside(path: Path, target: Path) -> tuple[Path, ...]:
     finally:
         os.close(directory)
     return tuple(moved)
+
+
+def _os_reason(path: Path, exc: BaseException) -> str:
+    """SQLite says "attempt to write a readonly database" or "database or disk
+    is full"; the OS's own word (EROFS, ENOSPC, EACCES) is what an operator
+    searches for, so ask the file system directly as well."""
+    sqlite_says = str(exc)
+    probe = path.parent / f".{path.name}.write-check"
+    try:
+        with probe.open("wb") as handle:
+            handle.write(b"\0" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as os_exc:
+        return f"{os_exc.strerror} [errno {os_exc.errno}] ({sqlite_says})"
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return sqlite_says
 
 
 async def _execute_script(db: aiosqlite.Connection, script: str) -> None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edged.core.model import parse_iso_utc
 from edged.sim.broker import Mosquitto
@@ -98,3 +100,66 @@ def assert_unbroken(records: Sequence[dict[str, Any]], what: str) -> None:
     for previous, record in itertools.pairwise(records):
         assert not {"MISSING", "PARTIAL", "LONG"} & set(record["flags"]), (what, record)
         assert record["counter_start"] == previous["counter_end"], (what, record)
+
+
+@dataclass
+class Requester:
+    """An upstream system: publishes requests and keeps the answers it receives."""
+
+    client: aiomqtt.Client
+    answers: list[tuple[str, dict[str, Any], bytes | None]] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def send(
+        self,
+        topic: str,
+        payload: bytes | dict[str, Any],
+        *,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+        retain: bool = False,
+    ) -> None:
+        properties = None
+        if response_topic is not None:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.ResponseTopic = response_topic
+            if correlation is not None:
+                properties.CorrelationData = correlation
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        await self.client.publish(topic, data, qos=1, retain=retain, properties=properties)
+
+    def of(self, request_id: str | None) -> list[dict[str, Any]]:
+        return [p for _t, p, _c in self.answers if p["request_id"] == request_id]
+
+    async def wait_for(self, request_id: str | None, status: str, timeout_s: float = 10) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not any(p["status"] == status for p in self.of(request_id)):
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+@contextlib.asynccontextmanager
+async def requester(broker: Broker, *answers_on: str, v5: bool = False) -> AsyncIterator[Requester]:
+    protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
+    async with aiomqtt.Client(
+        broker.host, broker.port, identifier="upstream", protocol=protocol
+    ) as client:
+        req = Requester(client)
+        for topic_filter in answers_on:
+            await client.subscribe(topic_filter, qos=1)
+
+        async def receive() -> None:
+            async for message in client.messages:
+                props = message.properties
+                correlation = getattr(props, "CorrelationData", None) if props else None
+                payload = json.loads(bytes(message.payload))
+                req.answers.append((message.topic.value, payload, correlation))
+                req.arrived.set()
+
+        task = asyncio.create_task(receive())
+        try:
+            yield req
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
