@@ -235,3 +235,17 @@ def test_golden_meter_serves_the_raw_registers() -> None:
     assert meter.read_registers(Table.HOLDING, 3203, 4) == (0x0000, 0x0000, 0x0001, 0xE240)
     # DATETIME at 1844 (reg 1845), the first vector of the clock (no day-of-week bits)
     assert meter.read_registers(Table.HOLDING, 1844, 4) == (0x001A, 0x0C06, 0x031F, 0x5208)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_shipped_profiles_draw_no_address_warnings(profile: str, tmp_path: Path) -> None:
+    """No shipped profile uses a 4xxxx/3xxxx register number as an address."""
+    from edged.config.load import load_settings_with_warnings
+
+    path = tmp_path / "edged.yaml"
+    path.write_text(
+        f"site: lab\ndevices:\n  - id: meter\n    profile: {profile}\n"
+        "    transport: {type: tcp, host: 127.0.0.1, port: 502}\n"
+    )
+    _, warnings = load_settings_with_warnings(path)
+    assert [w for w in warnings if "looks like" in w.message] == []
