@@ -481,6 +481,14 @@ def _profile_keys_section() -> str:
             "warns, at the device's line, for every device that does not state the value "
             "itself (the PMC-1 pulse value is programmed per site).\n"
         )
+    if "sunspec" in load.PROFILE_KEYS:
+        text += (
+            "\n`sunspec` (`profile: sunspec`) lists `models` and `channels` / `measurements` "
+            "entries named by SunSpec `point` (e.g. `TotWhImp`) instead of `register`: each "
+            "becomes a channel or point at the point's offset in the model, with its type, "
+            "scale-factor register and 'not implemented' value taken from the SunSpec model "
+            "definitions (pysunspec2), and sets the device's `sunspec` key (discovery).\n"
+        )
     return text
 
 

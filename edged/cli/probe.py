@@ -11,8 +11,11 @@ from __future__ import annotations
 import time
 
 from edged.config.schema import Device
+from edged.core.model import ReadError
 from edged.core.probe import ProbeRow, device_probes, format_table, probe_row
+from edged.core.sunspec import ModelRef
 from edged.io.modbus import build_links
+from edged.io.sunspec import discover
 
 
 async def probe_device(device: Device) -> list[ProbeRow]:
@@ -20,7 +23,14 @@ async def probe_device(device: Device) -> list[ProbeRow]:
     link = build_links([device])[device.id]
     rows: list[ProbeRow] = []
     try:
-        for probe in device_probes(device):
+        base_address = 0
+        if device.sunspec is not None:
+            found = await discover(link, device.transport.unit_id, device.sunspec.models)
+            if isinstance(found, ReadError):
+                raise ProbeError(f"SunSpec discovery failed: {found.kind}: {found.detail}")
+            base_address = found.address
+            rows.append(sunspec_row(found))
+        for probe in device_probes(device, base_address=base_address):
             requested_s = time.time()
             raw = await link.read(device.transport.unit_id, probe.plan.requests)
             error = None
@@ -40,7 +50,21 @@ async def probe_device(device: Device) -> list[ProbeRow]:
     return rows
 
 
+class ProbeError(Exception):
+    """The device could not be probed at all (SunSpec model not found)."""
+
+
+def sunspec_row(found: ModelRef) -> ProbeRow:
+    return ProbeRow(kind="model", name="sunspec", where=f"holding {found.address} (x2)",
+                    data_type="model id, length", registers="", value=str(found.model_id),
+                    unit="", ok=True, note=f"model {found.model_id}, {found.length} "
+                    "registers; points below are offsets into it")  # fmt: skip
+
+
 async def run_probe(device: Device) -> tuple[str, bool]:
     """The table, and whether every point was read."""
-    rows = await probe_device(device)
+    try:
+        rows = await probe_device(device)
+    except ProbeError as exc:
+        return f"device {device.id}: {exc}\n", False
     return format_table(device.id, rows), all(r.ok for r in rows)

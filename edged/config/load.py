@@ -24,8 +24,10 @@ from edged.config.schema import (
     IDENT_RE,
     Settings,
 )
+from edged.config.sunspec import model_definition
 from edged.core.engine.intervals import device_problems
 from edged.core.plan import check_links
+from edged.core.sunspec import expand as expand_sunspec
 from edged.core.virtual.plan import VirtualMeterError, plan_virtual_meter
 
 SHIPPED_PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
@@ -179,6 +181,8 @@ PROFILE_KEYS = frozenset(
         "channel_template",
         # what a site must state itself (reported by check-config when it does not)
         "site_must_set",
+        # SunSpec points by name, placed from the model definitions (profile: sunspec)
+        "sunspec",
     }
 )
 # Profile keys copied onto the device as they are (the device's own value wins).
@@ -320,12 +324,27 @@ def _merge_profile(
     if "channel_template" in profile.data:
         count = device.get("channel_count", profile.data.get("channel_count"))
         sources += _expand_template(profile, (), profile.data["channel_template"], count, problems)
+    sunspec_points: list[Any] = []
+    if "sunspec" in profile.data:
+        try:
+            sunspec_channels, sunspec_points, discovery = expand_sunspec(
+                profile.data["sunspec"], model_definition
+            )
+        except ValueError as exc:
+            problems.append(_problem(profile, ("sunspec",), str(exc)))
+        else:
+            sources += [(c, ("sunspec", "channels", i)) for i, c in enumerate(sunspec_channels)]
+            merged["sunspec"] = discovery
+            origins[(*device_path, "sunspec")] = _Origin(profile, ("sunspec",))
     for channel, source_path in sources:
         origins[(*device_path, "channels", len(channels))] = _Origin(profile, source_path)
         if isinstance(channel, dict) and isinstance(channel.get("name"), str):
             by_name[channel["name"]] = len(channels)
         channels.append(channel)
     measurements = profile.data.get("measurements")
+    if sunspec_points:
+        base = measurements if isinstance(measurements, dict) else {}
+        measurements = {**base, "points": [*(base.get("points") or []), *sunspec_points]}
     if isinstance(measurements, dict):
         own = device.get("measurements")
         if isinstance(own, dict):

@@ -27,7 +27,7 @@ from edged.core.registers import (
     build_plan,
 )
 
-Kind = Literal["channel", "measurement", "clock", "status"]
+Kind = Literal["channel", "measurement", "clock", "status", "model"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,45 +61,52 @@ class ProbeRow:
     note: str
 
 
-def _register_point(name: str, spec: Channel | MeasurementPoint) -> Point:
-    return Point(name, spec.function, spec.address, spec.type, spec.word_order, spec.byte_order)
+def _register_point(name: str, spec: Channel | MeasurementPoint, base: int) -> Point:
+    return Point(name, spec.function, base + spec.address, spec.type, spec.word_order,
+                 spec.byte_order)  # fmt: skip
 
 
-def _value_probe(kind: Kind, spec: Channel | MeasurementPoint) -> Probe:
-    points = [_register_point(spec.name, spec)]
+def _value_probe(kind: Kind, spec: Channel | MeasurementPoint, base: int) -> Probe:
+    points = [_register_point(spec.name, spec, base)]
     sf_point = None
+    scale_address = None
     if spec.scale_register is not None:
         sf = spec.scale_register
-        sf_point = f"_sf.{sf.function}.{sf.address}"
-        points.append(Point(sf_point, sf.function, sf.address, sf.type))
+        scale_address = base + sf.address
+        sf_point = f"_sf.{sf.function}.{scale_address}"
+        points.append(Point(sf_point, sf.function, scale_address, sf.type))
     m10k = spec.encoding == "m10k"
+    na = spec.not_implemented
     if isinstance(spec, Channel):
-        values = [ValueSpec(spec.name, spec.name, sf_point=sf_point, m10k=m10k)]
+        values = [ValueSpec(spec.name, spec.name, sf_point=sf_point, m10k=m10k,
+                            not_implemented=na)]  # fmt: skip
         multiplier, unit = spec.multiplier, spec.unit
     else:
         factor = spec.scale * spec.ratio_factor
         values = [ValueSpec(spec.name, spec.name, scale=factor, offset=spec.offset,
-                            sf_point=sf_point, m10k=m10k)]  # fmt: skip
+                            sf_point=sf_point, m10k=m10k, not_implemented=na)]  # fmt: skip
         multiplier, unit = 1.0, spec.unit
     return Probe(
         kind=kind,
         name=spec.name,
         function=spec.function,
-        address=spec.address,
+        address=base + spec.address,
         data_type=spec.type + (" m10k" if m10k else ""),
         unit=unit,
         plan=build_plan(points, values, max_gap=0),
         count=points[0].count,
-        scale_address=None if spec.scale_register is None else spec.scale_register.address,
+        scale_address=scale_address,
         multiplier=multiplier,
     )
 
 
-def device_probes(device: Device) -> list[Probe]:
-    """A probe for every channel, measurement point, clock and status word."""
-    probes = [_value_probe("channel", c) for c in device.channels]
+def device_probes(device: Device, *, base_address: int = 0) -> list[Probe]:
+    """A probe for every channel, measurement point, clock and status word
+    (``base_address``: the SunSpec model's address, added to channels and points)."""
+    probes = [_value_probe("channel", c, base_address) for c in device.channels]
     if device.measurements is not None:
-        probes += [_value_probe("measurement", p) for p in device.measurements.points]
+        probes += [_value_probe("measurement", p, base_address)
+                   for p in device.measurements.points]  # fmt: skip
     if (clock := device.clock) is not None:
         if clock.format == "epoch":
             points = [Point("_clock.epoch", clock.function, clock.address, clock.type,
