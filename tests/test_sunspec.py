@@ -196,3 +196,17 @@ async def test_the_daemon_discovers_and_reads_a_sunspec_meter(
     exported = [r for r in intervals(got) if r["channel"] == "energy_export"]
     assert exported[-1]["counter_end"] == 12345
     assert exported[-1]["value"] == 0
+
+
+@pytest.mark.integration
+async def test_probe_says_when_no_sunspec_model_is_found(tmp_path: Path) -> None:
+    from edged.cli.probe import run_probe
+
+    async with MeterServer({1: SimulatedMeter([StaticPoint("x", 0, 1)], fill_gaps=True)}) as s:
+        device = load_settings(write(tmp_path, await s.start_tcp())).devices[0]
+        text, ok = await run_probe(device)
+    assert not ok
+    assert text == (
+        "device pv: SunSpec discovery failed: malformed: no SunSpec marker 'SunS' at 0, "
+        "40000 or 50000\n"
+    )
