@@ -1,4 +1,4 @@
-"""Validate MQTT messages against the JSON Schemas in `schemas/` (draft 2020-12).
+"""Validate MQTT messages against the JSON Schemas in `edged/schemas/` (draft 2020-12).
 
 Integration tests can check every message they receive::
 
@@ -18,12 +18,13 @@ import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from importlib.resources import files
 from typing import Any
 
 import jsonschema  # type: ignore[import-untyped,unused-ignore]
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+# The schemas are package data: read them the way an installed edged ships them.
+SCHEMA_DIR = files("edged") / "schemas"
 SCHEMA_NAMES = (
     "interval",
     "event",
@@ -118,7 +119,9 @@ def validate_payload(name: str, payload: Mapping[str, Any]) -> None:
             for e in errors
         ]
         raise SchemaViolation(
-            f"payload breaks schemas/{name}.json:\n" + "\n".join(lines) + f"\n{dict(payload)!r}"
+            f"payload breaks edged/schemas/{name}.json:\n"
+            + "\n".join(lines)
+            + f"\n{dict(payload)!r}"
         )
 
 

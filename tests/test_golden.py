@@ -27,7 +27,9 @@ from edged.core.registers import ReadPlan, ReadRequest, apply_plan, decode_respo
 from edged.sim.golden import GoldenRow, GoldenTable, load_table, register_image
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
-PROFILES = sorted(p.stem for p in SHIPPED_PROFILES_DIR.glob("*.yaml"))
+PROFILES = sorted(
+    p.name.removesuffix(".yaml") for p in SHIPPED_PROFILES_DIR.iterdir() if p.name.endswith(".yaml")
+)
 GOLDEN = sorted(p.stem for p in GOLDEN_DIR.glob("*.yaml"))
 
 

@@ -155,6 +155,7 @@ def test_pmc1_pulse_value_must_be_stated_or_check_config_warns(tmp_path: Path) -
     assert settings.devices[0].channels[0].multiplier == 0.288
 
 
+@pytest.mark.integration
 def test_check_config_prints_warnings_and_still_passes(tmp_path: Path) -> None:
     path = write(tmp_path, HEAD + "      - {name: a, register: 40090}\n")
     result = subprocess.run(

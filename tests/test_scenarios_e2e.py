@@ -135,6 +135,10 @@ async def test_every_scenario_produces_its_flag(
     assert {"POWER", "IOBOARD"} <= set(status["iee_status"])
     clock = flagged(got, "clock", "CLOCK_ERROR")
     assert clock, records(got, "clock")
+    # Virtual meters have a peak too (issue 13, observation 9).
+    station_peaks = got.payloads("/device/station/peak/total")
+    assert station_peaks, "no peak topic for the virtual meter"
+    assert station_peaks[-1]["demand_unit"] == "kW"
     # Fast polling: QoS 0 measurements between boundaries, the counter rising.
     measured = [p["values"]["pulses"] for p in got.payloads("/device/steady/measurement")]
     assert len(measured) >= 4

@@ -30,6 +30,8 @@ import structlog
 
 from edged.app.poller import Pending, Recorder
 from edged.config.schema import Settings
+from edged.core.compensation.record import channels_of
+from edged.core.errors import EdgedError
 from edged.core.export import TimeArgumentError, parse_range
 from edged.core.payloads import Topics, command_response_payload, encode, replay_copy
 from edged.io.mqtt import (
@@ -71,7 +73,7 @@ class ReplayRequest:
         return IntervalQuery(self.start, self.end, self.devices, self.channels)
 
 
-class RequestError(ValueError):
+class RequestError(EdgedError, ValueError):
     """A request that is refused; the message says why, for the requester."""
 
     def __init__(self, message: str, request_id: str | None = None) -> None:
@@ -81,7 +83,7 @@ class RequestError(ValueError):
 
 def known_channels(settings: Settings) -> dict[str, frozenset[str]]:
     """Device id -> its channel names, virtual meters included."""
-    known = {d.id: frozenset(c.name for c in d.channels) for d in settings.devices}
+    known = {d.id: frozenset(channels_of(d)) for d in settings.devices}
     for vm in settings.virtual_meters:
         known[vm.id] = frozenset(c.name for c in vm.channels)
     return known
@@ -99,7 +101,7 @@ def _names(value: Any, key: str) -> tuple[str, ...]:
 def parse_request(
     payload: bytes, zone: tzinfo, now: datetime, known: Mapping[str, frozenset[str]]
 ) -> ReplayRequest:
-    """A replay request (schemas/replay_request.json) -> what to replay.
+    """A replay request (edged/schemas/replay_request.json) -> what to replay.
 
     Times are read as by `edged replay` (ISO-8601, or local dates and times in the
     site zone, or relative to `now`). Unknown devices and channels are refused, so
@@ -317,7 +319,7 @@ def _request_id_of(payload: bytes) -> str | None:
 # -- `edged replay`: straight to the broker -------------------------------------------
 
 
-class ReplayError(Exception):
+class ReplayError(EdgedError):
     """The broker could not be reached or the connection was lost (message says which)."""
 
 

@@ -20,6 +20,7 @@ from edged.config.load import (
     load_settings,
 )
 from edged.config.schema import Settings
+from edged.core.errors import EdgedError
 from edged.core.export import CSV_COLUMNS
 from edged.core.model import iso_utc
 
@@ -122,7 +123,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from edged.cli.demo import run_demo
 
     try:
-        return asyncio.run(run_demo(args.duration, args.plain, args.interval))
+        return asyncio.run(
+            run_demo(args.duration, args.plain, args.interval, sparkplug=args.sparkplug)
+        )
     except KeyboardInterrupt:
         return 0
 
@@ -401,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one line per interval instead of the live table")  # fmt: skip
     p.add_argument("--interval", type=int, default=10, metavar="S",
                    help="interval length in seconds (default 10; must divide a day)")  # fmt: skip
+    p.add_argument("--sparkplug", action="store_true",
+                   help="also publish Sparkplug B (docs/sparkplug.md), shown decoded")  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
     def db_arg(p: argparse.ArgumentParser) -> None:
@@ -493,6 +498,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except EdgedError as exc:
+        # Every error edged raises on purpose is one line for the operator;
+        # anything else is a bug and keeps its traceback.
+        print(f"edged {args.command}: {exc}", file=sys.stderr)
+        return 1
     return code
 
 

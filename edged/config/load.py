@@ -13,12 +13,14 @@ import hashlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from edged.config import safe_yaml
 from edged.config.registers import address_hint, normalise, parse_register_text
 from edged.config.schema import (
     IDENT_RE,
@@ -26,11 +28,15 @@ from edged.config.schema import (
 )
 from edged.config.sunspec import model_definition
 from edged.core.engine.intervals import device_problems
+from edged.core.errors import EdgedError
 from edged.core.plan import check_links
 from edged.core.sunspec import expand as expand_sunspec
 from edged.core.virtual.plan import VirtualMeterError, plan_virtual_meter
 
-SHIPPED_PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+_YAML_LIMITS = safe_yaml.Limits()
+# Package data, found through importlib.resources so that a wheel, a zipapp or a
+# Debian package's virtualenv finds them as well as a source checkout does.
+SHIPPED_PROFILES_DIR: Traversable = files("edged.config") / "profiles"
 SYSTEM_PROFILES_DIR = Path("/etc/edged/profiles")
 
 
@@ -63,7 +69,7 @@ class Problem:
         )
 
 
-class ConfigError(Exception):
+class ConfigError(EdgedError):
     """Raised with every problem found; str() is the report for a human."""
 
     def __init__(self, problems: Sequence[Problem]) -> None:
@@ -83,47 +89,24 @@ class _Located:
     lines: Mapping[KeyPath, int]  # path -> 1-based line of the key (or item)
 
 
-def _construct(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> Any:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        result: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = (
-                yaml.safe_load(yaml.serialize(key_node))
-                if not isinstance(key_node, yaml.ScalarNode)
-                else _scalar(key_node)
-            )
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            result[key] = _construct(value_node, (*path, key), lines)
-        return result
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, (*path, i), lines) for i, item in enumerate(node.value)]
-    return _scalar(node)
-
-
-def _scalar(node: yaml.Node) -> Any:
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    finally:
-        loader.dispose()
-
-
-def _load_yaml(path: Path) -> _Located:
+def _load_yaml(path: Path | Traversable) -> _Located:
     name = str(path)
     try:
+        # Shipped profiles (package data) may not be files on disk: no stat.
+        size = path.stat().st_size if isinstance(path, Path) else 0
+        if size > _YAML_LIMITS.max_bytes:
+            raise ConfigError(
+                [Problem(name, None, "", f"file larger than {_YAML_LIMITS.max_bytes} bytes")]
+            )
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([Problem(name, None, "", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(name, None, "", f"not UTF-8 text: {exc.reason}")]) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([Problem(name, line, "", f"invalid YAML: {problem}")]) from None
-    lines: dict[KeyPath, int] = {}
-    data = _construct(node, (), lines) if node is not None else None
+        data, lines = safe_yaml.build(text, _YAML_LIMITS)
+    except safe_yaml.YamlRefused as exc:
+        raise ConfigError([Problem(name, exc.line, "", exc.message)]) from None
     return _Located(name, data, lines)
 
 
@@ -145,10 +128,14 @@ class _Origin:
     path: KeyPath
 
 
-def find_profile(name: str, config_dir: Path) -> Path | None:
+def _profile_dirs(config_dir: Path) -> tuple[Traversable, ...]:
+    return (config_dir / "profiles", SYSTEM_PROFILES_DIR, SHIPPED_PROFILES_DIR)
+
+
+def find_profile(name: str, config_dir: Path) -> Traversable | None:
     if not re.match(IDENT_RE, name):
         return None
-    for directory in (config_dir / "profiles", SYSTEM_PROFILES_DIR, SHIPPED_PROFILES_DIR):
+    for directory in _profile_dirs(config_dir):
         candidate = directory / f"{name}.yaml"
         if candidate.is_file():
             return candidate
@@ -157,9 +144,13 @@ def find_profile(name: str, config_dir: Path) -> Path | None:
 
 def available_profiles(config_dir: Path) -> list[str]:
     names: set[str] = set()
-    for directory in (config_dir / "profiles", SYSTEM_PROFILES_DIR, SHIPPED_PROFILES_DIR):
+    for directory in _profile_dirs(config_dir):
         if directory.is_dir():
-            names.update(p.stem for p in directory.glob("*.yaml"))
+            names.update(
+                p.name.removesuffix(".yaml")
+                for p in directory.iterdir()
+                if p.name.endswith(".yaml")
+            )
     return sorted(names)
 
 
@@ -552,8 +543,21 @@ def load_settings(path: Path | str) -> Settings:
 def load_settings_with_warnings(path: Path | str) -> tuple[Settings, tuple[Problem, ...]]:
     """:func:`load_settings`, plus the warnings check-config prints: values that
     are valid but probably wrong (an address that looks like a 4xxxx register
-    number, a value the profile only assumes), each with its file:line."""
-    config_path = Path(path)
+    number, a value the profile only assumes), each with its file:line.
+
+    Nothing but a ConfigError escapes: a failure this module did not foresee
+    is reported as one too, so neither check-config nor a reload can die of a
+    file's contents."""
+    try:
+        return _load_settings(Path(path))
+    except ConfigError:
+        raise
+    except (Exception, RecursionError) as exc:
+        problem = Problem(str(path), None, "", f"cannot load: {type(exc).__name__}: {exc}")
+        raise ConfigError([problem]) from exc
+
+
+def _load_settings(config_path: Path) -> tuple[Settings, tuple[Problem, ...]]:
     warnings: list[Problem] = []
     doc = _load_yaml(config_path)
     if not isinstance(doc.data, dict):

@@ -34,6 +34,7 @@ from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
 from typing import Final, Literal, TypeVar, get_args
 
+from edged.core.errors import EdgedError
 from edged.core.model import Flag
 
 __all__ = [
@@ -106,7 +107,7 @@ _ORDER_CODES: Final[dict[str, tuple[WordOrder, ByteOrder]]] = {
 }
 
 
-class MalformedResponse(ValueError):
+class MalformedResponse(EdgedError, ValueError):
     """The register payload cannot be what the request asked for (wrong length,
     a word outside 0..65535). The Modbus shell maps this to a MALFORMED read
     error; it must never crash a poller."""
@@ -587,8 +588,15 @@ def scaled_value(spec: ValueSpec, decoded: Mapping[str, int | float]) -> int | f
     return value
 
 
-def meter_clock_s(clock: ClockSpec, decoded: Mapping[str, int | float]) -> float:
-    """Epoch seconds of the meter clock; ValueError if the registers are no date."""
+def meter_clock_s(
+    clock: ClockSpec, decoded: Mapping[str, int | float], reference_s: float | None = None
+) -> float:
+    """Epoch seconds of the meter clock; ValueError if the registers are no date.
+
+    A local time the zone repeats (the hour at the end of DST) has two
+    readings; the one nearer `reference_s` is the meter's (issue 13: the
+    first reading made a right clock look 3600 s off through that hour).
+    """
     words = [decoded[p] for p in clock.points]
     if clock.format == "epoch":
         return float(words[0])
@@ -603,8 +611,12 @@ def meter_clock_s(clock: ClockSpec, decoded: Mapping[str, int | float]) -> float
         second, microsecond = divmod((ints[3] & 0xFFFF) * 1000, 1_000_000)
     if year < 100:
         year += 2000
-    return datetime(year, month, day, hour, minute, second, microsecond,
-                    tzinfo=clock.zone).timestamp()  # fmt: skip
+    local = datetime(year, month, day, hour, minute, second, microsecond,
+                     tzinfo=clock.zone)  # fmt: skip
+    first, second_reading = local.timestamp(), local.replace(fold=1).timestamp()
+    if reference_s is not None and abs(second_reading - reference_s) < abs(first - reference_s):
+        return second_reading
+    return first
 
 
 def apply_plan(
@@ -641,7 +653,7 @@ def apply_plan(
     if clock is not None:
         if all(p in decoded for p in clock.points):
             try:
-                clock_s = meter_clock_s(clock, decoded)
+                clock_s = meter_clock_s(clock, decoded, reference_s)
             except (ValueError, OverflowError, OSError) as exc:
                 problems.append(f"meter clock unreadable: {exc}")
                 flags.add(Flag.CLOCK_ERROR)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -35,6 +36,9 @@ class Mosquitto:
     # Send each PUBACK at once instead of letting Nagle hold it for the
     # client's delayed ACK (the benchmarks measure the client, not that wait).
     tcp_nodelay: bool = False
+    # mosquitto ACL file text (anonymous clients: `topic write a/#` lines);
+    # None: every topic allowed.
+    acl: str | None = None
 
     @property
     def host(self) -> str:
@@ -45,6 +49,15 @@ class Mosquitto:
         if binary is None:
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
         conf = self.workdir / "mosquitto.conf"
+        acl_line = ""
+        if self.acl is not None:
+            acl_file = self.workdir / "mosquitto.acl"
+            acl_file.write_text(self.acl)
+            acl_line = f"acl_file {acl_file}\n"
+            if os.geteuid() == 0:
+                # mosquitto drops root for user "mosquitto", which cannot read
+                # a test's private directory: stay who started it.
+                acl_line += "user root\n"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
@@ -52,6 +65,7 @@ class Mosquitto:
             "max_queued_messages 1000000\n"
             f"log_dest file {self.workdir / 'mosquitto.log'}\n"
             + ("set_tcp_nodelay true\n" if self.tcp_nodelay else "")
+            + acl_line
         )
         self.process = subprocess.Popen(
             [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
