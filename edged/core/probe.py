@@ -150,6 +150,16 @@ def device_probes(device: Device, *, base_address: int = 0) -> list[Probe]:
     return probes
 
 
+def _words_at(
+    registers: Sequence[tuple[int, tuple[int, ...]]], address: int, count: int
+) -> list[tuple[int, tuple[int, ...]]]:
+    """The ``count`` words at ``address`` out of the reads that returned them."""
+    for start, words in registers:
+        if start <= address and address + count <= start + len(words):
+            return [(address, words[address - start : address - start + count])]
+    return []
+
+
 def _hex(registers: Sequence[tuple[int, tuple[int, ...]]]) -> str:
     return " | ".join(" ".join(f"{w:04X}" for w in words) for _, words in registers)
 
@@ -168,12 +178,12 @@ def probe_row(
 ) -> ProbeRow:
     """The table row of one probe from what its read returned (values None: failed)."""
     where = f"{probe.function} {probe.address}" + (f" (x{probe.count})" if probe.count > 1 else "")
-    # The value's own words first, then its scale register's (reads go in address order).
-    own = [r for r in registers if r[0] <= probe.address < r[0] + len(r[1])]
-    registers_hex = _hex(own)
+    # The value's own words first, then its scale register's (reads go in address
+    # order, and one read may carry both).
+    registers_hex = _hex(_words_at(registers, probe.address, probe.count))
     if probe.scale_address is not None:
         where += f", scale {probe.scale_address}"
-        scale = [r for r in registers if r not in own]
+        scale = _words_at(registers, probe.scale_address, 1)
         if scale:
             registers_hex += f"; scale {_hex(scale)}"
 
