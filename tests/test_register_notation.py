@@ -169,3 +169,33 @@ def test_check_config_prints_warnings_and_still_passes(tmp_path: Path) -> None:
         result.stderr
     )
     assert ": OK - site lab" in result.stdout
+
+
+ION = """\
+site: lab
+devices:
+  - id: hv
+    profile: ion-8600
+    transport: {type: tcp, host: 127.0.0.1, port: 502}
+"""
+
+
+def test_ion_8600_energy_registers_must_be_stated_or_check_config_warns(tmp_path: Path) -> None:
+    path = write(tmp_path, ION)
+    _, warnings = load_settings_with_warnings(path)
+    assert [w.message.split(";")[0] for w in warnings] == [
+        f"profile ion-8600 only assumes channels.{name}.register"
+        for name in ("energy_delivered", "energy_received", "reactive_delivered",
+                     "reactive_received")
+    ]  # fmt: skip
+    assert all((w.file, w.line) == (str(path), 3) for w in warnings)
+    stated = ION + (
+        "    channels:\n"
+        "      - {name: energy_delivered, register_number: 40091}\n"
+        "      - {name: energy_received, register_number: 40093}\n"
+        "      - {name: reactive_delivered, register: 94}\n"
+        "      - {name: reactive_received, register: 96}\n"
+    )
+    settings, warnings = load_settings_with_warnings(write(tmp_path, stated))
+    assert warnings == ()
+    assert [c.address for c in settings.devices[0].channels] == [90, 92, 94, 96]

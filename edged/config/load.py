@@ -256,6 +256,17 @@ def _expand_template(
     return expanded
 
 
+def _override(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A profile entry with a device's keys on top; `register` and `register_number`
+    say the same thing, so giving one replaces the other."""
+    kept = dict(base)
+    if "register_number" in override:
+        kept.pop("register", None)
+    if "register" in override:
+        kept.pop("register_number", None)
+    return {**kept, **override}
+
+
 def _merge_points(base: list[Any], overrides: Any) -> list[Any]:
     """Named entries of `overrides` update the base entry of that name; others are added."""
     merged = list(base)
@@ -263,7 +274,7 @@ def _merge_points(base: list[Any], overrides: Any) -> list[Any]:
     for entry in overrides if isinstance(overrides, list) else []:
         target = index.get(entry.get("name")) if isinstance(entry, dict) else None
         if target is not None and isinstance(merged[target], dict):
-            merged[target] = {**merged[target], **entry}
+            merged[target] = _override(merged[target], entry)
         else:
             merged.append(entry)
     return merged
@@ -348,7 +359,7 @@ def _merge_profile(
         if isinstance(override, dict) and isinstance(override.get("name"), str):
             target = by_name.get(override["name"])
         if target is not None and isinstance(channels[target], dict):
-            channels[target] = {**channels[target], **override}
+            channels[target] = _override(channels[target], override)
             # Keys the device overrides point at the device file; the rest at the profile.
             for key in override:
                 origins[(*device_path, "channels", target, key)] = _Origin(
@@ -389,6 +400,11 @@ def _site_must_set(
             for channel in device.get("channels") or []:
                 if isinstance(channel, dict) and channel.get("name") == parts[1]:
                     stated = parts[2] in channel
+            if parts[2] == "register":  # a register copied from a list counts too
+                stated = stated or any(
+                    isinstance(c, dict) and c.get("name") == parts[1] and "register_number" in c
+                    for c in device.get("channels") or []
+                )
         elif len(parts) == 1:
             stated = parts[0] in device
         if not stated:
@@ -609,7 +625,7 @@ def _load_settings(config_path: Path) -> tuple[Settings, tuple[Problem, ...]]:
     for key_path, hint in _address_hints(data):
         where = _locate(key_path, doc, origins)
         warnings.append(Problem(where.file, where.line, format_key_path(key_path), hint))
-    return settings, tuple(sorted(set(warnings), key=_problem_sort_key))
+    return settings, tuple(sorted(set(warnings), key=lambda w: (*_problem_sort_key(w), w.message)))
 
 
 def _cross_checks(settings: Settings, doc: _Located) -> list[Problem]:
