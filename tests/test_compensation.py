@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edged.config.load import ConfigError, load_settings
-from edged.config.schema import Device, VirtualMeter
+from edged.config.schema import Device, Settings, VirtualMeter
 from edged.core.compensation.losses import LineLoss, TransformerLoss, losses
 from edged.core.compensation.record import (
     NO_SAMPLES,
@@ -42,6 +42,7 @@ from edged.core.compensation.transformers import (
 from edged.core.model import Flag, Interval, TimeState
 from edged.core.payloads import interval_payload
 from edged.core.virtual.plan import combine_meter, plan_virtual_meter
+from edged.io.sparkplug import device_specs
 from tests.schema_check import validate_payload
 
 END = datetime(2026, 11, 21, 0, 15, tzinfo=UTC)
@@ -396,6 +397,9 @@ def test_config_builds_params() -> None:
         ({"channels": [{"name": "nope", "flow": "received"}]}, "is not a channel"),
         ({"channels": [{"name": "reactive_export", "flow": "received"}]}, "not kWh"),
         ({"current": None}, "need `current` or `i2h`"),
+        ({"line": {"resistance_ohm": float("inf")}}, "finite number"),
+        ({"ct": {"rated_current_a": float("inf"), "points": [
+            {"percent": 100, "ratio_error_pct": 0.1, "phase_min": 1}]}}, "finite number"),
     ],
 )  # fmt: skip
 def test_config_validation(change: dict[str, object], message: str) -> None:
@@ -607,3 +611,15 @@ def test_virtual_meter_sums_compensated_channels() -> None:
     inputs = {("unit1", "energy_export_compensated"): a, ("unit2", "energy_export_compensated"): b}
     [total] = combine_meter(plan, site="tekapo-a", end=END, zone=UTC, records=inputs)
     assert total.value == 1876.17493  # 1775.674930 + 100.5
+
+
+def test_sparkplug_births_declare_compensated_channels() -> None:
+    # Sparkplug DDATA may only carry metrics its DBIRTH declared.
+    settings = Settings.model_validate({"site": "s", "timezone": "UTC", "devices": [DEVICE]})
+    [spec] = device_specs(settings)
+    assert spec.channels == (
+        ("energy_export", "kWh"),
+        ("reactive_export", "kvarh"),
+        ("energy_export_compensated", "kWh"),
+        ("reactive_export_compensated", "kvarh"),
+    )

@@ -399,6 +399,10 @@ class DevicePoller:
             if result.error is not None:
                 continue
             at = started + timedelta(seconds=result.queued_s)
+            if self._compensation is not None:
+                # Every poll counts towards the interval's operating point,
+                # whether or not report by exception publishes it.
+                self._samples = self._samples.add(result.values, self._compensation)
             values, reported = report(bands, reported, result.values, loop.time(), max_silence_s)
             counts.polled += len(result.values)
             counts.published += len(values)
@@ -408,8 +412,6 @@ class DevicePoller:
             payload = measurement_payload(self._site, self.device.id, at, values, shown)
             if self._on_measurement is not None:
                 self._on_measurement(self._topics.measurement(self.device.id), payload)
-            if self._compensation is not None:
-                self._samples = self._samples.add(payload["values"], self._compensation)
             # Kept locally too (unless the disk budget sheds them), so a
             # historian can be backfilled; payload["values"] has NaN as None.
             self._recorder.add_measurement(Measurement(self.device.id, at, payload["values"]))

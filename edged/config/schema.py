@@ -433,6 +433,8 @@ class CertificatePointConfig(_Strict):
     """One point of an instrument transformer's test certificate (at its burden).
     Give the ratio error as `ratio_error_pct` (IEC 61869) or `rcf` (IEEE C57.13)."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     percent: float = Field(gt=0, le=400, description="% of rated primary current/voltage")
     ratio_error_pct: float | None = Field(
         None, ge=-5, le=5, description="ratio error in %, positive when the secondary reads high"
@@ -466,6 +468,8 @@ class InstrumentTransformer(_Strict):
     """A CT (rated_current_a) or VT (rated_voltage_v) certificate; errors are
     interpolated linearly between points and held flat beyond the first/last."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     rated_current_a: float | None = Field(None, gt=0, description="CT rated primary current, A")
     rated_voltage_v: float | None = Field(None, gt=0, description="VT rated primary voltage, V")
     burden_va: float | None = Field(None, gt=0, description="burden of the certificate, VA")
@@ -486,6 +490,8 @@ class InstrumentTransformer(_Strict):
 class TransformerLossConfig(_Strict):
     """Power transformer between the meter and the point of connection."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     no_load_loss_kw: float = Field(ge=0, description="no-load (iron) loss at rated voltage, kW")
     rated_voltage_v: float = Field(gt=0, description="rated voltage on the metered side, V")
     load_loss_kw: float = Field(ge=0, description="load (copper) loss at rated current, kW")
@@ -494,6 +500,8 @@ class TransformerLossConfig(_Strict):
 
 class LineLossConfig(_Strict):
     """Line between the meter (or transformer) and the point of connection."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     resistance_ohm: float = Field(ge=0, description="per phase, referred to the metered side")
     phases: Literal[1, 3] = Field(3, description="number of phases carrying the current")

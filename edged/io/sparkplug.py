@@ -35,6 +35,7 @@ import structlog
 
 from edged.config.schema import Mqtt, Settings, Sparkplug
 from edged.core.backoff import Backoff
+from edged.core.compensation.record import channels_of
 from edged.core.errors import EdgedError
 from edged.core.model import Event, Interval, parse_iso_utc
 from edged.core.sparkplug import (
@@ -86,7 +87,8 @@ def device_specs(settings: Settings) -> list[DeviceSpec]:
     specs = [
         DeviceSpec(
             id=d.id,
-            channels=tuple((c.name, c.unit) for c in d.channels),
+            # raw and compensated channels (docs/compensation.md)
+            channels=tuple((name, c.unit) for name, c in channels_of(d).items()),
             points=tuple((p.name, p.unit) for p in d.measurements.points) if d.measurements else (),
         )
         for d in settings.devices

@@ -216,21 +216,31 @@ def compensate(
     an interval whose operating point is unknown (no samples, no V²h/I²h) gives
     a record without a value, flagged ESTNEEDED, rather than a guess."""
     role = params.roles[record.channel]
-    base = replace(
-        record,
-        channel=params.output_name(record.channel),
-        counter_start=None,
-        counter_end=None,
-        original_value=None,
-        rolling_demand=None,
-    )
+
+    def out(
+        value: float | None, demand: float | None, flags: frozenset[Flag], info: dict[str, object]
+    ) -> Interval:
+        # One replace per record: it is most of the cost of a compensated record.
+        return replace(
+            record,
+            channel=params.output_name(record.channel),
+            value=value,
+            demand=demand,
+            flags=flags,
+            counter_start=None,
+            counter_end=None,
+            original_value=None,
+            rolling_demand=None,
+            compensation=info,
+        )
+
     info: dict[str, object] = {
         "params_hash": params.params_hash,
         "source_channel": record.channel,
         "raw_value": record.value,
     }
     if record.value is None:
-        return replace(base, value=None, demand=None, compensation=info)
+        return out(None, None, record.flags, info)
     op = operating_point
     problem = None
     if op is None:
@@ -241,13 +251,7 @@ def compensate(
         problem = "no voltage for this interval (no samples, no V2h)"
     if problem is not None or op is None:
         info["error"] = problem
-        return replace(
-            base,
-            value=None,
-            demand=None,
-            flags=record.flags | {Flag.ESTNEEDED},
-            compensation=info,
-        )
+        return out(None, None, record.flags | {Flag.ESTNEEDED}, info)
     current_pct = voltage_pct = None
     ct = vt = NO_ERROR
     if params.ct_points and params.ct_rated_a and op.current_a is not None:
@@ -288,7 +292,7 @@ def compensate(
             "loss_applied_kwh": float(_quantize(applied)),
         }
     )
-    return replace(base, value=float(value), demand=demand, compensation=info)
+    return out(float(value), demand, record.flags, info)
 
 
 def _loss_dict(loss: Losses) -> dict[str, float]:
