@@ -12,6 +12,7 @@ import pytest
 
 from edged.config.load import (
     SHIPPED_PROFILES_DIR,
+    ConfigError,
     load_settings,
 )
 from edged.core.model import Flag, ReadError, ReadErrorKind
@@ -143,6 +144,12 @@ def test_bcpm_channel_count_expands_the_template(tmp_path: Path) -> None:
         (1083, 42),
         (1167, 84),
     ]
+    # 84 on one unit id would read past the circuit registers: an error that says why
+    with pytest.raises(ConfigError) as info:
+        load_settings(config(tmp_path, "bcpm", 502, "    channel_count: 84\n"))
+    assert "channel_count 84 is more than the 42 channels this map has per unit id (an " in str(
+        info.value
+    )
     # a device may override a single expanded channel by name
     one = load_settings(
         config(

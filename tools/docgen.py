@@ -473,7 +473,8 @@ def _profile_keys_section() -> str:
             "format spec, e.g. `branch{n:02d}`), whose `register` is channel 1's, and whose "
             "`stride` (default 2) is the register distance from one channel to the next. "
             "A `scale_register` in the template moves by `scale_stride` per channel (default "
-            "0: one shared scale register; 1 for a power-of-ten register per circuit).\n"
+            "0: one shared scale register; 1 for a power-of-ten register per circuit). "
+            "`max_count` (with an optional `why`) makes a larger `channel_count` an error.\n"
         )
     if "site_must_set" in load.PROFILE_KEYS:
         text += (

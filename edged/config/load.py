@@ -205,7 +205,14 @@ def _expand_template(
             _problem(source, where, "needs channel_count: a whole number of channels, 1..1024")
         )
         return []
-    body = {k: v for k, v in template.items() if k not in ("stride", "scale_stride")}
+    limit = template.get("max_count")
+    if isinstance(limit, int) and isinstance(count, int) and count > limit:
+        why = f" ({template['why']})" if "why" in template else ""
+        message = f"channel_count {count} is more than the {limit} channels this map has per "
+        problems.append(_problem(source, where, f"{message}unit id{why}"))
+        return []
+    body = {k: v for k, v in template.items()
+            if k not in ("stride", "scale_stride", "max_count", "why")}  # fmt: skip
     try:
         body = normalise(body)  # `register: "4x1168"` / `register_number` in a template
     except ValueError as exc:
