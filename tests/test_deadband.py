@@ -35,6 +35,8 @@ def test_absolute_and_percent_bands() -> None:
     assert moved(Deadband(absolute=1.0), None, 3.0)
     assert moved(Deadband(absolute=1.0), 3.0, math.nan)
     assert not moved(Deadband(absolute=1.0), None, math.nan)
+    # Without a band even a repeated NaN is reported (every poll, as always).
+    assert moved(Deadband(), None, math.nan)
 
 
 def test_report_publishes_what_moved_and_what_was_silent_too_long() -> None:

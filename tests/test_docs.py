@@ -30,6 +30,7 @@ PAGES = (
     "deployment.md",
     "scaling.md",
     "profiles.md",
+    "multimaster.md",
 )
 REGENERATE = "stale: run `python -m tools.docgen --write` and commit docs/"
 

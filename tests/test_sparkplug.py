@@ -29,8 +29,10 @@ from edged.core.sparkplug import (
     device_birth_metrics,
     epoch_ms,
     host_online,
+    host_state,
     interval_metric,
     measurement_metrics,
+    newer_state,
     next_seq,
     node_birth_metrics,
     parse_row,
@@ -222,6 +224,16 @@ def test_only_node_rebirth_is_obeyed() -> None:
     assert device.refused == ("Node Control/Rebirth", "(alias only)")
 
 
+def test_stale_host_state_is_ignored() -> None:
+    assert host_state(b'{"online": true, "timestamp": 1700}') == (True, 1700)
+    assert host_state(b'{"online": "yes", "timestamp": 1700}') is None
+    assert host_state(b'{"online": true, "timestamp": true}') is None
+    assert newer_state(None, (False, 5))
+    assert newer_state((False, 5), (True, 5))  # same instant: the later message wins
+    assert newer_state((True, 5), (False, 6))
+    assert not newer_state((True, 6), (False, 5))
+
+
 def test_host_state() -> None:
     assert host_online(b'{"online": true, "timestamp": 1}') is True
     assert host_online(b'{"online": false, "timestamp": 1}') is False
@@ -362,5 +374,81 @@ async def test_sparkplug_rows_share_the_commit_and_only_their_session_sees_them(
         assert row.metric.value == 252.576
         assert row.metric.timestamp_ms == END_MS
         assert (await store.outbox_depth()).count == 2
+        # Sparkplug switched off: its rows go, the JSON record stays.
+        assert await store.drop_sparkplug_rows() == 1
+        assert [r.seq for r in await store.outbox_batch(10)] == [1]
+        assert await store.outbox_batch(10, sparkplug=True) == []
+    finally:
+        await store.close()
+
+
+def test_sparkplug_config(tmp_path: Path) -> None:
+    from edged.config.load import ConfigError, load_settings
+    from tests.test_config import GOOD, write
+
+    settings = load_settings(write(tmp_path, GOOD))
+    assert not settings.sparkplug.enabled  # off unless asked for
+    assert settings.sparkplug.group_id == "edged"
+    assert settings.sparkplug.edge_node_id is None  # the site
+    on = GOOD + "sparkplug: {enabled: true, group_id: substations, primary_host_id: scada}\n"
+    sparkplug = load_settings(write(tmp_path, on)).sparkplug
+    assert (sparkplug.enabled, sparkplug.group_id, sparkplug.primary_host_id) == (
+        True,
+        "substations",
+        "scada",
+    )
+    with pytest.raises(ConfigError) as bad_group:
+        load_settings(write(tmp_path, GOOD + "sparkplug: {enabled: true, group_id: a/b}\n"))
+    assert "sparkplug.group_id" in str(bad_group.value.problems[0])
+    clash = GOOD.replace("  topic_prefix: edged\n", "  topic_prefix: edged\n  client_id: gw1\n")
+    clash += "sparkplug: {enabled: true, client_id: gw1}\n"
+    with pytest.raises(ConfigError) as same_id:
+        load_settings(write(tmp_path, clash))
+    assert "must differ from mqtt.client_id" in str(same_id.value.problems[0])
+    with pytest.raises(ConfigError) as nowhere:
+        load_settings(write(tmp_path, GOOD + "sparkplug: {json_data: false}\n"))
+    assert "needs sparkplug.enabled" in str(nowhere.value.problems[0])
+
+
+async def test_sparkplug_instead_of_json_rows_take_the_records_seqs(tmp_path: Path) -> None:
+    """json_data false: each record's outbox row is its Sparkplug row, under the
+    seq its stored payload names (so "unsent" still finds it); events stay JSON."""
+    from edged.app.poller import Recorder, outbox_pending
+    from edged.core.model import Event
+    from edged.core.payloads import Topics
+    from edged.io.store import OutboxMessage, Store
+
+    store = await Store.open(tmp_path / "edged.db")
+    try:
+
+        def tap(records: Sequence[Interval]) -> list[OutboxMessage]:
+            return [
+                OutboxMessage(
+                    f"spBv1.0/g/DDATA/n/{r.device}", row_payload(r.device, interval_metric(r))
+                )
+                for r in records
+            ]
+
+        recorder = Recorder(store, on_committed=lambda: None, tap=tap, tap_replaces=True)
+        running = asyncio.create_task(recorder.run())
+        event = Event(device=None, kind="test", at=END, message="m")
+        later = record(value=1.0)
+        pending = outbox_pending(
+            store, Topics("edged", "tekapo-a"), "tekapo-a", [record(), later], [event]
+        )
+        recorder.submit(pending)
+        await recorder.flush()
+        await recorder.close()
+        await running
+        sparkplug_rows = await store.outbox_batch(10, sparkplug=True)
+        assert [(r.seq, r.topic) for r in sparkplug_rows] == [
+            (1, "spBv1.0/g/DDATA/n/unit1"),
+            (2, "spBv1.0/g/DDATA/n/unit1"),
+        ]
+        values = [row.metric.value for r in sparkplug_rows if (row := parse_row(r.payload))]
+        assert values == [252.576, 1.0]
+        assert [(r.seq, r.topic) for r in await store.outbox_batch(10)] == [
+            (3, "edged/tekapo-a/gateway/event")
+        ]
     finally:
         await store.close()

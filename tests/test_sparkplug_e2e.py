@@ -8,6 +8,7 @@ every interval metric is compared with the JSON record of the same run."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -88,6 +89,12 @@ class Seen:
     sparkplug: list[spb.Message] = field(default_factory=list)
     json: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
+    def summary(self) -> str:
+        kinds = collections.Counter(m.kind for m in self.sparkplug)
+        json_kinds = collections.Counter(t.rsplit("/", 1)[-1] for t, _ in self.json)
+        last = [(m.kind, m.device, m.decoded().seq) for m in self.sparkplug[-5:]]
+        return f"sparkplug {dict(kinds)}, last {last}; JSON {dict(json_kinds)}"
+
     def of(self, kind: str) -> list[spb.Message]:
         return [m for m in self.sparkplug if m.kind == kind]
 
@@ -103,11 +110,16 @@ class Seen:
             self.json.append((name, json.loads(payload)))
 
 
-async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+async def wait_for(
+    predicate: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    detail: Callable[[], str] = lambda: "",
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; {detail()}")
         await asyncio.sleep(0.05)
 
 
@@ -187,7 +199,9 @@ async def test_sparkplug_session_end_to_end(tmp_path: Path, broker: Broker) -> N
             host = await first.enter_async_context(listen(broker, seen))
             d = await stack.enter_async_context(daemon(config, tmp_path))
             # -- births, data, and seq through 255 back to 0 ------------------
-            await wait_for(lambda: wrapped(seen.sparkplug), 60, "seq to wrap from 255 to 0")
+            await wait_for(
+                lambda: wrapped(seen.sparkplug), 60, "seq to wrap from 255 to 0", seen.summary
+            )
             await wait_for(
                 lambda: len(interval_metrics(seen)) >= 3 * len(UNITS), 20, "interval DDATA"
             )
@@ -199,7 +213,9 @@ async def test_sparkplug_session_end_to_end(tmp_path: Path, broker: Broker) -> N
                 spb.command([("Node Control/Rebirth", spb.BOOLEAN, True)], now_ms),
                 qos=1,
             )
-            await wait_for(lambda: len(seen.of("NBIRTH")) > births_before, 10, "rebirth")
+            await wait_for(
+                lambda: len(seen.of("NBIRTH")) > births_before, 10, "rebirth", seen.summary
+            )
             await host.publish(
                 f"spBv1.0/{GROUP}/DCMD/{NODE}/unit2",
                 spb.command([("measurement/pulses", spb.DOUBLE, 0.0)], now_ms),
@@ -210,14 +226,18 @@ async def test_sparkplug_session_end_to_end(tmp_path: Path, broker: Broker) -> N
                 spb.command([("Node Control/Reboot", spb.BOOLEAN, True)], now_ms),
                 qos=1,
             )
-            await wait_for(lambda: len(refused(seen)) >= 2, 10, "refused-command events")
+            await wait_for(
+                lambda: len(refused(seen)) >= 2, 10, "refused-command events", seen.summary
+            )
             births_before = len(seen.of("NBIRTH"))
         # -- broker outage: store and forward, then is_historical ---------------
         broker.stop()
         await asyncio.sleep(3.5)  # intervals built while the broker is down
         broker.start()
         async with listen(broker, seen):
-            await wait_for(lambda: len(seen.of("NBIRTH")) > births_before, 20, "births after")
+            await wait_for(
+                lambda: len(seen.of("NBIRTH")) > births_before, 20, "births after", seen.summary
+            )
             await wait_for(
                 lambda: any(h for _, h in interval_metrics(seen)), 20, "historical interval data"
             )
@@ -227,11 +247,13 @@ async def test_sparkplug_session_end_to_end(tmp_path: Path, broker: Broker) -> N
                 first_historical = flags.index(True)
                 return any(not h for h in flags[first_historical:])
 
-            await wait_for(live_after_outage, 20, "live interval data after the backlog")
+            await wait_for(
+                live_after_outage, 20, "live interval data after the backlog", seen.summary
+            )
             # -- crash: the broker sends the NDEATH will -----------------------
             last_birth = seen.of("NBIRTH")[-1].decoded()
             assert await d.stop(signal.SIGKILL) == -signal.SIGKILL
-            await wait_for(lambda: bool(seen.of("NDEATH")), 10, "NDEATH will")
+            await wait_for(lambda: bool(seen.of("NDEATH")), 10, "NDEATH will", seen.summary)
 
     check_births(seen)
     check_seq(seen)
@@ -344,6 +366,9 @@ def check_against_json(seen: Seen) -> None:
     assert historical >= 1
 
 
+HOST = "  primary_host_id: scada\n"
+
+
 def state(online: bool) -> bytes:
     return json.dumps({"online": online, "timestamp": int(time.time() * 1000)}).encode()
 
@@ -355,19 +380,26 @@ async def test_births_wait_for_the_primary_host_and_devices_die_and_are_reborn(
 
     seen = Seen()
     async with meter((1, 2)) as (server, port), listen(broker, seen) as host:
-        config = write_config(tmp_path, broker, port, (1, 2), "  primary_host_id: scada\n")
+        config = write_config(tmp_path, broker, port, (1, 2), HOST)
         await host.publish("spBv1.0/STATE/scada", state(False), qos=1, retain=True)
         async with daemon(config, tmp_path) as d:
             # The host is offline: edged runs (JSON records flow) but stays unborn.
             await wait_for(lambda: len(json_intervals(seen)) >= 4, 20, "JSON records")
             assert seen.of("NBIRTH") == []
             await host.publish("spBv1.0/STATE/scada", state(True), qos=1, retain=True)
-            await wait_for(lambda: bool(seen.of("NBIRTH")), 10, "NBIRTH once the host is online")
+            await wait_for(
+                lambda: bool(seen.of("NBIRTH")), 10, "NBIRTH once the host is online", seen.summary
+            )
             # What waited for the host is store-and-forward data.
-            await wait_for(lambda: any(h for _, h in interval_metrics(seen)), 10, "historical data")
+            await wait_for(
+                lambda: any(h for _, h in interval_metrics(seen)),
+                10,
+                "historical data",
+                seen.summary,
+            )
             # A meter that stops answering: DDEATH; answering again: DBIRTH.
             server.meters[1].set_fault(Fault.silent(), for_s=2.5)
-            await wait_for(lambda: bool(seen.of("DDEATH")), 10, "DDEATH")
+            await wait_for(lambda: bool(seen.of("DDEATH")), 10, "DDEATH", seen.summary)
             await wait_for(
                 lambda: len([m for m in seen.of("DBIRTH") if m.device == "unit1"]) >= 2,
                 15,
@@ -376,13 +408,62 @@ async def test_births_wait_for_the_primary_host_and_devices_die_and_are_reborn(
             birth = seen.of("NBIRTH")[-1].decoded()
             # The host goes away: edged says NDEATH itself and waits again.
             await host.publish("spBv1.0/STATE/scada", state(False), qos=1, retain=True)
-            await wait_for(lambda: bool(seen.of("NDEATH")), 10, "NDEATH")
+            await wait_for(lambda: bool(seen.of("NDEATH")), 10, "NDEATH", seen.summary)
+            assert await d.stop() == 0
+        # A restart continues bdSeq from the store: a host never sees the
+        # number of a session it already knows come back for another.
+        await host.publish("spBv1.0/STATE/scada", state(True), qos=1, retain=True)
+        async with daemon(config, tmp_path) as d:
+            await wait_for(lambda: len(seen.of("NBIRTH")) == 2, 15, "NBIRTH", seen.summary)
+            # A reload that removes a device: births again, without it.
+            config.write_text(write_config(tmp_path, broker, port, (1,), HOST).read_text())
+            assert d.process is not None
+            d.process.send_signal(signal.SIGHUP)
+            await wait_for(lambda: len(seen.of("NBIRTH")) == 3, 15, "rebirth", seen.summary)
+            await asyncio.sleep(0.5)  # its DBIRTHs follow at once
             assert await d.stop() == 0
         await host.publish("spBv1.0/STATE/scada", b"", qos=1, retain=True)
     (ddeath,) = seen.of("DDEATH")
     assert ddeath.device == "unit1"
     assert list(ddeath.decoded().metrics) == []
+    first, restarted, reloaded = (
+        metric_names(b.decoded())["bdSeq"].long_value for b in seen.of("NBIRTH")
+    )
     death = seen.of("NDEATH")[0].decoded()
-    assert death.metrics[0].long_value == metric_names(birth)["bdSeq"].long_value
-    assert len(seen.of("NBIRTH")) == 1
+    assert death.metrics[0].long_value == first == metric_names(birth)["bdSeq"].long_value
+    assert restarted > first
+    assert reloaded == restarted  # a rebirth, not a new connection
+    after_reload = sessions(seen.sparkplug)[-1]
+    assert [(m.kind, m.device) for m in after_reload if "BIRTH" in m.kind] == [
+        ("NBIRTH", None),
+        ("DBIRTH", "unit1"),
+    ]
     check_seq(seen, wraps=0)
+
+
+async def test_sparkplug_instead_of_json_data(tmp_path: Path, broker: Broker) -> None:
+    """`json_data: false`: intervals and fast polls only as Sparkplug; the
+    gateway status stays on JSON."""
+    seen = Seen()
+    async with meter((1,)) as (_server, port), listen(broker, seen):
+        config = write_config(tmp_path, broker, port, (1,), "  json_data: false\n")
+        async with daemon(config, tmp_path) as d:
+            await wait_for(
+                lambda: len(interval_metrics(seen)) >= 3, 20, "interval DDATA", seen.summary
+            )
+            await wait_for(
+                lambda: any(t.endswith("/gateway/status") for t, _ in seen.json),
+                10,
+                "gateway status",
+                seen.summary,
+            )
+            assert await d.stop() == 0
+    assert not [t for t, _ in seen.json if "/interval/" in t or t.endswith("/measurement")]
+    measurements = [
+        m
+        for m in seen.of("DDATA")
+        if any(not x.HasField("properties") for x in m.decoded().metrics)
+    ]
+    assert measurements, seen.summary()
+    for metric, _ in interval_metrics(seen):
+        assert spb.properties(metric)["id"][1].startswith(f"{NODE}/unit1/energy_import/")

@@ -451,9 +451,11 @@ class App:
 
     def _on_measurement(self, topic: str, payload: dict[str, Any]) -> bool:
         assert self.publisher is not None
-        sent = self.publisher.publish_now(topic, payload)
+        sent = False
+        if self.settings.sparkplug.json_data:
+            sent = self.publisher.publish_now(topic, payload)
         if self.sparkplug is not None:
-            self.sparkplug.publish_measurement(str(payload["device"]), payload)
+            sent = self.sparkplug.publish_measurement(str(payload["device"]), payload) or sent
         return sent
 
     def _on_health(self, device_id: str, health: DeviceHealth) -> None:
@@ -556,6 +558,9 @@ class App:
         self._outbox = await store.outbox_depth()
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
         sparkplug = self.sparkplug = None
+        if not settings.sparkplug.enabled and (dropped := await store.drop_sparkplug_rows()):
+            log.warning("sparkplug is off: its unsent rows were dropped (JSON records are kept)",
+                        rows=dropped)  # fmt: skip
         if settings.sparkplug.enabled:
             sparkplug = self.sparkplug = SparkplugPublisher(
                 settings.sparkplug, settings.mqtt, store, site=settings.site,
@@ -569,7 +574,10 @@ class App:
                 sparkplug.wake()
 
         recorder = Recorder(
-            store, on_committed=committed, tap=sparkplug.rows_for if sparkplug else None
+            store,
+            on_committed=committed,
+            tap=sparkplug.rows_for if sparkplug else None,
+            tap_replaces=not settings.sparkplug.json_data,
         )
         recorder.holding.on_change = self._on_storage_error
         recorder.on_fatal = self._on_store_replaced
@@ -626,8 +634,7 @@ class App:
                 devices = self._devices = DeviceSet(context, group)
                 await devices.apply(settings.devices)
                 if settings.facade.enabled:
-                    self.facade = self._build_facade(settings, devices)
-                    await self.facade.start()
+                    await self._start_facade(settings, devices, store)
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
                 housekeeping_task = group.create_task(
                     supervised(housekeeper.run, "housekeeping", self._stop), name="housekeeping"
@@ -653,6 +660,7 @@ class App:
                 await reload_task  # a reload in progress completes first
                 if self.facade is not None:
                     await self.facade.close()
+                    await store.set_mark("facade", self._facade_summary())
                 await devices.stop()
                 if watchdog_task is not None:
                     # Pings up to here: a slow stop is not a hang; TimeoutStopSec bounds it.
@@ -699,10 +707,44 @@ class App:
             await store.close()
             log.info("edged stopped")
 
-    @staticmethod
-    def _build_facade(settings: Settings, devices: DeviceSet) -> FacadeServer:
+    async def _start_facade(self, settings: Settings, devices: DeviceSet, store: Store) -> None:
+        """Serve the other masters. A listener that cannot bind (the port taken,
+        an address not on this host) costs the facade, never the billing reads:
+        an error, a `facade_failed` event, and edged runs on without it."""
         units = {d.id: d.transport.unit_id for d in settings.devices}
-        return FacadeServer(settings.facade, devices.link_for, units.get)
+        facade = FacadeServer(settings.facade, devices.link_for, units.get)
+        try:
+            await facade.start()
+        except OSError as exc:
+            await facade.close()
+            log.error("facade not started; edged runs without it", error=str(exc))
+            self._record_event(
+                Event(device=None, kind="facade_failed", at=self.clock.now(),
+                      message=f"the Modbus TCP facade could not start: {exc}",
+                      details={"error": str(exc),
+                               "listeners": [f"{x.host}:{x.port}"
+                                             for x in settings.facade.listeners]})
+            )  # fmt: skip
+            return
+        self.facade = facade
+        await store.set_mark("facade", self._facade_summary())
+
+    def _facade_summary(self) -> str:
+        """One line on the facade for `edged status` (kept as a store mark)."""
+        assert self.facade is not None
+        st = self.facade.status()
+        listening = ", ".join(f"{x['host']}:{x['port']} ({x['devices']} devices)"
+                              for x in st["listeners"])  # fmt: skip
+        clients = st["clients"]
+        return (
+            f"listening {listening}; {st['connections']} connections, {len(clients)} clients, "
+            f"{sum(c['requests'] for c in clients)} requests, "
+            f"{sum(c['exceptions'] for c in clients)} exceptions "
+            f"({sum(c['busy'] for c in clients)} busy); pass-through "
+            f"{st['pass_through_reads']} bus reads, {st['pass_through_shared']} shared; "
+            f"refused {st['rejected_connections']} connections, closed "
+            f"{st['closed_malformed']} malformed; at {iso_utc(self.clock.now())}"
+        )
 
     # -- reload -----------------------------------------------------------------
 
@@ -868,6 +910,8 @@ class App:
             with contextlib.suppress(*STORAGE_ERRORS):
                 self._outbox = await store.outbox_depth()
             publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+            if self.facade is not None:  # for `edged status`, which reads the store
+                await store.set_mark("facade", self._facade_summary())
             if self.sparkplug is not None:
                 self.sparkplug.set_figures(self._node_figures())
             # Read counts and last good reads, which change with every read.

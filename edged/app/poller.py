@@ -13,6 +13,7 @@ the recorder simply does not write: the pollers work the same either way.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
@@ -121,10 +122,14 @@ class Recorder:
         on_committed: Callable[[], None],
         measurement_flush_s: float = MEASUREMENT_FLUSH_S,
         tap: Callable[[Sequence[Interval]], Sequence[OutboxMessage]] | None = None,
+        tap_replaces: bool = False,
     ) -> None:
         self._store = store
-        # More outbox rows for the same records (Sparkplug), in the same commit.
+        # More outbox rows for the same records (Sparkplug), in the same commit;
+        # or, replacing, the records' rows themselves under their own seqs (which
+        # the stored records carry: "unsent" keeps meaning what it says).
         self._tap = tap
+        self._tap_replaces = tap_replaces
         self._on_committed = on_committed
         # A failed commit (disk full, read-only, I/O error) keeps its batch
         # here and retries; see edged.app.holding.
@@ -153,9 +158,17 @@ class Recorder:
 
     def submit(self, pending: Pending) -> None:
         if self._tap is not None and pending.intervals:
-            # Seqs allocated now, right after the records' own: still in commit order.
-            for message in self._tap([record for record, _ in pending.intervals]):
-                pending.messages.append((self._store.allocate_seq(), message))
+            tapped = self._tap([record for record, _ in pending.intervals])
+            if self._tap_replaces:
+                by_seq = {
+                    json.loads(payload)["seq"]: message
+                    for (_, payload), message in zip(pending.intervals, tapped, strict=True)
+                }
+                pending.messages = [(seq, by_seq.get(seq, m)) for seq, m in pending.messages]
+            else:
+                # Seqs allocated now, right after the records' own: still in commit order.
+                for message in tapped:
+                    pending.messages.append((self._store.allocate_seq(), message))
         self._queue.put_nowait(pending)
 
     def add_measurement(self, measurement: Measurement) -> None:

@@ -25,6 +25,7 @@ from edged.config.registers import address_hint, normalise, parse_register_text
 from edged.config.schema import (
     IDENT_RE,
     Settings,
+    facade_problems,
 )
 from edged.core.engine.intervals import device_problems
 from edged.core.errors import EdgedError
@@ -677,6 +678,19 @@ def _cross_checks(settings: Settings, doc: _Located) -> list[Problem]:
             plan_virtual_meter(meter, settings.devices)
         except VirtualMeterError as exc:
             problems.append(_problem(doc, ("virtual_meters", i), str(exc)))
+    for path, message in facade_problems(settings.facade, settings.devices):
+        problems.append(_problem(doc, ("facade", *path), message))
+    sparkplug = settings.sparkplug
+    if sparkplug.enabled and sparkplug.client_id and sparkplug.client_id == settings.mqtt.client_id:
+        # Two sessions under one id throw each other off the broker, forever.
+        problems.append(
+            _problem(doc, ("sparkplug", "client_id"), "must differ from mqtt.client_id")
+        )
+    if not sparkplug.json_data and not sparkplug.enabled:
+        # The data would go out nowhere.
+        problems.append(
+            _problem(doc, ("sparkplug", "json_data"), "false needs sparkplug.enabled: true")
+        )
     return problems
 
 

@@ -907,6 +907,11 @@ class Sparkplug(_Strict):
     client_id: str | None = Field(
         None, description="MQTT client id of the Sparkplug session; default: edged-sp-{site}-{host}"
     )
+    json_data: bool = Field(
+        True,
+        description="also publish interval records and fast-poll values on the JSON topics; "
+        "false: Sparkplug instead (statuses, events and commands stay on JSON)",
+    )
 
 
 class TimeSettings(_Strict):
@@ -1051,34 +1056,29 @@ class Settings(_Strict):
     )
     facade: Facade = Field(Facade(), description="Modbus TCP server for other masters; off")
 
-    @model_validator(mode="after")
-    def _facade_devices(self) -> Settings:
-        problems = facade_problems(self.facade, self.devices)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
     @property
     def zone(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.timezone)
 
 
-def facade_problems(facade: Facade, devices: tuple[Device, ...]) -> list[str]:
-    """Facade entries naming unknown devices or one upstream unit id twice."""
+def facade_problems(
+    facade: Facade, devices: tuple[Device, ...]
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Facade entries naming unknown devices or one upstream unit id twice, each
+    with its key path under `facade` (a cross-check of the loader, file:line)."""
     by_id = {d.id: d for d in devices}
-    problems = []
+    problems: list[tuple[tuple[str | int, ...], str]] = []
     for n, listener in enumerate(facade.listeners):
         seen: dict[int, str] = {}
-        for entry in listener.devices:
+        for k, entry in enumerate(listener.devices):
+            where = ("listeners", n, "devices", k)
             device = by_id.get(entry.device)
             if device is None:
-                problems.append(f"facade listener {n}: no device {entry.device!r}")
+                problems.append((where, f"no device {entry.device!r}"))
                 continue
             unit = entry.unit_id if entry.unit_id is not None else device.transport.unit_id
             if unit in seen:
-                problems.append(
-                    f"facade listener {n}: unit id {unit} is both {seen[unit]!r} and "
-                    f"{entry.device!r}; give one an explicit unit_id"
-                )
+                problems.append((where, f"unit id {unit} is already {seen[unit]!r} on this "
+                                        "listener; give one an explicit unit_id"))  # fmt: skip
             seen[unit] = entry.device
     return problems

@@ -43,11 +43,11 @@ def _number(value: float | None) -> float | None:
 
 def moved(band: Deadband, last: float | None, value: float | None) -> bool:
     """Whether `value` differs from the last reported one by more than the band."""
+    if not band.active:
+        return True  # no deadband: every poll is reported, as without this module
     last, value = _number(last), _number(value)
     if last is None or value is None:
         return last is not value  # appearing or disappearing is news
-    if not band.active:
-        return True
     delta = abs(value - last)
     if math.isinf(delta):
         return value != last

@@ -112,12 +112,30 @@ def state_topic(host_id: str) -> str:
 
 def host_online(payload: bytes) -> bool | None:
     """A STATE message's `online`, or None if it is not the 3.0 JSON form."""
+    state = host_state(payload)
+    return None if state is None else state[0]
+
+
+def host_state(payload: bytes) -> tuple[bool, int] | None:
+    """A STATE message's (`online`, `timestamp` ms), or None if it is not the
+    3.0 JSON form (the 2.2 plain ONLINE/OFFLINE is not understood)."""
     try:
         data = json.loads(payload)
     except (ValueError, UnicodeDecodeError):
         return None
-    online = data.get("online") if isinstance(data, dict) else None
-    return online if isinstance(online, bool) else None
+    if not isinstance(data, dict):
+        return None
+    online, at_ms = data.get("online"), data.get("timestamp", 0)
+    if not isinstance(online, bool) or not isinstance(at_ms, int) or isinstance(at_ms, bool):
+        return None
+    return online, at_ms
+
+
+def newer_state(last: tuple[bool, int] | None, received: tuple[bool, int]) -> bool:
+    """Whether a received STATE supersedes the last one: a host's STATE older
+    than one already seen is stale (a retained message overtaken, say) and is
+    ignored (Sparkplug 3.0 compares their timestamps)."""
+    return last is None or received[1] >= last[1]
 
 
 def interval_metric_name(channel: str) -> str:

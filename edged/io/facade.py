@@ -58,6 +58,8 @@ WAIT_SAMPLES = 1000
 MAX_CLIENTS = 256
 # A frame whose header has arrived must be complete within this.
 BODY_TIMEOUT_S = 5.0
+# Answers one connection may have under way before its next frame is read.
+MAX_PIPELINE = 64
 
 # (link, unit id on it) of a configured device, or None when it is not running.
 Resolver = Callable[[str], tuple[Link, int] | None]
@@ -184,6 +186,8 @@ class FacadeServer:
                 unit = entry.unit_id if entry.unit_id is not None else unit_of(entry.device)
                 if unit is None:
                     raise ValueError(f"facade: no device {entry.device!r}")
+                if unit in units:  # check-config says so with file:line
+                    raise ValueError(f"facade: unit id {unit} twice on one listener")
                 units[unit] = _Target(entry, [_Block(b) for b in entry.blocks])
             self._targets.append(units)
         self._servers: list[asyncio.Server] = []
@@ -415,6 +419,10 @@ class FacadeServer:
                     return
                 client.requests += 1
                 client.bytes_in += len(head) + len(body)
+                if len(answers) >= MAX_PIPELINE:
+                    # A master that sends without reading: stop reading it
+                    # until an answer is out (TCP pushes back on it).
+                    await asyncio.wait(answers, return_when=asyncio.FIRST_COMPLETED)
                 task = asyncio.get_running_loop().create_task(
                     self._answer(writer, listener, client, header, body)
                 )
@@ -434,21 +442,11 @@ class FacadeServer:
     ) -> None:
         function = body[0] & 0x7F if body else 0
         answer: tuple[int, ...] | int
-        if not body:
-            answer = ExceptionCode.ILLEGAL_FUNCTION
-        elif not client.bucket.take(self.now()):
-            answer = ExceptionCode.SERVER_DEVICE_BUSY
-        else:
-            target = self._targets[listener].get(header.unit_id)
-            pdu = mbap.parse_pdu(body)
-            if target is None:
-                answer = ExceptionCode.GATEWAY_TARGET_FAILED
-            elif isinstance(pdu, mbap.RefusedPdu):
-                answer = pdu.code
-            elif target.entry.mode == "cache":
-                answer = self._from_cache(target, pdu)
-            else:
-                answer = await self._pass_through(target, pdu, client)
+        try:
+            answer = await self._decide(listener, client, header, body)
+        except Exception:  # a bug must cost one answer, not the server
+            log.exception("facade request failed", unit=header.unit_id, function=function)
+            answer = ExceptionCode.SERVER_DEVICE_FAILURE
         if isinstance(answer, int):
             client.exceptions += 1
             if answer == ExceptionCode.SERVER_DEVICE_BUSY:
@@ -462,6 +460,24 @@ class FacadeServer:
             await writer.drain()
         except (ConnectionError, RuntimeError):
             pass  # the master went away; nothing to answer
+
+    async def _decide(
+        self, listener: int, client: ClientStats, header: MbapHeader, body: bytes
+    ) -> tuple[int, ...] | int:
+        """The registers to answer with, or the exception code."""
+        if not body:
+            return ExceptionCode.ILLEGAL_FUNCTION
+        if not client.bucket.take(self.now()):
+            return ExceptionCode.SERVER_DEVICE_BUSY
+        target = self._targets[listener].get(header.unit_id)
+        if target is None:
+            return ExceptionCode.GATEWAY_TARGET_FAILED
+        pdu = mbap.parse_pdu(body)
+        if isinstance(pdu, mbap.RefusedPdu):
+            return pdu.code
+        if target.entry.mode == "cache":
+            return self._from_cache(target, pdu)
+        return await self._pass_through(target, pdu, client)
 
     # -- status -----------------------------------------------------------------
 

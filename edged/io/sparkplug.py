@@ -50,9 +50,10 @@ from edged.core.sparkplug import (
     decide_command,
     device_birth_metrics,
     epoch_ms,
-    host_online,
+    host_state,
     interval_metric,
     measurement_metrics,
+    newer_state,
     next_seq,
     node_birth_metrics,
     node_metrics,
@@ -147,6 +148,7 @@ class SparkplugPublisher:
         self._rebirth = False
         self._rescan = False
         self._host_state: bool | None = None
+        self._host_seen: tuple[bool, int] | None = None  # (online, timestamp ms) last taken
         self._host_changed = asyncio.Event()
         self._stopping = False
         self._backoff = Backoff(first_s=0.2, max_s=10.0)
@@ -292,7 +294,15 @@ class SparkplugPublisher:
         name = message.topic.value
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
         if self._host_id is not None and name == state_topic(self._host_id):
-            self._host_state = host_online(bytes(payload))
+            state = host_state(bytes(payload))
+            if state is None:
+                log.warning("sparkplug STATE not understood", topic=name)
+                return
+            if not newer_state(self._host_seen, state):
+                log.info("sparkplug STATE older than the last one ignored", topic=name)
+                return
+            self._host_seen = state
+            self._host_state = state[0]
             self._host_changed.set()
             self._wake.set()
             return

@@ -12,6 +12,7 @@ published sparkplug_b.proto, so the two cannot agree by sharing a mistake.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,13 @@ class DecodeError(EdgedError, ValueError):
     """Bytes that are not a Sparkplug B payload edged can read."""
 
 
+# Most varints (keys, types, lengths, small numbers) are one byte.
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     value &= _U64  # negative numbers: two's complement in 64 bits, as protobuf does
     while True:
@@ -47,6 +54,7 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+@functools.cache
 def _key(field_no: int, wire_type: int) -> bytes:
     return _varint((field_no << 3) | wire_type)
 

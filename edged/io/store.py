@@ -658,6 +658,15 @@ class Store:
             async with self._write_lock:
                 await self._db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk)
 
+    async def drop_sparkplug_rows(self) -> int:
+        """Delete Sparkplug rows left by a session that is no longer configured
+        (no one else can send them); how many there were."""
+        async with self._write_lock:
+            cursor = await self._db.execute(
+                "DELETE FROM outbox WHERE substr(topic, 1, 8) = 'spBv1.0/'"
+            )
+            return cursor.rowcount
+
     async def outbox_max_seq(self) -> int:
         async with (
             self._write_lock,
