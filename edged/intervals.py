@@ -191,6 +191,10 @@ class ChannelState:
     # The last records were built on assumed time (AMT): the next record on
     # confirmed time is the one in which assumed time ended (TIME_ADJUSTED).
     assumed: bool = False
+    # Flags of reads for boundaries already closed (the reference went back
+    # behind the last record): they go on the next record emitted, so a time
+    # event is never lost with a read that closes nothing.
+    carry: frozenset[Flag] = frozenset()
 
     def to_json(self) -> str:
         """The whole state as JSON text, for the shell to persist."""
@@ -213,6 +217,7 @@ class ChannelState:
                 "rolling": [[_iso(e.start), _iso(e.end), e.energy] for e in self.rolling],
                 "coarse": self.coarse,
                 "assumed": self.assumed,
+                "carry": sorted(str(f) for f in self.carry),
             },
             separators=(",", ":"),
         )
@@ -244,6 +249,7 @@ class ChannelState:
             ),
             coarse=bool(data.get("coarse", False)),
             assumed=bool(data.get("assumed", False)),
+            carry=frozenset(Flag(f) for f in data.get("carry", [])),
         )
 
 
@@ -688,6 +694,14 @@ class _Builder:
         start = self.start_of(end)
         nominal_s = (end - start).total_seconds()
         duration_s = (end - since).total_seconds()
+        if duration_s <= 0:
+            # The counter was taken at a later reference time than this
+            # boundary: the reference went back in between (across a restart,
+            # where the monotonic clock cannot say by how much). Never a
+            # negative length: zero, flagged, and no demand.
+            flags = flags | {Flag.CLOCK_SET_BACKWARD}
+            if real_s is None:
+                duration_s = 0.0
         irregular = self.irregular(duration_s, nominal_s)
         elapsed = real_s is not None and abs(real_s - duration_s) > self.elapsed_tolerance(
             nominal_s
@@ -708,6 +722,10 @@ class _Builder:
         # is its average over the time it really covers, so a LONG record
         # closing a gap does not show a false spike. Suspended on AMT.
         regular = not elapsed and {Flag.PARTIAL, Flag.LONG}.isdisjoint(flags)
+        if regular:
+            # Within the tolerance of nominal: a regular record has its
+            # nominal length (a read a few ms off the boundary is not news).
+            duration_s = nominal_s
         hours = Decimal(repr(nominal_s if regular else duration_s)) / 3600
         record_demand = None
         if self.channel.demand_unit is not None and Flag.AMT not in flags and hours > 0:
@@ -824,6 +842,8 @@ def step_channel(
     state = state or ChannelState()
     end = read.boundary
     if state.last_end is not None and end <= state.last_end:
+        if read.flags - state.carry:
+            return ChannelStep(replace(state, carry=state.carry | read.flags), (), ())
         return ChannelStep(state, (), ())
     build = _Builder(channel, ctx)
     interval_s = ctx.device.interval_s
@@ -920,10 +940,15 @@ def _time_adjusted(raw: list[Interval], state: ChannelState, read: Read) -> list
     time was confirmed before any record closed published no AMT record and
     marks nothing.
     """
-    if not raw or not state.assumed or read.time_state is TimeState.ASSUMED:
+    if not raw:
+        return raw
+    extra = set(state.carry)
+    if state.assumed and read.time_state is not TimeState.ASSUMED:
+        extra.add(Flag.TIME_ADJUSTED)
+    if not extra:
         return raw
     last = raw[-1]
-    return [*raw[:-1], replace(last, flags=last.flags | {Flag.TIME_ADJUSTED})]
+    return [*raw[:-1], replace(last, flags=last.flags | extra)]
 
 
 def _prorate(
@@ -1003,7 +1028,7 @@ def _finish(
     assumed = any(r.time_state is TimeState.ASSUMED for r in records[-1:]) or (
         not records and state.assumed
     )
-    new = replace(state, last_end=end, rolling=rolling, assumed=assumed)
+    new = replace(state, last_end=end, rolling=rolling, assumed=assumed, carry=frozenset())
     return ChannelStep(new, tuple(records), tuple(events))
 
 
