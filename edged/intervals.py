@@ -58,8 +58,9 @@ Float registers and their resolution limit
     `RESOLUTION_FRACTION` (0.1 %) of an interval's delta the engine emits a
     ``counter_resolution`` event (once per channel; sticky in the state)
     because the per-interval split can no longer be billing grade; use an
-    integer or float64 register for such meters. (No interval flag exists for
-    this yet; see the issue note.)
+    integer or float64 register for such meters. Such a record (and a zero
+    delta on a float register that resolves a whole unit or worse) carries
+    ESTNEEDED: not actual, kept out of peaks (issue 13).
 
 Gaps (``gaps:`` per device)
     Every boundary gets a record. A boundary without a good read is MISSING
@@ -87,6 +88,18 @@ Flags (DESIGN.md section 4)
     the interval ending at the spring-forward instant is still standard time);
     PARTIAL/LONG from true vs nominal duration (`IRREGULAR_TOLERANCE_S`,
     or 1 % of intervals shorter than 100 s);
+    real elapsed time (issue 13, docs/time.md): the reads carry their
+    monotonic time (`Read.mono_s`), so the engine knows how long a record
+    really lasted; when that differs from the reference span by more than
+    max(device ``elapsed_tolerance``, ``elapsed_tolerance_fraction`` x
+    interval), the record reports the real time in ``duration_s``, gets
+    PARTIAL or LONG by it, and its demand is value / real time; a regular
+    record reports its nominal length;
+    TIME_ADJUSTED on the first record read on confirmed time after records
+    on assumed time (`ChannelState.assumed`); flags of a read for a boundary
+    already closed are carried to the next record (`ChannelState.carry`);
+    POWER_FAIL on every record, MISSING ones included, whose interval
+    overlaps an outage window the shell passes (`Read.outages`);
     ROLLOVER on an accepted wrap; COUNTER_RESET as above; MISSING without a
     good read, plus DEVICE_ERROR when the meter answered with Modbus exception
     4 (server device failure) or a non-finite float (data not valid);

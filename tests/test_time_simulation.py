@@ -41,6 +41,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
@@ -50,6 +51,9 @@ from edged.model import Flag, Interval, Quality
 from tests.timesim import Meter, World, make_device
 
 EXAMPLES = int(os.environ.get("EDGED_SIM_EXAMPLES", "500"))
+# A history takes about 0.1 s; pytest-timeout (120 s per test) would cut a
+# long local run short.
+pytestmark = pytest.mark.timeout(max(120.0, 0.5 * EXAMPLES))
 
 # (zone, a DST transition instant (UTC epoch s)); histories start a few
 # intervals before it.
