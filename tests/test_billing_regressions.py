@@ -15,7 +15,7 @@ import pytest
 
 from edged.core.flags import quality
 from edged.core.model import Flag, Interval, Quality
-from tests.timesim import Meter, World, make_device
+from tests.timesim import Meter, World, make_device, utc
 
 T0 = 1_795_000_000.0  # on a whole second, so 1 s .. 1 h boundaries line up with it
 TRUE_KW = 909_273.6  # 1754 counts/s x 0.144 kWh x 3600 s/h
@@ -210,8 +210,9 @@ def test_obs9a_missing_records_inside_an_unclean_outage_carry_power_fail() -> No
     records = world.channel_records()
     # The mark was at 10 s; the gateway came back at 15.5 s: the boundaries
     # 11..15 were nobody's to read.
-    inside = [r for r in records if mark < r.end <= mark + timedelta(seconds=5)]
-    assert [r.end - mark for r in inside] == [timedelta(seconds=s) for s in (1, 2, 3, 4, 5)]
+    assert abs(mark - utc(T0 + 10)) < timedelta(milliseconds=1)
+    inside = [r for r in records if utc(T0 + 10) < r.end <= utc(T0 + 15)]
+    assert [r.end for r in inside] == [utc(T0 + s) for s in (11, 12, 13, 14, 15)]
     for record in inside:
         assert Flag.MISSING in record.flags
         assert Flag.POWER_FAIL in record.flags, record
@@ -332,3 +333,79 @@ def test_obs6_prorate_gap_over_64_intervals_is_recombined_whole() -> None:
     assert sum(r.value or 0.0 for r in last.values()) == pytest.approx(
         len(last) * 12.96, abs=2 * ONE_COUNT * len(last) ** 0.5 + 1
     )
+
+
+# -- counterexamples the simulation found (tests/test_time_simulation.py) -----------
+
+
+def _engine() -> tuple[object, object]:
+    from datetime import UTC
+
+    from edged.core.engine.intervals import IntervalContext
+
+    device = make_device(interval_s=900)
+    return device.channels[0], IntervalContext("sim", device, UTC)
+
+
+def test_sim1_counter_taken_after_the_boundary_never_gives_a_negative_duration() -> None:
+    from datetime import UTC, datetime
+
+    from edged.core.engine.intervals import ChannelState, step_channel
+    from edged.core.model import Read, TimeState
+
+    channel, ctx = _engine()
+    t = datetime(2026, 11, 18, 12, 0, tzinfo=UTC)
+    # A start-up read at 12:20 (reference), then, after a restart on a clock
+    # 30 days behind and someone setting it, the next boundary read is 12:15.
+    state = ChannelState(counter=1_000_000, counter_at=t + timedelta(minutes=20))
+    read = Read("unit1", t + timedelta(minutes=15), t + timedelta(minutes=15), 0.0,
+                TimeState.SYNCED, {"energy_import": 1_001_754})  # fmt: skip
+    step = step_channel(state, read, channel, ctx)  # type: ignore[arg-type]
+    record = step.records[-1]
+    assert record.duration_s == 0.0  # was -300.0
+    assert record.value == pytest.approx(252.576)
+    assert Flag.CLOCK_SET_BACKWARD in record.flags
+    assert record.demand is None
+    assert quality(record.flags) is not Quality.ACTUAL
+
+
+def test_sim2_time_flags_of_a_read_for_a_closed_boundary_go_on_the_next_record() -> None:
+    from datetime import UTC, datetime
+
+    from edged.core.engine.intervals import ChannelState, step_channel
+    from edged.core.model import Read, TimeState
+
+    channel, ctx = _engine()
+    t = datetime(2026, 11, 18, 12, 0, tzinfo=UTC)
+    state = ChannelState(counter=1_000_000, counter_at=t, last_end=t)
+    # The reference went back behind the last record: the 11:45 read closes
+    # nothing, but assumed time ended in it (TIME_ADJUSTED + CLOCK_SET_FORWARD).
+    flagged = Read("unit1", t - timedelta(minutes=15), t - timedelta(minutes=15), 0.0,
+                   TimeState.SYNCED, {"energy_import": 1_000_500},
+                   flags=frozenset({Flag.TIME_ADJUSTED, Flag.CLOCK_SET_FORWARD}))  # fmt: skip
+    step = step_channel(state, flagged, channel, ctx)  # type: ignore[arg-type]
+    assert step.records == ()
+    later = Read("unit1", t + timedelta(minutes=15), t + timedelta(minutes=15), 0.0,
+                 TimeState.SYNCED, {"energy_import": 1_001_754})  # fmt: skip
+    record = step_channel(step.state, later, channel, ctx).records[-1]  # type: ignore[arg-type]
+    assert {Flag.TIME_ADJUSTED, Flag.CLOCK_SET_FORWARD} <= record.flags
+    assert quality(record.flags) is not Quality.ACTUAL
+
+
+def test_sim3_a_regular_record_reports_its_nominal_length() -> None:
+    from datetime import UTC, datetime
+
+    from edged.core.engine.intervals import ChannelState, step_channel
+    from edged.core.model import Read, TimeState
+
+    channel, ctx = _engine()
+    t = datetime(2026, 11, 18, 12, 0, tzinfo=UTC)
+    # A start-up read 1 microsecond after 12:00: the 12:15 record is 899.999999 s
+    # by the reference, within tolerance: nominal, unflagged, 900 s.
+    state = ChannelState(counter=1_000_000, counter_at=t + timedelta(microseconds=1))
+    read = Read("unit1", t + timedelta(minutes=15), t + timedelta(minutes=15), 0.0,
+                TimeState.SYNCED, {"energy_import": 1_001_754})  # fmt: skip
+    record = step_channel(state, read, channel, ctx).records[-1]  # type: ignore[arg-type]
+    assert record.flags == frozenset()
+    assert record.duration_s == 900.0
+    assert record.demand == pytest.approx(1010.304)

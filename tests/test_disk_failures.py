@@ -312,3 +312,34 @@ async def test_daemon_on_a_full_disk_stays_up_and_loses_nothing(
     assert_unbroken(series, "unit1 across the full disk")
     kinds = [e["details"].get("change") for e in events(got, "storage_error")]
     assert kinds == ["entered", "left"]
+
+
+@pytest.mark.integration
+async def test_daemon_stopped_on_a_full_disk_exits_cleanly_and_says_what_is_lost(
+    tmpfs: Path, tmp_path: Path, broker: Broker, ntp_port: int
+) -> None:
+    async with MeterServer({1: pmc1_meter()}) as server, collect(broker, "edged/#") as got:
+        port = await server.start_tcp()
+        config = site_config(
+            tmp_path,
+            devices=[tcp_device("unit1", port)],
+            mqtt_port=broker.port,
+            ntp_port=ntp_port,
+            storage={"path": str(tmpfs / "state" / "edged.db")},  # on the small tmpfs
+        )
+        d = Daemon(config, tmp_path)
+        try:
+            await d.start()
+            await got.wait_for(lambda c: len(intervals(c)) >= 1, 20, "an interval")
+            await asyncio.to_thread(fill, tmpfs)
+            await got.wait_for(
+                lambda c: any(s.get("storage_error") for s in gateway_status(c)), 20,
+                "storage_error in the status",
+            )  # fmt: skip
+            code = await d.stop()
+        finally:
+            await d.close()
+    assert code == 0
+    log = (tmp_path / "edged.log").read_text()
+    assert "shutdown with the store failing: held data not written" in log
+    assert "Traceback" not in log

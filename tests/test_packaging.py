@@ -20,7 +20,9 @@ import edged
 
 SOURCE_PACKAGE = Path(edged.__file__).resolve().parent
 # Written by hand from the issue and docs/profiles.md, not read from the package.
-SHIPPED_PROFILES = ("bcpm", "generic", "ion-8600", "pm5350", "pm8000", "pmc-1")
+SHIPPED_PROFILES = ("abb-b23", "bcpm", "cg-em24", "cg-em340", "generic", "iem3000", "ion-8600",
+                    "janitza-umg", "pm5350", "pm8000", "pmc-1", "sdm120", "sdm630", "siemens-pac",
+                    "sunspec")  # fmt: skip
 SHIPPED_SCHEMAS = (
     "command_response",
     "device_status",
@@ -132,4 +134,4 @@ def test_an_unknown_profile_lists_the_shipped_ones_from_a_zip(tmp_path: Path) ->
     result = run_from(archive, code, cwd=tmp_path)
     assert result.returncode != 0
     out = result.stdout + result.stderr
-    assert "unknown profile 'nope' (known: bcpm, generic, ion-8600, pm5350, pm8000, pmc-1)" in out
+    assert "unknown profile 'nope' (known: " + ", ".join(SHIPPED_PROFILES) + ")" in out

@@ -12,16 +12,19 @@ import pytest
 
 from edged.config.load import (
     SHIPPED_PROFILES_DIR,
+    ConfigError,
     load_settings,
 )
-from edged.core.model import Flag, ReadErrorKind
+from edged.core.model import Flag, ReadError, ReadErrorKind
 from edged.core.plan import plan_device
 from edged.io.modbus import (
     build_links,
     read_device,
 )
+from edged.io.sunspec import discover
 from edged.sim.golden import golden_meter, load_table
 from edged.sim.meter import MeterServer
+from tests.support.golden import expected_in
 
 PROFILES = sorted(
     p.name.removesuffix(".yaml") for p in SHIPPED_PROFILES_DIR.iterdir() if p.name.endswith(".yaml")
@@ -69,7 +72,12 @@ async def test_profile_reads_a_meter_built_from_its_golden_table(
         port = await server.start_tcp()
         device = load_settings(config(tmp_path, profile, port)).devices[0]
         link = build_links([device])[device.id]
-        plan = plan_device(device)
+        base_address = 0
+        if device.sunspec is not None:
+            found = await discover(link, 1, device.sunspec.models)
+            assert not isinstance(found, ReadError), found
+            base_address = found.address
+        plan = plan_device(device, base_address=base_address)
         clock_row = verified.pop("clock", None)
         reference_s = (
             None
@@ -83,9 +91,11 @@ async def test_profile_reads_a_meter_built_from_its_golden_table(
                 assert read.error is None, read.error
                 for channel in device.channels:
                     row = verified[channel.name]
+                    want = expected_in(row, channel.unit)
+                    assert want is not None
                     got = float(Decimal(repr(read.values[channel.name]))
                                 * Decimal(repr(channel.multiplier)))  # fmt: skip
-                    assert got == pytest.approx(row.value, abs=row.tolerance or 0), channel.name
+                    assert got == pytest.approx(float(want), abs=row.tolerance or 0), channel.name
                 if clock_row is not None:
                     assert read.meter_clock_offset_s is not None
                     assert abs(read.meter_clock_offset_s) < 2
@@ -101,10 +111,13 @@ async def test_profile_reads_a_meter_built_from_its_golden_table(
                 if points <= set(verified):
                     assert fast.error is None, fast.error
                     assert set(fast.values) == points
+                    units = {p.name: p.unit for p in device.measurements.points}
                     for name in points:
                         row = verified[name]
+                        want = expected_in(row, units[name])
+                        assert want is not None
                         assert fast.values[name] == pytest.approx(
-                            row.value, abs=row.tolerance or 0
+                            float(want), abs=row.tolerance or 0
                         ), name
                 else:
                     assert fast.error is not None
@@ -131,6 +144,12 @@ def test_bcpm_channel_count_expands_the_template(tmp_path: Path) -> None:
         (1083, 42),
         (1167, 84),
     ]
+    # 84 on one unit id would read past the circuit registers: an error that says why
+    with pytest.raises(ConfigError) as info:
+        load_settings(config(tmp_path, "bcpm", 502, "    channel_count: 84\n"))
+    assert "channel_count 84 is more than the 42 channels this map has per unit id (an " in str(
+        info.value
+    )
     # a device may override a single expanded channel by name
     one = load_settings(
         config(

@@ -15,6 +15,7 @@ site: lab
 devices:
   - id: meter
     transport: {type: tcp, host: 127.0.0.1, port: 502}
+    rated_power_kva: 100  # a rating: the plausibility warning is not what is tested here
     channels:
 """
 
@@ -66,7 +67,7 @@ def test_bad_register_numbers_are_errors_with_file_and_line(
     with pytest.raises(ConfigError) as info:
         channel(tmp_path, entry)
     (problem,) = info.value.problems
-    assert (problem.file, problem.line) == (str(tmp_path / "edged.yaml"), 6)
+    assert (problem.file, problem.line) == (str(tmp_path / "edged.yaml"), 7)
     assert message in problem.message
 
 
@@ -100,23 +101,23 @@ def test_template_takes_the_notation(tmp_path: Path) -> None:
 
 def test_addresses_that_look_like_register_numbers_are_warnings(tmp_path: Path) -> None:
     text = HEAD + (
-        "      - {name: a, register: 40090}\n"  # line 6
-        "      - {name: b, register: 30073, function: input}\n"  # line 7
+        "      - {name: a, register: 40090}\n"  # line 7
+        "      - {name: b, register: 30073, function: input}\n"  # line 8
         "      - {name: c, register: 30073}\n"  # holding 30073: a real address on some meters
         "      - {name: d, register_number: 40091}\n"  # said on purpose: no warning
         "      - {name: f, register: 19068}\n"  # Janitza addresses are sent as printed
-        "    clock: {register: 40300}\n"  # line 11
+        "    clock: {register: 40300}\n"  # line 12
     )
     path = write(tmp_path, text)
     _, warnings = load_settings_with_warnings(path)
     assert [str(w) for w in warnings] == [
-        f"{path}:6 devices[0].channels[0].register: address 40090 looks like a 4xxxx register "
+        f"{path}:7 devices[0].channels[0].register: address 40090 looks like a 4xxxx register "
         "number; the 0-based address is 40090-40001 = 89 (write `register_number: 40090` or the "
         "address itself; keep it only if the meter really uses this address)",
-        f"{path}:7 devices[0].channels[1].register: address 30073 looks like a 3xxxx register "
+        f"{path}:8 devices[0].channels[1].register: address 30073 looks like a 3xxxx register "
         "number; the 0-based address is 30073-30001 = 72 (write `register_number: 30073` or the "
         "address itself; keep it only if the meter really uses this address)",
-        f"{path}:11 devices[0].clock.register: address 40300 looks like a 4xxxx register "
+        f"{path}:12 devices[0].clock.register: address 40300 looks like a 4xxxx register "
         "number; the 0-based address is 40300-40001 = 299 (write `register_number: 40300` or the "
         "address itself; keep it only if the meter really uses this address)",
     ]
@@ -139,6 +140,7 @@ devices:
   - id: pulses
     profile: pmc-1
     transport: {type: tcp, host: 127.0.0.1, port: 502}
+    rated_power_kva: 100
 """
 
 
@@ -165,7 +167,38 @@ def test_check_config_prints_warnings_and_still_passes(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert f"warning: {path}:6 devices[0].channels[0].register: address 40090 looks like a " in (
+    assert f"warning: {path}:7 devices[0].channels[0].register: address 40090 looks like a " in (
         result.stderr
     )
     assert ": OK - site lab" in result.stdout
+
+
+ION = """\
+site: lab
+devices:
+  - id: hv
+    profile: ion-8600
+    transport: {type: tcp, host: 127.0.0.1, port: 502}
+    rated_power_kva: 100
+"""
+
+
+def test_ion_8600_energy_registers_must_be_stated_or_check_config_warns(tmp_path: Path) -> None:
+    path = write(tmp_path, ION)
+    _, warnings = load_settings_with_warnings(path)
+    assert [w.message.split(";")[0] for w in warnings] == [
+        f"profile ion-8600 only assumes channels.{name}.register"
+        for name in ("energy_delivered", "energy_received", "reactive_delivered",
+                     "reactive_received")
+    ]  # fmt: skip
+    assert all((w.file, w.line) == (str(path), 3) for w in warnings)
+    stated = ION + (
+        "    channels:\n"
+        "      - {name: energy_delivered, register_number: 40091}\n"
+        "      - {name: energy_received, register_number: 40093}\n"
+        "      - {name: reactive_delivered, register: 94}\n"
+        "      - {name: reactive_received, register: 96}\n"
+    )
+    settings, warnings = load_settings_with_warnings(write(tmp_path, stated))
+    assert warnings == ()
+    assert [c.address for c in settings.devices[0].channels] == [90, 92, 94, 96]

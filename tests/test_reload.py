@@ -81,15 +81,16 @@ def test_bcpm_channel_count_is_a_device_change(tmp_path: Path) -> None:
             f"{count}\n    transport: {{type: tcp, host: 127.0.0.1, port: 502, unit_id: 3}}\n"
         )
 
-    old = settings(tmp_path, bcpm(42))
-    new = settings(tmp_path, bcpm(84))
+    # (42 is the most one BCPM unit id has: an 84-circuit BCPM is two devices.)
+    old = settings(tmp_path, bcpm(20))
+    new = settings(tmp_path, bcpm(42))
     assert diff_devices(old.devices, new.devices).changed == ("panel",)
-    # Branches 1..42 read the same registers: their stored counters carry over.
+    # Branches 1..20 read the same registers: their stored counters carry over.
     states = {c.name: ChannelState(counter=i) for i, c in enumerate(old.devices[0].channels)}
     kept = carried_states(old.devices[0], new.devices[0], states)
-    assert set(kept) == {f"branch{n:02d}_energy" for n in range(1, 43)}
-    # Back to 42: the state of branches 43..84 is simply not used.
-    assert len(carried_states(new.devices[0], old.devices[0], states)) == 42
+    assert set(kept) == {f"branch{n:02d}_energy" for n in range(1, 21)}
+    # Back to 20: the state of branches 21..42 is simply not used.
+    assert len(carried_states(new.devices[0], old.devices[0], states)) == 20
 
 
 def test_carried_states_drop_a_channel_whose_counter_moved(tmp_path: Path) -> None:

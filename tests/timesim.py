@@ -120,6 +120,7 @@ class ReadFact:
     mono_s: float
     read_at: datetime
     register: int | float | None
+    run: int = 0  # which start of the daemon took it (monotonic times compare within one)
 
 
 @dataclass
@@ -127,6 +128,7 @@ class EventFact:
     mono_s: float
     flags: frozenset[Flag]
     transition: TimeTransition
+    run: int = 0
 
 
 @dataclass
@@ -189,6 +191,7 @@ class World:
         self.pollers: list[Poller] = []
         self._persisted: dict[str, dict[str, str]] = {}
         self._persisted_peaks: dict[str, dict[str, PeakState]] = {}
+        self.run = 0
         self._start(confirmed_before_start)
 
     # -- clocks -------------------------------------------------------------------
@@ -207,6 +210,7 @@ class World:
     # -- the daemon ------------------------------------------------------------------
 
     def _start(self, confirmed: bool, last_mark: datetime | None = None) -> None:
+        self.run += 1
         self.timebase = Timebase(self.config)
         self.time_flags = TimeFlags()
         self.virtual = (
@@ -237,6 +241,7 @@ class World:
             self._persist(poller)
             now = self.reference()
             poller.aimed = next_boundary(now, poller.device.interval_s, self.zone)
+        self._mark()
 
     def restart(
         self,
@@ -261,6 +266,11 @@ class World:
             if outage is not None:
                 self.time_flags.add(outage.start, outage.end, frozenset({Flag.POWER_FAIL}))
 
+    def _mark(self) -> None:
+        """The liveness mark (App._liveness_loop): the reference time, persisted."""
+        self._emit(self.timebase.observe_clock(self.system_s, self.mono_s))
+        self.last_mark = self.reference()
+
     def _persist(self, poller: Poller) -> None:
         self._persisted[poller.device.id] = {k: v.to_json() for k, v in poller.states.items()}
         self._persisted_peaks[poller.device.id] = dict(poller.peaks)
@@ -270,7 +280,9 @@ class World:
             self.transitions.append(transition)
             # As App._on_transition files it.
             self.time_flags.add_event(transition.mono_s, transition.flags)
-            self.event_facts.append(EventFact(transition.mono_s, transition.flags, transition))
+            self.event_facts.append(
+                EventFact(transition.mono_s, transition.flags, transition, self.run)
+            )
             self.events.append(transition.to_event(None))
 
     def _poll_ntp(self) -> None:
@@ -284,12 +296,17 @@ class World:
         self._emit(self.timebase.observe_ntp([sample], self.system_s, self.mono_s))
 
     def _read(self, poller: Poller, boundary: datetime | None) -> Read:
+        # Real clocks advance between any two readings: nothing in edged
+        # happens at the same monotonic instant as the step before it.
+        self.true_s += 1e-6
         self._emit(self.timebase.observe_clock(self.system_s, self.mono_s))
         read_at = self.reference()
         meter = poller.meter
         register = None if meter.offline else meter.register(self.true_s)
         self.reads.append(
-            ReadFact(poller.device.id, boundary, self.true_s, self.mono_s, read_at, register)
+            ReadFact(
+                poller.device.id, boundary, self.true_s, self.mono_s, read_at, register, self.run
+            )
         )
         flags: frozenset[Flag] = frozenset()
         outages: tuple[tuple[datetime, datetime], ...] = ()
@@ -316,6 +333,14 @@ class World:
         assert poller.aimed is not None
         read = self._read(poller, poller.aimed)
         ctx = IntervalContext(SITE, poller.device, self.zone)
+        known = [st.last_end or st.counter_at for st in poller.states.values()]
+        since = min((k for k in known if k is not None), default=None)
+        assert read.boundary is not None
+        if (
+            since is not None
+            and abs((read.boundary - since).total_seconds()) > 2_000 * poller.device.interval_s
+        ):
+            raise RuntimeError(f"runaway: a read at {read.boundary} after {since}")
         step = step_device(poller.states, read, ctx)
         poller.states = step.states
         poller.peaks, _ = update_peaks(
@@ -367,8 +392,8 @@ class World:
             t += max(target - ref, 1e-6)
         return t
 
-    def run_until(self, true_end_s: float) -> None:
-        while True:
+    def run_until(self, true_end_s: float, max_steps: int = 20_000) -> None:
+        for _ in range(max_steps):
             candidates: list[tuple[float, int, str, Any]] = []
             if self.actions:
                 candidates.append((self.actions[0][0], 0, "action", None))
@@ -389,11 +414,11 @@ class World:
                 self._poll_ntp()
                 self.next_poll_s = self.true_s + self.poll_s
             elif kind == "mark":
-                self._emit(self.timebase.observe_clock(self.system_s, self.mono_s))
-                self.last_mark = self.reference()
+                self._mark()
                 self.next_mark_s = self.true_s + self.mark_every_s
             else:
                 self._wake(poller)
+        raise RuntimeError(f"runaway: {max_steps} steps before {utc(true_end_s)}")
 
     # -- queries ---------------------------------------------------------------------
 

@@ -473,7 +473,8 @@ def _profile_keys_section() -> str:
             "format spec, e.g. `branch{n:02d}`), whose `register` is channel 1's, and whose "
             "`stride` (default 2) is the register distance from one channel to the next. "
             "A `scale_register` in the template moves by `scale_stride` per channel (default "
-            "0: one shared scale register; 1 for a power-of-ten register per circuit).\n"
+            "0: one shared scale register; 1 for a power-of-ten register per circuit). "
+            "`max_count` (with an optional `why`) makes a larger `channel_count` an error.\n"
         )
     if "site_must_set" in load.PROFILE_KEYS:
         text += (
@@ -481,6 +482,14 @@ def _profile_keys_section() -> str:
             "channels.NAME.KEY, why: TEXT}` (or a top-level device key): `edged check-config` "
             "warns, at the device's line, for every device that does not state the value "
             "itself (the PMC-1 pulse value is programmed per site).\n"
+        )
+    if "sunspec" in load.PROFILE_KEYS:
+        text += (
+            "\n`sunspec` (`profile: sunspec`) lists `models` and `channels` / `measurements` "
+            "entries named by SunSpec `point` (e.g. `TotWhImp`) instead of `register`: each "
+            "becomes a channel or point at the point's offset in the model, with its type, "
+            "scale-factor register and 'not implemented' value taken from the SunSpec model "
+            "definitions (pysunspec2), and sets the device's `sunspec` key (discovery).\n"
         )
     return text
 

@@ -677,8 +677,13 @@ class App:
                 # Last liveness mark doubles as the clean-shutdown mark: a
                 # restart then knows this was no power failure.
                 final_mark = iso_utc(self.clock.now())
-                await store.set_mark("liveness", final_mark)
-                await store.set_mark("clean_shutdown", final_mark)
+                try:
+                    await store.set_mark("liveness", final_mark)
+                    await store.set_mark("clean_shutdown", final_mark)
+                except STORAGE_ERRORS as exc:
+                    # A failing disk: the next start counts this as an outage
+                    # (POWER_FAIL), which is the honest reading.
+                    log.error("clean-shutdown mark not written", error=str(exc))
                 await publisher.stop({self.topics.gateway_status: self.gateway_status("offline")})
                 try:
                     await asyncio.wait_for(asyncio.shield(publisher_task), PUBLISHER_STOP_GRACE_S)

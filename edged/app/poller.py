@@ -36,7 +36,17 @@ from edged.core.deadband import Deadband, Reported, report
 from edged.core.demand import PeakState, peak_event, update_peaks
 from edged.core.engine import intervals as engine
 from edged.core.engine.intervals import ChannelState, IntervalContext
-from edged.core.model import Event, Flag, Interval, Measurement, Quality, Read, iso_utc
+from edged.core.model import (
+    Event,
+    Flag,
+    Interval,
+    Measurement,
+    Quality,
+    Read,
+    ReadError,
+    ReadErrorKind,
+    iso_utc,
+)
 from edged.core.payloads import (
     Topics,
     encode,
@@ -55,10 +65,12 @@ from edged.core.time.readtiming import ReadTiming
 from edged.io.bus import Priority
 from edged.io.clock import BoundaryWaiter, Clock
 from edged.io.modbus import (
+    DeviceRead,
     Link,
     read_device,
 )
 from edged.io.store import OutboxMessage, Store, StoreReplaced
+from edged.io.sunspec import discover
 
 log = structlog.get_logger("edged.app.poller")
 
@@ -405,6 +417,8 @@ class DevicePoller:
         # Carried over when a config reload restarts this device's poller.
         self.health = health or DeviceHealth()
         self._plan: DevicePlan = plan_device(device)
+        # A SunSpec device's registers are offsets into a model found on the meter.
+        self._located = device.sunspec is None
         # Compensated channels (docs/compensation.md): computed from finished
         # records, beside them; the fast-poll samples since the last boundary
         # read give the interval's operating point.
@@ -416,10 +430,9 @@ class DevicePoller:
     async def run_measurements(self) -> None:
         """Fast polling on an absolute schedule; boundary reads on the same link
         take priority (the link holds fast polls back around boundaries)."""
-        plan = self._plan
-        if plan.measurements is None or plan.measure_every_s is None:
+        if self._plan.measurements is None or self._plan.measure_every_s is None:
             return
-        every_s = plan.measure_every_s
+        every_s = self._plan.measure_every_s
         points = self.device.measurements.points if self.device.measurements else ()
         units = {p.name: p.unit for p in points}
         # Report by exception (edged.core.deadband): what moved, or was silent too long.
@@ -440,6 +453,9 @@ class DevicePoller:
             if self._stop.is_set():
                 return
             self.measure_heartbeat.busy(loop.time())
+            plan = self._plan
+            if not self._located or plan.measurements is None:
+                continue  # the boundary reads locate a SunSpec model first
             started = self._clock.now()
             result = await read_device(
                 self._link, plan.unit_id, plan.measurements, priority=Priority.FAST
@@ -551,13 +567,17 @@ class DevicePoller:
         if boundary is not None:
             # Lateness is measured when the request is sent, not when we woke.
             lateness_ms = (read_at - boundary) / timedelta(milliseconds=1)
-        result = await read_device(
-            self._link,
-            self._plan.unit_id,
-            self._plan.boundary,
-            priority=Priority.BOUNDARY,
-            reference_s=read_at.timestamp(),
-        )
+        error = await self._locate()
+        if error is not None:
+            result = DeviceRead({}, frozenset(), None, (), error, 0.0, 0.0, ())
+        else:
+            result = await read_device(
+                self._link,
+                self._plan.unit_id,
+                self._plan.boundary,
+                priority=Priority.BOUNDARY,
+                reference_s=read_at.timestamp(),
+            )
         # On a shared bus the request may wait its turn: record when it went out.
         read_at += timedelta(seconds=result.queued_s)
         mono_s += result.queued_s
@@ -590,6 +610,24 @@ class DevicePoller:
         )
         self._update_health(read)
         return read
+
+    async def _locate(self) -> ReadError | None:
+        """Find a SunSpec device's model (once); the error makes the read fail."""
+        if self._located:
+            return None
+        sunspec = self.device.sunspec
+        assert sunspec is not None
+        found = await discover(self._link, self._plan.unit_id, sunspec.models)
+        if isinstance(found, ReadError):
+            return found
+        try:
+            self._plan = plan_device(self.device, base_address=found.address)
+        except ValueError as exc:
+            return ReadError(ReadErrorKind.MALFORMED, f"SunSpec model {found.model_id}: {exc}")
+        self._located = True
+        log.info("sunspec model found", device=self.device.id, model=found.model_id,
+                 address=found.address, length=found.length)  # fmt: skip
+        return None
 
     def _with_compensation(self, records: Sequence[Interval]) -> Sequence[Interval]:
         """The raw records and, after them, their compensated channels."""

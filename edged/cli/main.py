@@ -63,6 +63,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return 2
+    devices = {d.id: d for d in settings.devices}
+    device = devices.get(args.device)
+    if device is None:
+        print(f"edged probe: no device {args.device!r} in {args.config} "
+              f"(known: {', '.join(devices)})", file=sys.stderr)  # fmt: skip
+        return 2
+    from edged.cli.probe import run_probe
+
+    table, all_ok = asyncio.run(run_probe(device))
+    sys.stdout.write(table)
+    return 0 if all_ok else 1
+
+
 def event_loop_factory() -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
     """The daemon's event loop: uvloop when it is installed (`pip install
     'edged[fast]'`) and EDGED_EVENT_LOOP is not `asyncio`, asyncio's own
@@ -361,6 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_arg(p)
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser(
+        "probe",
+        help="read every point of one device once and print it (commissioning)",
+        description="Read every channel, measurement point, clock and status word of one "
+        "device once, each on its own (read-only: function 3 or 4 only), and print the raw "
+        "registers, the decoded value and its unit, to compare with the meter's display "
+        "before going live. A point the meter answers with an exception, or does not answer, "
+        "is an ERROR row; the other points are still read. Exit status: 0 every point read, "
+        "1 at least one point failed, 2 config unusable or unknown device.",
+    )
+    config_arg(p)
+    p.add_argument("--device", required=True, metavar="ID", help="id of the device to read")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser(
         "demo",

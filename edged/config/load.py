@@ -27,9 +27,11 @@ from edged.config.schema import (
     Settings,
     facade_problems,
 )
+from edged.config.sunspec import model_definition
 from edged.core.engine.intervals import device_problems
 from edged.core.errors import EdgedError
 from edged.core.plan import check_links
+from edged.core.sunspec import expand as expand_sunspec
 from edged.core.virtual.plan import VirtualMeterError, plan_virtual_meter
 
 _YAML_LIMITS = safe_yaml.Limits()
@@ -171,6 +173,8 @@ PROFILE_KEYS = frozenset(
         "channel_template",
         # what a site must state itself (reported by check-config when it does not)
         "site_must_set",
+        # SunSpec points by name, placed from the model definitions (profile: sunspec)
+        "sunspec",
     }
 )
 # Profile keys copied onto the device as they are (the device's own value wins).
@@ -202,7 +206,14 @@ def _expand_template(
             _problem(source, where, "needs channel_count: a whole number of channels, 1..1024")
         )
         return []
-    body = {k: v for k, v in template.items() if k not in ("stride", "scale_stride")}
+    limit = template.get("max_count")
+    if isinstance(limit, int) and isinstance(count, int) and count > limit:
+        why = f" ({template['why']})" if "why" in template else ""
+        message = f"channel_count {count} is more than the {limit} channels this map has per "
+        problems.append(_problem(source, where, f"{message}unit id{why}"))
+        return []
+    body = {k: v for k, v in template.items()
+            if k not in ("stride", "scale_stride", "max_count", "why")}  # fmt: skip
     try:
         body = normalise(body)  # `register: "4x1168"` / `register_number` in a template
     except ValueError as exc:
@@ -253,6 +264,17 @@ def _expand_template(
     return expanded
 
 
+def _override(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A profile entry with a device's keys on top; `register` and `register_number`
+    say the same thing, so giving one replaces the other."""
+    kept = dict(base)
+    if "register_number" in override:
+        kept.pop("register", None)
+    if "register" in override:
+        kept.pop("register_number", None)
+    return {**kept, **override}
+
+
 def _merge_points(base: list[Any], overrides: Any) -> list[Any]:
     """Named entries of `overrides` update the base entry of that name; others are added."""
     merged = list(base)
@@ -260,7 +282,7 @@ def _merge_points(base: list[Any], overrides: Any) -> list[Any]:
     for entry in overrides if isinstance(overrides, list) else []:
         target = index.get(entry.get("name")) if isinstance(entry, dict) else None
         if target is not None and isinstance(merged[target], dict):
-            merged[target] = {**merged[target], **entry}
+            merged[target] = _override(merged[target], entry)
         else:
             merged.append(entry)
     return merged
@@ -312,12 +334,27 @@ def _merge_profile(
     if "channel_template" in profile.data:
         count = device.get("channel_count", profile.data.get("channel_count"))
         sources += _expand_template(profile, (), profile.data["channel_template"], count, problems)
+    sunspec_points: list[Any] = []
+    if "sunspec" in profile.data:
+        try:
+            sunspec_channels, sunspec_points, discovery = expand_sunspec(
+                profile.data["sunspec"], model_definition
+            )
+        except ValueError as exc:
+            problems.append(_problem(profile, ("sunspec",), str(exc)))
+        else:
+            sources += [(c, ("sunspec", "channels", i)) for i, c in enumerate(sunspec_channels)]
+            merged["sunspec"] = discovery
+            origins[(*device_path, "sunspec")] = _Origin(profile, ("sunspec",))
     for channel, source_path in sources:
         origins[(*device_path, "channels", len(channels))] = _Origin(profile, source_path)
         if isinstance(channel, dict) and isinstance(channel.get("name"), str):
             by_name[channel["name"]] = len(channels)
         channels.append(channel)
     measurements = profile.data.get("measurements")
+    if sunspec_points:
+        base = measurements if isinstance(measurements, dict) else {}
+        measurements = {**base, "points": [*(base.get("points") or []), *sunspec_points]}
     if isinstance(measurements, dict):
         own = device.get("measurements")
         if isinstance(own, dict):
@@ -330,7 +367,7 @@ def _merge_profile(
         if isinstance(override, dict) and isinstance(override.get("name"), str):
             target = by_name.get(override["name"])
         if target is not None and isinstance(channels[target], dict):
-            channels[target] = {**channels[target], **override}
+            channels[target] = _override(channels[target], override)
             # Keys the device overrides point at the device file; the rest at the profile.
             for key in override:
                 origins[(*device_path, "channels", target, key)] = _Origin(
@@ -371,6 +408,11 @@ def _site_must_set(
             for channel in device.get("channels") or []:
                 if isinstance(channel, dict) and channel.get("name") == parts[1]:
                     stated = parts[2] in channel
+            if parts[2] == "register":  # a register copied from a list counts too
+                stated = stated or any(
+                    isinstance(c, dict) and c.get("name") == parts[1] and "register_number" in c
+                    for c in device.get("channels") or []
+                )
         elif len(parts) == 1:
             stated = parts[0] in device
         if not stated:
@@ -607,7 +649,7 @@ def _load_settings(config_path: Path) -> tuple[Settings, tuple[Problem, ...]]:
         where = _locate(key_path, doc, origins)
         warnings.append(Problem(where.file, where.line, format_key_path(key_path), hint))
     warnings.extend(_warnings(settings, doc))
-    return settings, tuple(sorted(set(warnings), key=_problem_sort_key))
+    return settings, tuple(sorted(set(warnings), key=lambda w: (*_problem_sort_key(w), w.message)))
 
 
 def _warnings(settings: Settings, doc: _Located) -> list[Problem]:

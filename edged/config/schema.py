@@ -209,6 +209,11 @@ class _RegisterMap(_Strict):
     )
     scale: float = Field(1.0, description="factor applied to the raw value")
     scale_register: Annotated[ScaleRegister | None, BeforeValidator(_register_shorthand)] = None
+    not_implemented: int | None = Field(
+        None,
+        description="raw value by which the meter says 'not implemented' (SunSpec: -32768 "
+        "for int16, 0 for acc32): no value is recorded for that read",
+    )
     ratios: Ratios = Field(
         "auto",
         description="device CT/VT ratios applied: auto = by unit (energy/power: CT x VT, "
@@ -593,6 +598,17 @@ def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, dict) else value
 
 
+class SunSpecDiscovery(_Strict):
+    """The device is a SunSpec meter: before reading, edged finds the "SunS" marker
+    (at 0, 40000 or 50000) and the first of `models` in the model chain; channel and
+    measurement `register`s (and scale registers) are offsets from that model's id
+    register. Set by `profile: sunspec`."""
+
+    models: tuple[int, ...] = Field(
+        (201, 202, 203, 204), min_length=1, description="model ids to look for, in order"
+    )
+
+
 class Device(_Strict):
     id: str = Field(pattern=IDENT_RE)
     profile: str | None = None
@@ -649,6 +665,9 @@ class Device(_Strict):
     measurements: Measurements | None = None
     channel_count: int | None = Field(
         None, ge=1, le=1024, description="channels expanded from a channel_template"
+    )
+    sunspec: SunSpecDiscovery | None = Field(
+        None, description="find a SunSpec model first; registers are offsets into it"
     )
     compensation: Compensation | None = Field(
         None, description="instrument-transformer correction and loss compensation"

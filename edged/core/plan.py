@@ -84,8 +84,9 @@ class DevicePlan:
     measure_every_s: float | None
 
 
-def _point(name: str, spec: _RegisterMap) -> Point:
-    return Point(name, spec.function, spec.address, spec.type, spec.word_order, spec.byte_order)
+def _point(name: str, spec: _RegisterMap, base: int = 0) -> Point:
+    return Point(name, spec.function, base + spec.address, spec.type, spec.word_order,
+                 spec.byte_order)  # fmt: skip
 
 
 def _sf_name(function: str, address: int) -> str:
@@ -93,36 +94,41 @@ def _sf_name(function: str, address: int) -> str:
 
 
 def _register_plan(
-    specs: Sequence[_RegisterMap], *, counters: bool
+    specs: Sequence[_RegisterMap], *, counters: bool, base: int = 0
 ) -> tuple[list[Point], list[ValueSpec]]:
     points: dict[str, Point] = {}
     values: list[ValueSpec] = []
     for spec in specs:
-        points[spec.name] = _point(spec.name, spec)
+        points[spec.name] = _point(spec.name, spec, base)
         sf_point = None
         if spec.scale_register is not None:
             sf = spec.scale_register
-            sf_point = _sf_name(sf.function, sf.address)
-            points[sf_point] = Point(sf_point, sf.function, sf.address, sf.type)
+            sf_point = _sf_name(sf.function, base + sf.address)
+            points[sf_point] = Point(sf_point, sf.function, base + sf.address, sf.type)
+        na = spec.not_implemented
         if counters:
             # Counters stay in counts: scale and CT/VT live in Channel.multiplier.
             values.append(ValueSpec(spec.name, spec.name, sf_point=sf_point,
-                                    m10k=spec.encoding == "m10k"))  # fmt: skip
+                                    m10k=spec.encoding == "m10k", not_implemented=na))  # fmt: skip
         else:
             assert isinstance(spec, MeasurementPoint)
             factor = spec.scale * spec.ratio_factor
             values.append(ValueSpec(spec.name, spec.name, scale=factor, offset=spec.offset,
-                                    sf_point=sf_point, m10k=spec.encoding == "m10k"))  # fmt: skip
+                                    sf_point=sf_point, m10k=spec.encoding == "m10k",
+                                    not_implemented=na))  # fmt: skip
     return list(points.values()), values
 
 
-def plan_device(device: Device) -> DevicePlan:
+def plan_device(device: Device, *, base_address: int = 0) -> DevicePlan:
     """Turn a device's config into its read plans (pure; coalesced with ``max_gap``).
 
-    Raises ``ValueError`` if the register map cannot be read (two channels
-    named like a status point, say) — config validation makes that rare.
+    ``base_address`` is added to every channel and measurement register (and
+    their scale registers): a SunSpec device's registers are offsets into the
+    model found on the meter. Raises ``ValueError`` if the register map cannot
+    be read (two channels named like a status point, say) — config validation
+    makes that rare.
     """
-    points, values = _register_plan(device.channels, counters=True)
+    points, values = _register_plan(device.channels, counters=True, base=base_address)
     optional: list[Point] = []
     status: list[StatusSpec] = []
     for word in device.status:
@@ -154,7 +160,9 @@ def plan_device(device: Device) -> DevicePlan:
     measurements = None
     every = None
     if device.measurements is not None:
-        m_points, m_values = _register_plan(device.measurements.points, counters=False)
+        m_points, m_values = _register_plan(
+            device.measurements.points, counters=False, base=base_address
+        )
         measurements = build_plan(m_points, m_values, max_gap=device.max_gap)
         every = device.measurements.every
     return DevicePlan(device.transport.unit_id, boundary, measurements, every)

@@ -450,6 +450,7 @@ class ValueSpec:
     offset: float = 0.0
     sf_point: str | None = None
     m10k: bool = False
+    not_implemented: int | None = None  # raw value meaning "not implemented" (SunSpec)
 
 
 @dataclass(frozen=True, slots=True)
@@ -562,8 +563,11 @@ def _times(value: int | float, factor: float) -> int | float:
 
 
 def scaled_value(spec: ValueSpec, decoded: Mapping[str, int | float]) -> int | float | None:
-    """One value of a plan from the decoded points (None: the meter says n/a)."""
+    """One value of a plan from the decoded points (None: the meter says n/a: the
+    raw value is ``not_implemented`` or the scale factor is -32768)."""
     raw = decoded[spec.point]
+    if spec.not_implemented is not None and raw == spec.not_implemented:
+        return None
     if spec.m10k:
         # Valid M10K pairs share one sign, so a negative decode means the signed format.
         raw = m10k(raw, signed=raw < 0)
@@ -632,7 +636,7 @@ def apply_plan(
     for spec in plan.values:
         value = scaled_value(spec, decoded)
         if value is None:
-            problems.append(f"{spec.name}: scale factor not implemented")
+            problems.append(f"{spec.name}: not implemented (value or scale factor)")
             continue
         values[spec.name] = value
         if spec.sf_point is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ class GoldenRow:
     tolerance: float | None
     source_kind: str
     citation: str
+    offset: int | None = None  # SunSpec: offset from the model's id register
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,6 +81,8 @@ class GoldenTable:
     templates: tuple[Template, ...]
     verified_profile: bool
     data: Mapping[str, Any]  # the whole file, for the evidence that is not a row
+    # Registers a meter serves besides the rows (the SunSpec marker and model chain).
+    extra_registers: Mapping[tuple[str, int], int] = field(default_factory=dict)
 
     def named(self, name: str) -> list[GoldenRow]:
         """Every row (variants included) called ``name``."""
@@ -134,6 +137,7 @@ def _shift(row: GoldenRow, template: Template, n: int) -> GoldenRow:
         tolerance=row.tolerance,
         source_kind=row.source_kind,
         citation=f"{row.citation} (template {template.pattern}, n={n})",
+        offset=row.offset,
     )
 
 
@@ -176,6 +180,7 @@ def _row(entry: Any, where: str, documents: set[str]) -> GoldenRow:
         tolerance=entry.get("tolerance"),
         source_kind=str(entry["source_kind"]),
         citation=citation,
+        offset=entry.get("offset"),
     )
 
 
@@ -202,6 +207,12 @@ def load_table(path: Path) -> GoldenTable:
             )
             if not any(r.name == spec["first"] for r in rows):
                 raise GoldenError(f"{path}: template {key} names unknown row {spec['first']}")
+    extra: dict[tuple[str, int], int] = {}
+    discovery = data.get("discovery_vector")
+    if isinstance(discovery, dict):
+        for entry in discovery.get("registers") or []:
+            words = _words(entry.get("raw"), str(path))
+            extra.update({("holding", int(entry["address"]) + i): w for i, w in enumerate(words)})
     return GoldenTable(
         profile=data["profile"],
         path=path,
@@ -210,6 +221,7 @@ def load_table(path: Path) -> GoldenTable:
         templates=tuple(templates),
         verified_profile=bool(data.get("verified_profile", False)),
         data=data,
+        extra_registers=extra,
     )
 
 
@@ -241,8 +253,9 @@ def golden_meter(table: GoldenTable, rows: Sequence[GoldenRow] | None = None) ->
     meters that answer reads spanning unused registers; above the highest
     listed register a read is an illegal-address exception."""
     chosen = [r for r in (table.rows if rows is None else rows) if r.variant is None]
+    image = {**table.extra_registers, **register_image(chosen)}
     points = [
         StaticPoint(f"{function}.{address}", address, word, Table(function), DataType.UINT16)
-        for (function, address), word in sorted(register_image(chosen).items())
+        for (function, address), word in sorted(image.items())
     ]
     return SimulatedMeter(points, fill_gaps=True)

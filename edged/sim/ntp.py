@@ -1,6 +1,7 @@
 """A small NTP server for tests: answers with its local time plus an offset.
 
-``python -m edged.sim.ntp --port P --offset S [--unreachable] [--unsynced]``
+``python -m edged.sim.ntp --port P --offset S [--unreachable] [--unsynced]
+[--control FILE]``
 
 It answers client (mode 3) requests of NTP versions 1-4 with a server
 (mode 4) reply in the request's version, stratum 1, whose receive and
@@ -8,19 +9,27 @@ transmit timestamps are ``now + offset_s``; a client therefore measures an
 offset of ``offset_s``. ``unsynced`` answers with stratum 16 and leap
 indicator 3 (alarm), as a server that lost its reference does;
 ``unreachable`` drops every request. All three are attributes that tests
-change at runtime.
+change at runtime; a server in another process is steered through its
+control file (``--control FILE``): a JSON object such as
+``{"offset": -3.0, "unreachable": false, "unsynced": false}`` (or just a
+number, the offset), re-read whenever it changes, so an integration test can
+step true time backward or forward, or silence the server, while edged runs:
+
+    echo '{"offset": -3.0}' > ntp.control   # true time steps 3 s back
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import math
 import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -113,6 +122,7 @@ class NtpServer:
         unsynced: bool = False,
         unreachable: bool = False,
         now_s: Callable[[], float] = time.time,
+        control: Path | None = None,
     ) -> None:
         self.offset_s = offset_s
         self.unsynced = unsynced
@@ -120,9 +130,44 @@ class NtpServer:
         self.now_s = now_s
         self.answered = 0
         self.dropped = 0
+        self.control = control
+        self._control_seen: tuple[int, int] | None = None
         self._transport: asyncio.DatagramTransport | None = None
 
+    def read_control(self) -> None:
+        """Apply the control file if it changed since last read (see the module doc)."""
+        if self.control is None:
+            return
+        try:
+            stat = self.control.stat()
+            seen = (stat.st_mtime_ns, stat.st_size)
+            if seen == self._control_seen:
+                return
+            text = self.control.read_text()
+        except OSError:
+            return
+        try:
+            data = json.loads(text)
+        except ValueError:
+            log.warning("control file %s is not JSON: %r", self.control, text)
+            return
+        self._control_seen = seen
+        if isinstance(data, int | float) and not isinstance(data, bool):
+            data = {"offset": data}
+        if not isinstance(data, dict):
+            log.warning("control file %s: expected an object or a number", self.control)
+            return
+        if "offset" in data:
+            self.offset_s = float(data["offset"])
+        if "unreachable" in data:
+            self.unreachable = bool(data["unreachable"])
+        if "unsynced" in data:
+            self.unsynced = bool(data["unsynced"])
+        log.info("control: offset=%s unreachable=%s unsynced=%s",
+                 self.offset_s, self.unreachable, self.unsynced)  # fmt: skip
+
     def answer(self, request: bytes) -> bytes | None:
+        self.read_control()
         if self.unreachable:
             self.dropped += 1
             return None
@@ -172,11 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--offset", type=float, default=0.0, help="seconds added to local time")
     parser.add_argument("--unreachable", action="store_true", help="drop every request")
     parser.add_argument("--unsynced", action="store_true", help="answer stratum 16, leap 3")
+    parser.add_argument(
+        "--control",
+        type=Path,
+        default=None,
+        help='JSON file re-read when it changes: {"offset": S, "unreachable": B, "unsynced": B}',
+    )
     return parser
 
 
 async def _run(args: argparse.Namespace) -> int:
-    server = NtpServer(args.offset, unsynced=args.unsynced, unreachable=args.unreachable)
+    server = NtpServer(
+        args.offset, unsynced=args.unsynced, unreachable=args.unreachable, control=args.control
+    )
     try:
         port = await server.start(args.host, args.port)
     except OSError as exc:

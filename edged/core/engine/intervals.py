@@ -58,8 +58,9 @@ Float registers and their resolution limit
     `RESOLUTION_FRACTION` (0.1 %) of an interval's delta the engine emits a
     ``counter_resolution`` event (once per channel; sticky in the state)
     because the per-interval split can no longer be billing grade; use an
-    integer or float64 register for such meters. (No interval flag exists for
-    this yet; see the issue note.)
+    integer or float64 register for such meters. Such a record (and a zero
+    delta on a float register that resolves a whole unit or worse) carries
+    ESTNEEDED: not actual, kept out of peaks (issue 13).
 
 Gaps (``gaps:`` per device)
     Every boundary gets a record. A boundary without a good read is MISSING
@@ -87,6 +88,18 @@ Flags (docs/flags.md)
     the interval ending at the spring-forward instant is still standard time);
     PARTIAL/LONG from true vs nominal duration (`IRREGULAR_TOLERANCE_S`,
     or 1 % of intervals shorter than 100 s);
+    real elapsed time (issue 13, docs/time.md): the reads carry their
+    monotonic time (`Read.mono_s`), so the engine knows how long a record
+    really lasted; when that differs from the reference span by more than
+    max(device ``elapsed_tolerance``, ``elapsed_tolerance_fraction`` x
+    interval), the record reports the real time in ``duration_s``, gets
+    PARTIAL or LONG by it, and its demand is value / real time; a regular
+    record reports its nominal length;
+    TIME_ADJUSTED on the first record read on confirmed time after records
+    on assumed time (`ChannelState.assumed`); flags of a read for a boundary
+    already closed are carried to the next record (`ChannelState.carry`);
+    POWER_FAIL on every record, MISSING ones included, whose interval
+    overlaps an outage window the shell passes (`Read.outages`);
     ROLLOVER on an accepted wrap; COUNTER_RESET as above; MISSING without a
     good read, plus DEVICE_ERROR when the meter answered with Modbus exception
     4 (server device failure) or a non-finite float (data not valid);
@@ -197,6 +210,10 @@ class ChannelState:
     # The last records were built on assumed time (AMT): the next record on
     # confirmed time is the one in which assumed time ended (TIME_ADJUSTED).
     assumed: bool = False
+    # Flags of reads for boundaries already closed (the reference went back
+    # behind the last record): they go on the next record emitted, so a time
+    # event is never lost with a read that closes nothing.
+    carry: frozenset[Flag] = frozenset()
 
     def to_json(self) -> str:
         """The whole state as JSON text, for the shell to persist."""
@@ -219,6 +236,7 @@ class ChannelState:
                 "rolling": [[_iso(e.start), _iso(e.end), e.energy] for e in self.rolling],
                 "coarse": self.coarse,
                 "assumed": self.assumed,
+                "carry": sorted(str(f) for f in self.carry),
             },
             separators=(",", ":"),
         )
@@ -250,6 +268,7 @@ class ChannelState:
             ),
             coarse=bool(data.get("coarse", False)),
             assumed=bool(data.get("assumed", False)),
+            carry=frozenset(Flag(f) for f in data.get("carry", [])),
         )
 
 
@@ -689,6 +708,14 @@ class _Builder:
         start = self.start_of(end)
         nominal_s = (end - start).total_seconds()
         duration_s = (end - since).total_seconds()
+        if duration_s <= 0:
+            # The counter was taken at a later reference time than this
+            # boundary: the reference went back in between (across a restart,
+            # where the monotonic clock cannot say by how much). Never a
+            # negative length: zero, flagged, and no demand.
+            flags = flags | {Flag.CLOCK_SET_BACKWARD}
+            if real_s is None:
+                duration_s = 0.0
         irregular = self.irregular(duration_s, nominal_s)
         elapsed = real_s is not None and abs(real_s - duration_s) > self.elapsed_tolerance(
             nominal_s
@@ -709,6 +736,10 @@ class _Builder:
         # is its average over the time it really covers, so a LONG record
         # closing a gap does not show a false spike. Suspended on AMT.
         regular = not elapsed and {Flag.PARTIAL, Flag.LONG}.isdisjoint(flags)
+        if regular:
+            # Within the tolerance of nominal: a regular record has its
+            # nominal length (a read a few ms off the boundary is not news).
+            duration_s = nominal_s
         hours = Decimal(repr(nominal_s if regular else duration_s)) / 3600
         record_demand = None
         if self.channel.demand_unit is not None and Flag.AMT not in flags and hours > 0:
@@ -825,6 +856,8 @@ def step_channel(
     state = state or ChannelState()
     end = read.boundary
     if state.last_end is not None and end <= state.last_end:
+        if read.flags - state.carry:
+            return ChannelStep(replace(state, carry=state.carry | read.flags), (), ())
         return ChannelStep(state, (), ())
     build = _Builder(channel, ctx)
     interval_s = ctx.device.interval_s
@@ -921,10 +954,15 @@ def _time_adjusted(raw: list[Interval], state: ChannelState, read: Read) -> list
     time was confirmed before any record closed published no AMT record and
     marks nothing.
     """
-    if not raw or not state.assumed or read.time_state is TimeState.ASSUMED:
+    if not raw:
+        return raw
+    extra = set(state.carry)
+    if state.assumed and read.time_state is not TimeState.ASSUMED:
+        extra.add(Flag.TIME_ADJUSTED)
+    if not extra:
         return raw
     last = raw[-1]
-    return [*raw[:-1], replace(last, flags=last.flags | {Flag.TIME_ADJUSTED})]
+    return [*raw[:-1], replace(last, flags=last.flags | extra)]
 
 
 def _prorate(
@@ -1004,7 +1042,7 @@ def _finish(
     assumed = any(r.time_state is TimeState.ASSUMED for r in records[-1:]) or (
         not records and state.assumed
     )
-    new = replace(state, last_end=end, rolling=rolling, assumed=assumed)
+    new = replace(state, last_end=end, rolling=rolling, assumed=assumed, carry=frozenset())
     return ChannelStep(new, tuple(records), tuple(events))
 
 
