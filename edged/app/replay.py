@@ -41,8 +41,8 @@ from edged.io.mqtt import (
     Publisher,
     broker_addresses,
     mqtt_client,
-    send_window,
 )
+from edged.io.paho_window import send_window
 from edged.io.queries import IntervalQuery
 from edged.io.store import OutboxMessage, Store
 
