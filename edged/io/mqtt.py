@@ -39,6 +39,7 @@ from paho.mqtt.properties import Properties
 from edged.config.schema import Mqtt
 from edged.core.backoff import Backoff
 from edged.core.payloads import encode
+from edged.io.brokerdiag import explain_connect_error
 from edged.io.store import OutboxRow, Store
 
 log = structlog.get_logger("edged.io.mqtt")
@@ -237,6 +238,8 @@ class Publisher:
         self._responses: list[_Response] = []
         # Lowest seq of replayed rows queued since the session last looked.
         self._backlog_from: int | None = None
+        # Why the last session ended or never started (for a person reading it).
+        self.last_error: str | None = None
 
     def accept_commands(
         self,
@@ -301,8 +304,16 @@ class Publisher:
                 # Fail over: the next broker in the list gets the next attempt.
                 self._broker_index = (self._broker_index + 1) % len(self._brokers)
                 delay_s = self._backoff.failed()
-                log.warning("mqtt disconnected", broker=f"{broker.host}:{broker.port}",
-                            error=str(exc), retry_in_s=delay_s)  # fmt: skip
+                address = f"{broker.host}:{broker.port}"
+                refused = explain_connect_error(exc, self._settings, address)
+                self.last_error = refused or str(exc)
+                if refused is not None:
+                    # Retrying cannot help until someone fixes the config or the broker.
+                    log.error("mqtt connection refused", broker=address, error=refused,
+                              retry_in_s=delay_s)  # fmt: skip
+                else:
+                    log.warning("mqtt disconnected", broker=address,
+                                error=str(exc), retry_in_s=delay_s)  # fmt: skip
                 await self._sleep_or_stop(delay_s)
 
     async def stop(self, final_retained: dict[str, dict[str, Any]]) -> None:

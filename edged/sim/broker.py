@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -35,6 +36,8 @@ class Mosquitto:
     # Send each PUBACK at once instead of letting Nagle hold it for the
     # client's delayed ACK (the benchmarks measure the client, not that wait).
     tcp_nodelay: bool = False
+    # A mosquitto_passwd file: then only its users may connect (no anonymous).
+    password_file: Path | None = None
 
     @property
     def host(self) -> str:
@@ -47,8 +50,16 @@ class Mosquitto:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
+            + (
+                # mosquitto started as root drops to its own user before it reads
+                # the password file, which then lies in a directory only we may
+                # read (a test's tmp_path): keep the user it was started as.
+                f"allow_anonymous false\npassword_file {self.password_file}\n"
+                + ("user root\n" if os.geteuid() == 0 else "")
+                if self.password_file is not None
+                else "allow_anonymous true\n"
+            )
+            + "persistence false\n"
             "max_queued_messages 1000000\n"
             f"log_dest file {self.workdir / 'mosquitto.log'}\n"
             + ("set_tcp_nodelay true\n" if self.tcp_nodelay else "")
