@@ -23,6 +23,7 @@ from edged.io.brokerdiag import explain_connect_error
 from edged.io.mqtt import Publisher
 from edged.io.store import OutboxMessage, Store
 from edged.sim.broker import Mosquitto, free_port, mosquitto_path
+from tests.test_cli import edged, populate
 
 pytestmark = pytest.mark.integration
 
@@ -161,3 +162,24 @@ def test_bad_user_name_or_password_names_what_edged_sent() -> None:
     assert "refused the credentials" in str(
         explain_connect_error(MqttConnectError(4), settings, "b:1883")
     )
+
+
+async def test_edged_replay_says_the_broker_refused_the_credentials(
+    tmp_path: Path, locked_broker: Mosquitto
+) -> None:
+    """The operator's `edged replay` connects with the service's settings: a
+    refusal there names the keys too."""
+    populated = await populate(tmp_path)
+    wrong = tmp_path / "mqtt.password"
+    wrong.write_text("battery staple\n")
+    config = populated.config.with_name("replay.yaml")
+    config.write_text(
+        populated.config.read_text()
+        + f"mqtt: {{host: 127.0.0.1, port: {locked_broker.port}, username: {USER},"
+        f" password_file: {wrong}}}\n"
+    )
+    result = edged("replay", "-c", str(config), "--from", "2026-09-27", "--to", "2026-09-28")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "cannot connect to the MQTT broker: the broker 127.0.0.1:" in result.stderr
+    assert f"refused user '{USER}'" in result.stderr
+    assert "check mqtt.username and mqtt.password_file / mqtt.password_env" in result.stderr
