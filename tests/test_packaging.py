@@ -74,6 +74,12 @@ def run_from(archive: Path, code: str, cwd: Path) -> subprocess.CompletedProcess
     )
 
 
+def test_no_schemas_outside_the_package() -> None:
+    """The JSON Schemas moved into the package (edged/schemas/); one added at the
+    old place would not ship and would not be checked."""
+    assert not (ROOT / "schemas").exists(), "JSON Schemas belong in edged/schemas/"
+
+
 def test_shipped_profiles_and_schemas_are_package_data() -> None:
     from importlib.resources import files
 
