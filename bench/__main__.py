@@ -43,6 +43,7 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
     "store": (["--seconds", "1", "--devices", "1000"], ["--seconds", "5", "--devices", "1000"]),
     "drain": (["--backlog", "20000", "--live", "20"], ["--backlog", "100000", "--live", "20"]),
     "rtu": (["--seconds", "1"], ["--seconds", "3"]),
+    "multimaster": (["--seconds", "10"], ["--seconds", "60"]),
     "readpath": (
         ["--devices", "50", "--seconds", "3", "--rounds", "1"],
         ["--devices", "100", "--seconds", "6", "--rounds", "2"],

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
+import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +15,68 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from hypothesis import HealthCheck, settings
 
 from edged.sim.broker import Mosquitto, free_port, mosquitto_path
 
+# Property tests judge the code, not the machine: no per-example deadline and no
+# "input generation too slow" health check, both wall-clock bounds that fail on
+# a loaded machine (explicit @settings on a test still override the rest).
+settings.register_profile("edged", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("edged")
+
 MOSQUITTO = mosquitto_path()
 Broker = Mosquitto
+
+
+@pytest.fixture(autouse=True)
+def _fast_lane_is_honest(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test not marked ``integration`` may not open a socket, start a process
+    or open a pty: `pytest -m "not integration"` stays a fast, self-contained lane.
+
+    The event loop's own socketpair wraps existing descriptors (``fileno`` given)
+    and is allowed. A violation fails the test even when the code under test
+    swallows the exception raised here."""
+    if request.node.get_closest_marker("integration") is not None:
+        yield
+        return
+    violations: list[str] = []
+
+    def forbid(what: str) -> None:
+        violations.append(what)
+        raise IntegrationOnly(
+            f"{request.node.nodeid} {what}: mark it @pytest.mark.integration "
+            "(or pytestmark = pytest.mark.integration for the module)"
+        )
+
+    real_socket_init = socket.socket.__init__
+    real_openpty = os.openpty
+
+    def socket_init(self: socket.socket, *args: Any, **kwargs: Any) -> None:
+        fileno = args[3] if len(args) > 3 else kwargs.get("fileno")
+        if fileno is None:
+            forbid("opens a socket")
+        real_socket_init(self, *args, **kwargs)
+
+    def popen_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+        forbid("starts a process")
+
+    def openpty() -> tuple[int, int]:
+        forbid("opens a pty")
+        return real_openpty()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "__init__", socket_init)
+        patch.setattr(subprocess.Popen, "__init__", popen_init)
+        patch.setattr(os, "openpty", openpty)
+        yield
+    if violations:
+        pytest.fail(f"{request.node.nodeid} {violations[0]} but is not marked integration")
+
+
+class IntegrationOnly(BaseException):
+    """Raised by the fast-lane guard (a BaseException: `except Exception` in the
+    code under test must not hide it)."""
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ PURE_MODULES = (
 )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("module", PURE_MODULES)
 def test_importing_the_core_loads_no_io_library(module: str) -> None:
     probe = (

@@ -159,7 +159,8 @@ async def populate(tmp_path: Path) -> Populated:
                     ok=not (device.id == "unit2" and boundary == UNIT2_FAILS_AT),
                 )
                 ctx = IntervalContext("cli-site", device, NZ)
-                states[device.id], new = engine.close_device(states[device.id], read, ctx)
+                step = engine.step_device(states[device.id], read, ctx)
+                states[device.id], new = dict(step.states), list(step.records)
                 pairs, messages = [], []
                 for record in new:
                     seq = store.allocate_seq()
@@ -224,6 +225,7 @@ def test_fixture_covers_the_interesting_cases(populated: Populated) -> None:
 # -- --help ---------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command: str) -> None:
     result = edged(command, "--help", check=True)
@@ -231,18 +233,21 @@ def test_every_command_has_help(command: str) -> None:
     assert result.stderr == ""
 
 
+@pytest.mark.integration
 def test_top_level_help_lists_every_command() -> None:
     result = edged("--help", check=True)
     for command in COMMANDS:
         assert command in result.stdout
 
 
+@pytest.mark.integration
 def test_unknown_command_is_a_usage_error() -> None:
     result = edged("frobnicate")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
 
 
+@pytest.mark.integration
 def test_check_config_still_works(populated: Populated) -> None:
     result = edged("check-config", "-c", str(populated.config), check=True)
     assert "OK - site cli-site, 2 device(s), 3 channel(s)" in result.stdout
@@ -251,6 +256,7 @@ def test_check_config_still_works(populated: Populated) -> None:
 # -- intervals: CSV -------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_csv_round_trips_the_store(populated: Populated) -> None:
     result = edged(
         "intervals",
@@ -281,6 +287,7 @@ def test_csv_round_trips_the_store(populated: Populated) -> None:
     assert missing["demand"] == ""
 
 
+@pytest.mark.integration
 def test_csv_rows_match_the_engine_exactly(populated: Populated) -> None:
     result = edged(
         "intervals",
@@ -311,6 +318,7 @@ def test_csv_rows_match_the_engine_exactly(populated: Populated) -> None:
     assert all(r["demand"] == 1010.88 for r in full)
 
 
+@pytest.mark.integration
 def test_device_and_channel_filters(populated: Populated) -> None:
     result = edged(
         "intervals",
@@ -334,6 +342,7 @@ def test_device_and_channel_filters(populated: Populated) -> None:
     assert any("ROLLOVER" in r["flags"] for r in rows)
 
 
+@pytest.mark.integration
 def test_local_range_across_dst_start(populated: Populated) -> None:
     """01:00 to 04:00 local on the day DST starts is only two real hours."""
     local = edged(
@@ -371,6 +380,7 @@ def test_local_range_across_dst_start(populated: Populated) -> None:
     assert ends[-1] == "2026-09-26T15:00:00Z"
 
 
+@pytest.mark.integration
 def test_json_is_the_stored_payloads(populated: Populated, tmp_path: Path) -> None:
     out = tmp_path / "export.json"
     result = edged(
@@ -392,6 +402,7 @@ def test_json_is_the_stored_payloads(populated: Populated, tmp_path: Path) -> No
     assert json.loads(out.read_text()) == stored(populated.db)
 
 
+@pytest.mark.integration
 def test_empty_range(populated: Populated) -> None:
     result = edged(
         "intervals",
@@ -409,6 +420,7 @@ def test_empty_range(populated: Populated) -> None:
     assert "no intervals" in result.stderr
 
 
+@pytest.mark.integration
 def test_table_shows_local_times(populated: Populated) -> None:
     result = edged(
         "intervals",
@@ -429,6 +441,7 @@ def test_table_shows_local_times(populated: Populated) -> None:
     assert "DST" in lines[2]
 
 
+@pytest.mark.integration
 def test_default_range_is_the_last_day(populated: Populated) -> None:
     # The fixture's data is from 2026-09; the last 24 h before --to holds all of it.
     result = edged(
@@ -444,6 +457,7 @@ def test_default_range_is_the_last_day(populated: Populated) -> None:
     assert len(parse_csv(result.stdout)) == len(populated.records)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -461,6 +475,7 @@ def test_bad_times_are_usage_errors(
     assert message in result.stderr
 
 
+@pytest.mark.integration
 def test_missing_store_is_reported(tmp_path: Path) -> None:
     config = tmp_path / "edged.yaml"
     config.write_text(CONFIG.format(db=tmp_path / "nowhere.db"))
@@ -471,6 +486,7 @@ def test_missing_store_is_reported(tmp_path: Path) -> None:
     assert not (tmp_path / "nowhere.db").exists()  # read-only: never creates one
 
 
+@pytest.mark.integration
 def test_reading_a_stopped_store_creates_no_files(populated: Populated) -> None:
     """Run as root against a stopped daemon's store, a reader must not leave root-owned
     -wal/-shm files behind that the daemon's own user could not open later."""
@@ -481,6 +497,7 @@ def test_reading_a_stopped_store_creates_no_files(populated: Populated) -> None:
     assert sorted(p.name for p in populated.db.parent.iterdir()) == beside
 
 
+@pytest.mark.integration
 def test_invalid_config_is_reported(tmp_path: Path) -> None:
     config = tmp_path / "edged.yaml"
     config.write_text("site: x\ndevices: []\nbogus: 1\n")
@@ -489,6 +506,7 @@ def test_invalid_config_is_reported(tmp_path: Path) -> None:
     assert "bogus: unknown key" in result.stderr
 
 
+@pytest.mark.integration
 def test_db_option_reads_another_store(populated: Populated, tmp_path: Path) -> None:
     config = tmp_path / "other.yaml"
     config.write_text(CONFIG.format(db=tmp_path / "elsewhere.db"))
@@ -662,6 +680,7 @@ async def test_status_counts_consecutive_failures(tmp_path: Path) -> None:
     assert "last 3 read(s) failed" in alarm.message
 
 
+@pytest.mark.integration
 def test_status_command(populated: Populated) -> None:
     # The data is from 2026-09: seen from today everything is stale -> exit 3.
     result = edged("status", "-c", str(populated.config))

@@ -147,6 +147,7 @@ def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration_s(text) == seconds
 
 
+@pytest.mark.integration
 def test_check_config_command(tmp_path: Path) -> None:
     good = write(tmp_path, GOOD)
     ok = subprocess.run(

@@ -63,3 +63,14 @@ def test_demo_live_view_shows_the_station_total() -> None:
     rows = [line for line in result.stdout.splitlines() if "station/total_import" in line]
     assert any(re.search(r"\d+\.\d{3} kWh", row) for row in rows), result.stdout
     assert any("pmc1/energy_import" in line for line in result.stdout.splitlines())
+
+
+def test_demo_sparkplug_shows_births_and_interval_data_decoded() -> None:
+    result = run_demo("--duration", "8", "--interval", "2", "--plain", "--sparkplug")
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("sparkplug NBIRTH seq=0: bdSeq=") for line in lines), result.stdout
+    births = {line.split()[2] for line in lines if line.startswith("sparkplug DBIRTH ")}
+    assert births == {"pmc1", "ion8600", "station"}, result.stdout
+    data = [line for line in lines if line.startswith("sparkplug DDATA station ")]
+    assert any(re.search(r"interval/total_import=\d+\.\d+ Quality=(192|64)", x) for x in data)
+    assert "spBv1.0/demo/#" in result.stdout

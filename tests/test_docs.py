@@ -30,6 +30,7 @@ PAGES = (
     "deployment.md",
     "scaling.md",
     "profiles.md",
+    "multimaster.md",
 )
 REGENERATE = "stale: run `python -m tools.docgen --write` and commit docs/"
 
@@ -41,6 +42,7 @@ def test_generated_docs_are_fresh(filename: str, build: object) -> None:
     assert committed == build(), f"docs/{filename} is {REGENERATE}"
 
 
+@pytest.mark.integration
 def test_docgen_command_prints_the_configuration_reference() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tools.docgen"], capture_output=True, text=True, cwd=ROOT

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edged.config.schema import Device
+from edged.core.demand import block_demand
 from edged.core.engine.intervals import (
     ChannelState,
     GapRun,
@@ -26,14 +27,10 @@ from edged.core.engine.intervals import (
     baseline,
     baseline_device,
     check_delta,
-    close_boundary,
-    close_device,
     counter_decimal,
     counter_delta,
     default_max_demand,
-    demand,
     device_problems,
-    energy,
     step_channel,
     step_device,
     validate_amt_rule,
@@ -151,10 +148,10 @@ def test_pmc1_worked_example() -> None:
 
 
 def test_energy_and_demand_are_decimal_exact() -> None:
-    assert energy(1754, 0.144) == 252.576
-    assert energy(3, 0.144) == 0.432
-    assert 3 * 0.144 != 0.432  # what float arithmetic would have published
-    assert demand(252.576, 0.25) == 1010.304
+    assert 3 * 0.144 != 0.432  # float arithmetic would publish 0.43199999999999994
+    _, record, _ = one(started(1_000_000), boundary_read(T0 + Q, 1_000_003))
+    assert record.value == 0.432
+    assert block_demand(252.576, 0.25) == 1010.304
     assert counter_delta(65_000, 500, 65_536).counts == 1036
     assert counter_delta(65_000, 500, 65_536).wrapped
 
@@ -166,7 +163,7 @@ def test_first_interval_after_startup_baseline_is_partial() -> None:
     state, record, _ = one(state, boundary_read(T0 + Q, 1_000_100))
     assert Flag.PARTIAL in record.flags
     assert record.duration_s == 300.0
-    assert record.value == energy(100, 0.144)
+    assert record.value == 14.4
     # Demand over the 5 minutes it really covers.
     assert record.demand == pytest.approx(14.4 / (300 / 3600))
 
@@ -183,7 +180,7 @@ def test_persisted_counter_wins_over_fresh_baseline_and_down_boundaries_are_miss
     assert ends == [T0 + Q, T0 + 2 * Q, T0 + 3 * Q, T0 + 4 * Q]
     assert all(r.flags == {Flag.MISSING} and r.value is None for r in step.records[:3])
     closing = step.records[3]
-    assert closing.value == energy(400, 0.144)  # nothing lost across the restart
+    assert closing.value == 57.6  # nothing lost across the restart
     assert Flag.LONG in closing.flags
     assert closing.duration_s == 3600.0
 
@@ -239,28 +236,13 @@ def test_first_good_read_without_a_counter_is_missing_then_baselines() -> None:
     assert record.flags == frozenset()
 
 
-def test_compat_entry_points_return_two_tuples() -> None:
-    ctx = make_ctx()
-    _state, records = close_boundary(
-        started(1_000_000), boundary_read(T0 + Q, 1_001_754), ctx.device.channels[0], ctx
-    )
-    assert [r.value for r in records] == [252.576]
-    states, records = close_device({CH: started(1_000_000)}, boundary_read(T0 + Q, 1_001_754), ctx)
-    assert states[CH].counter == 1_001_754
-    assert [r.value for r in records] == [252.576]
-
-
-# --------------------------------------------------------------------------
-# Counter arithmetic: rollover, reset, plausibility
-
-
 def uint16_ctx(**channel: Any) -> IntervalContext:
     return make_ctx(make_device({"type": "uint16", **channel}))
 
 
 def test_plausible_wrap_gives_energy_and_rollover() -> None:
     state, record, events = one(started(65_000), boundary_read(T0 + Q, 500), uint16_ctx())
-    assert record.value == energy(1036, 0.144)
+    assert record.value == 149.184
     assert Flag.ROLLOVER in record.flags
     assert quality(record.flags) is Quality.ACTUAL  # information only
     assert events == ()
@@ -304,7 +286,7 @@ def test_implausible_wrap_is_counter_reset_with_event_and_rebaseline() -> None:
     assert state.counter == 500
     assert state.counter_at == T0 + Q
     _, record, events = one(state, boundary_read(T0 + 2 * Q, 600), ctx)
-    assert record.value == energy(100, 0.144)
+    assert record.value == 14.4
     assert record.flags == frozenset()
     assert events == ()
 
@@ -312,7 +294,7 @@ def test_implausible_wrap_is_counter_reset_with_event_and_rebaseline() -> None:
 def test_wrap_within_max_demand_is_accepted() -> None:
     ctx = uint16_ctx(max_demand=1000.0)  # 1736 counts per interval
     _, record, events = one(started(65_000), boundary_read(T0 + Q, 500), ctx)
-    assert record.value == energy(1036, 0.144)
+    assert record.value == 149.184
     assert Flag.ROLLOVER in record.flags
     assert not events
 
@@ -330,7 +312,7 @@ def test_max_demand_allows_more_energy_over_a_gap() -> None:
     state = started(1_000_000)
     state, _, _ = one(state, boundary_read(T0 + Q))
     _, record, events = one(state, boundary_read(T0 + 2 * Q, 1_006_000), ctx)
-    assert record.value == energy(6000, 0.144)
+    assert record.value == 864.0
     assert not events
 
 
@@ -433,11 +415,11 @@ def test_gap_long_mode_missing_then_long_with_true_duration() -> None:
     state, r2, _ = one(state, boundary_read(T0 + 2 * Q), ctx)
     assert r1.flags == r2.flags == {Flag.MISSING}
     state, r3, _ = one(state, boundary_read(T0 + 3 * Q, 1_000_300), ctx)
-    assert r3.value == energy(300, 0.144)
+    assert r3.value == 43.2
     assert Flag.LONG in r3.flags
     assert r3.duration_s == 2700.0
     assert (r3.start, r3.end) == (T0 + 2 * Q, T0 + 3 * Q)
-    assert r3.demand == pytest.approx(energy(300, 0.144) / 0.75)  # average over the gap
+    assert r3.demand == pytest.approx(57.6)  # average over the gap
     assert (r3.counter_start, r3.counter_end) == (1_000_000, 1_000_300)
     assert quality(r3.flags) is Quality.SUSPECT
 
@@ -479,9 +461,9 @@ def test_gap_prorate_reemits_estimates_with_the_same_ids() -> None:
     assert Flag.DEVICE_ERROR in records[1].flags  # the MISSING record's flags are kept
     # Whole pulses, adding up exactly.
     assert [r.value for r in records] == [
-        energy(100, 0.144),
-        energy(101, 0.144),  # cumulative rounding: 100.33 -> 100, 200.67 -> 201, 301
-        energy(100, 0.144),
+        14.4,
+        14.544,  # 101 x 0.144; cumulative rounding: 100.33 -> 100, 200.67 -> 201, 301
+        14.4,
     ]
     assert [r.duration_s for r in records] == [900.0, 900.0, 900.0]
     assert [(r.counter_start, r.counter_end) for r in records] == [
@@ -682,6 +664,10 @@ FLAG_SCENARIOS: dict[Flag, Callable[[], frozenset[Flag]]] = {
         boundary_read(WINTER + Q, 5), started(65_530, WINTER), channel={"type": "uint16"}
     ),
     Flag.COUNTER_RESET: _scenario(boundary_read(WINTER + Q, 5), started(1_000_000, WINTER)),
+    Flag.SCALE_CHANGED: _scenario(
+        replace(boundary_read(WINTER + Q, 1_000_001), rescaled=frozenset({CH})),
+        started(1_000_000, WINTER),
+    ),
     Flag.OUT_OF_RANGE: _scenario(
         boundary_read(WINTER + Q, 1_000_001),
         started(1_000_000, WINTER),

@@ -267,6 +267,7 @@ def three_units(port: int, **transport: Any) -> list[Device]:
     ]
 
 
+@pytest.mark.integration
 async def test_three_units_share_one_tcp_connection(
     gateway: tuple[MeterServer, dict[int, SimulatedMeter], int],
 ) -> None:
@@ -303,6 +304,7 @@ async def test_three_units_share_one_tcp_connection(
         await proxy.stop()
 
 
+@pytest.mark.integration
 async def test_max_connections_opens_parallel_connections(
     gateway: tuple[MeterServer, dict[int, SimulatedMeter], int],
 ) -> None:
@@ -328,6 +330,7 @@ async def test_max_connections_opens_parallel_connections(
         await proxy.stop()
 
 
+@pytest.mark.integration
 async def test_dead_unit_is_backed_off_and_others_keep_reading(
     gateway: tuple[MeterServer, dict[int, SimulatedMeter], int],
 ) -> None:
@@ -366,6 +369,7 @@ async def test_dead_unit_is_backed_off_and_others_keep_reading(
         link.close()
 
 
+@pytest.mark.integration
 async def test_gateway_exception_11_counts_as_no_answer(
     gateway: tuple[MeterServer, dict[int, SimulatedMeter], int],
 ) -> None:
@@ -386,6 +390,7 @@ async def test_gateway_exception_11_counts_as_no_answer(
         link.close()
 
 
+@pytest.mark.integration
 async def test_fast_polls_yield_to_the_boundary(
     gateway: tuple[MeterServer, dict[int, SimulatedMeter], int],
 ) -> None:
@@ -415,6 +420,7 @@ async def test_fast_polls_yield_to_the_boundary(
         link.close()
 
 
+@pytest.mark.integration
 async def test_unknown_unit_closing_connection_is_a_connection_error() -> None:
     meters = {1: SimulatedMeter.pmc1()}
     async with MeterServer(meters, unknown_unit=UnknownUnitPolicy.CLOSE) as server:
@@ -543,6 +549,7 @@ def fuzz(request: pytest.FixtureRequest) -> Iterator[_Fuzz]:
     print("fuzz error kinds:", f.errors)
 
 
+@pytest.mark.integration
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -77,6 +77,7 @@ async def cancel(task: asyncio.Task[None]) -> None:
 # -- NTP ------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_converges_to_a_server_3s_ahead(ntp_server: tuple[NtpServer, str]) -> None:
     _, spec = ntp_server
     clock = NtpReferenceClock([spec], FAST, timeout_s=0.5, observe_interval_s=0.05)
@@ -108,6 +109,7 @@ async def test_converges_to_a_server_3s_ahead(ntp_server: tuple[NtpServer, str])
         await cancel(task)
 
 
+@pytest.mark.integration
 async def test_skewed_injected_system_clock_is_corrected(
     ntp_server: tuple[NtpServer, str],
 ) -> None:
@@ -141,6 +143,7 @@ async def test_skewed_injected_system_clock_is_corrected(
         await cancel(task)
 
 
+@pytest.mark.integration
 async def test_unreachable_server_stays_assumed(ntp_server: tuple[NtpServer, str]) -> None:
     server, spec = ntp_server
     server.unreachable = True
@@ -160,6 +163,7 @@ async def test_unreachable_server_stays_assumed(ntp_server: tuple[NtpServer, str
         await cancel(task)
 
 
+@pytest.mark.integration
 async def test_unsynchronised_server_is_not_trusted(ntp_server: tuple[NtpServer, str]) -> None:
     server, spec = ntp_server
     server.unsynced = True
@@ -169,6 +173,7 @@ async def test_unsynchronised_server_is_not_trusted(ntp_server: tuple[NtpServer,
     assert server.answered == 1
 
 
+@pytest.mark.integration
 async def test_server_going_silent_is_holdover(ntp_server: tuple[NtpServer, str]) -> None:
     server, spec = ntp_server
     seen: list[TimeTransition] = []
@@ -220,6 +225,7 @@ async def test_queries_run_off_the_event_loop() -> None:
     assert threading.main_thread().name not in calls
 
 
+@pytest.mark.integration
 async def test_a_failing_query_does_not_end_the_round(
     ntp_server: tuple[NtpServer, str],
 ) -> None:
@@ -326,6 +332,7 @@ def test_interpret_adjtimex() -> None:
     assert interpret_adjtimex(-1, 0) is KernelSync.UNKNOWN
 
 
+@pytest.mark.integration
 def test_kernel_sync_status_never_raises() -> None:
     assert kernel_sync_status() in set(KernelSync)
 

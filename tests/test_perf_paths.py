@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -102,6 +103,7 @@ def test_profile_summary_counts_self_and_inclusive_time(tmp_path: Path) -> None:
     assert dict(found.inclusive_pct)["edged/cli/main.py:main"] == 100.0
 
 
+@pytest.mark.integration
 def test_store_benchmark_runs_and_ends_with_its_figures(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench.store", "--seconds", "0.05", "--devices", "50"],

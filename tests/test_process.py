@@ -26,7 +26,7 @@ from edged.config.load import (
     load_settings,
 )
 from edged.core.model import parse_iso_utc
-from edged.sim.meter import CounterPoint, MeterServer, SimulatedMeter
+from edged.sim.meter import CounterPoint, MeterServer, SimulatedMeter, StaticPoint
 from edged.sim.modbus_frames import DataType
 from tests.conftest import Broker, Collector, collect
 from tests.schema_check import validate_messages
@@ -37,7 +37,9 @@ pytestmark = pytest.mark.integration
 
 WATCHDOG_USEC = 1_000_000  # pings every 0.5 s
 BCPM_BRANCHES = 8
-BCPM_KWH_PER_COUNT = 0.01  # the bcpm profile's multiplier
+BCPM_KWH_PER_COUNT = 0.01  # what one count of the simulated branch counters is worth
+BCPM_SCALE = -2  # ... said by each branch's power-of-ten scale register: 10**-2 kWh
+BCPM_MULTIPLIER = 1.0  # the bcpm profile's multiplier (the scale registers do the rest)
 
 
 class NotifyDaemon(Daemon):
@@ -113,10 +115,12 @@ def bcpm(port: int, unit: int, channel_count: int) -> str:
 
 
 def bcpm_meter() -> SimulatedMeter:
-    """The bcpm profile's register layout: a uint32 counter per branch from 2000."""
-    points = [
+    """The BCPM layout (tests/golden/bcpm.yaml): a uint32 counter per branch at
+    register 1168 + 2(n-1) (address 1167 + 2(n-1)), scaled by the int16 power of
+    ten at register 1084 + (n-1)."""
+    points: list[CounterPoint | StaticPoint] = [
         CounterPoint(
-            address=2000 + 2 * i,
+            address=1167 + 2 * i,
             name=f"branch{i + 1:02d}",
             data_type=DataType.UINT32,
             kwh_per_count=BCPM_KWH_PER_COUNT,
@@ -124,7 +128,12 @@ def bcpm_meter() -> SimulatedMeter:
         )
         for i in range(BCPM_BRANCHES)
     ]
-    return SimulatedMeter(points, fill_gaps=True)  # the fast-poll register reads 0
+    points += [
+        StaticPoint(f"scale{i + 1:02d}", 1083 + i, BCPM_SCALE, data_type=DataType.INT16)
+        for i in range(BCPM_BRANCHES)
+    ]
+    points.append(StaticPoint("current01", 1335, 0, data_type=DataType.INT16))
+    return SimulatedMeter(points, fill_gaps=True)  # unlisted registers below read 0
 
 
 def pmc1_meter() -> SimulatedMeter:
@@ -268,7 +277,7 @@ async def test_sighup_applies_device_changes_and_systemd_sees_it(
         assert_unbroken(branch[1:], f"branch {n}")
         for record in branch[1:]:
             assert record["value"] == pytest.approx(
-                (record["counter_end"] - record["counter_start"]) * BCPM_KWH_PER_COUNT
+                (record["counter_end"] - record["counter_start"]) * BCPM_MULTIPLIER
             )
     for n in range(5, 9):
         branch = series(got, "panel", f"branch{n:02d}_energy")

@@ -1,12 +1,12 @@
 """Every shipped device profile loads, and reads from a simulator built from its
-own register map (over Modbus TCP, through the Link a daemon would use)."""
+golden register table (tests/golden), over Modbus TCP through the Link a daemon
+would use. The simulator never serves a profile's own map back to it."""
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -14,24 +14,22 @@ from edged.config.load import (
     SHIPPED_PROFILES_DIR,
     load_settings,
 )
-from edged.config.schema import Device
+from edged.core.model import Flag, ReadErrorKind
 from edged.core.plan import plan_device
-from edged.core.registers import Point, ReadPlan
 from edged.io.modbus import (
     build_links,
     read_device,
 )
-from edged.sim.meter import ClockPoint, MeterServer, SimulatedMeter, StaticPoint, Table
-from edged.sim.meter import Point as SimPoint
-from edged.sim.modbus_frames import DataType
+from edged.sim.golden import golden_meter, load_table
+from edged.sim.meter import MeterServer
 
 PROFILES = sorted(
     p.name.removesuffix(".yaml") for p in SHIPPED_PROFILES_DIR.iterdir() if p.name.endswith(".yaml")
 )
-STATUS_WORD = 0b1
+GOLDEN_DIR = Path(__file__).parent / "golden"
 
 
-def test_the_profiles_issue_5_asks_for_are_shipped() -> None:
+def test_the_long_shipped_profiles_are_still_shipped() -> None:
     assert {"pmc-1", "ion-8600", "pm8000", "pm5350", "bcpm", "generic"} <= set(PROFILES)
 
 
@@ -49,99 +47,67 @@ devices:
     return path
 
 
-def _points(plan: ReadPlan) -> list[Point]:
-    return [p for r in (*plan.requests, *plan.optional) for p in r.points]
-
-
-def _clock_words(fmt: str, now: datetime) -> list[int]:
-    if fmt == "ymdhms":
-        return [now.year, now.month, now.day, now.hour, now.minute, now.second]
-    return [now.year - 2000, (now.month << 8) | now.day, (now.hour << 8) | now.minute,
-            now.second * 1000]  # fmt: skip
-
-
-def simulated(device: Device) -> tuple[SimulatedMeter, dict[str, int | float]]:
-    """A meter serving the device's register map, and the values edged should read."""
-    plan = plan_device(device)
-    plans = [plan.boundary] + ([plan.measurements] if plan.measurements else [])
-    channels = {c.name: c for c in device.channels}
-    measured = {m.name: m for m in (device.measurements.points if device.measurements else ())}
-    sim: dict[tuple[str, int], SimPoint] = {}
-    expected: dict[str, int | float] = {}
-    now = datetime.now(UTC).replace(microsecond=0)
-    clock = device.clock
-    for n, point in enumerate(p for pl in plans for p in _points(pl)):
-        key = (point.function, point.address)
-        table = Table(point.function)
-        if point.name.startswith("_clock"):
-            assert clock is not None
-            if clock.format == "epoch":
-                sim[key] = ClockPoint(
-                    address=point.address,
-                    table=table,
-                    data_type=DataType(point.data_type),
-                    word_order=point.word_order,
-                    byte_order=point.byte_order,
-                )
-            else:
-                base = clock.address
-                word = _clock_words(clock.format, now)[point.address - base]
-                sim[key] = StaticPoint(point.name, point.address, word, table)
-            continue  # fmt: skip
-        if point.name.startswith("_status"):
-            sim[key] = StaticPoint(point.name, point.address, STATUS_WORD, table,
-                                   DataType(point.data_type))  # fmt: skip
-            continue
-        if point.name.startswith("_sf"):
-            sim[key] = StaticPoint(point.name, point.address, -1, table, DataType.INT16)
-            continue
-        is_float = point.data_type.startswith("float")
-        value: int | float = 1000 + 7 * n + (0.5 if is_float else 0)
-        spec: Any = channels.get(point.name) or measured[point.name]
-        raw: int | float = value
-        if spec.encoding == "m10k":
-            raw = ((int(value) // 10_000) << 16) | (int(value) % 10_000)
-        sim[key] = StaticPoint(point.name, point.address, raw, table, DataType(point.data_type),
-                               point.word_order, point.byte_order)  # fmt: skip
-        if spec.scale_register is not None:
-            value = value / 10
-        if point.name in measured:
-            value = value * spec.scale * spec.ratio_factor + spec.offset
-        expected[point.name] = value
-    meter = SimulatedMeter(list(sim.values()), fill_gaps=True)
-    return meter, expected
-
-
+@pytest.mark.integration
 @pytest.mark.parametrize("profile", PROFILES)
-async def test_profile_loads_and_reads_from_the_simulator(profile: str, tmp_path: Path) -> None:
-    settings = load_settings(config(tmp_path, profile, 1502))
-    device = settings.devices[0]
-    meter, expected = simulated(device)
+async def test_profile_reads_a_meter_built_from_its_golden_table(
+    profile: str, tmp_path: Path
+) -> None:
+    """Over Modbus TCP, through the Link a daemon would use, against a simulated meter
+    that serves the vendor's registers (tests/golden), never the profile's own map.
+    Verified rows must read the golden value; a profile with unverified channels
+    must fail its boundary read with an illegal-address exception (the golden meter
+    has no such register), never read something plausible."""
+    table = load_table(GOLDEN_DIR / f"{profile}.yaml")
+    device = load_settings(config(tmp_path, profile, 502)).devices[0]
+    names = [c.name for c in device.channels] + ["clock"] * (device.clock is not None)
+    names += [p.name for p in (device.measurements.points if device.measurements else ())]
+    # The profile only names the rows (and so how many template circuits to serve);
+    # addresses and contents are the golden table's.
+    verified = {name: rows[0] for name in names if isinstance(rows := table.rows_for(name), list)}
+    meter = golden_meter(table, [*table.rows, *verified.values()])
     async with MeterServer({1: meter}) as server:
         port = await server.start_tcp()
         device = load_settings(config(tmp_path, profile, port)).devices[0]
         link = build_links([device])[device.id]
         plan = plan_device(device)
+        clock_row = verified.pop("clock", None)
+        reference_s = (
+            None
+            if clock_row is None
+            else datetime.fromisoformat(clock_row.value).replace(tzinfo=UTC).timestamp()
+        )
+        channels_verified = all(c.name in verified for c in device.channels)
         try:
-            read = await read_device(link, 1, plan.boundary, reference_s=time.time())
-            assert read.error is None, read.error
-            assert read.notes == ()
-            channel_values = {k: v for k, v in expected.items() if k in read.values}
-            assert set(channel_values) == {c.name for c in device.channels}
-            for name, value in channel_values.items():
-                assert read.values[name] == pytest.approx(value), name
-            if device.status:
-                bits = device.status[0].bits
-                assert read.flags == {flag for bit, flag in bits.items() if STATUS_WORD >> bit & 1}
-            if device.clock is not None:
-                assert read.meter_clock_offset_s is not None
-                assert abs(read.meter_clock_offset_s) < 2
+            read = await read_device(link, 1, plan.boundary, reference_s=reference_s)
+            if channels_verified:
+                assert read.error is None, read.error
+                for channel in device.channels:
+                    row = verified[channel.name]
+                    got = float(Decimal(repr(read.values[channel.name]))
+                                * Decimal(repr(channel.multiplier)))  # fmt: skip
+                    assert got == pytest.approx(row.value, abs=row.tolerance or 0), channel.name
+                if clock_row is not None:
+                    assert read.meter_clock_offset_s is not None
+                    assert abs(read.meter_clock_offset_s) < 2
+                    assert Flag.CLOCK_ERROR not in read.flags
+            else:
+                assert read.error is not None
+                assert read.error.kind is ReadErrorKind.EXCEPTION
+                assert read.error.exception_code == 2  # illegal data address
             if plan.measurements is not None:
+                assert device.measurements is not None
+                points = {p.name for p in device.measurements.points}
                 fast = await read_device(link, 1, plan.measurements)
-                assert fast.error is None, fast.error
-                for name, value in fast.values.items():
-                    assert value == pytest.approx(expected[name]), name
-                assert set(fast.values) == {p.name for p in device.measurements.points}  # type: ignore[union-attr]
+                if points <= set(verified):
+                    assert fast.error is None, fast.error
+                    assert set(fast.values) == points
+                    for name in points:
+                        row = verified[name]
+                        assert fast.values[name] == pytest.approx(
+                            row.value, abs=row.tolerance or 0
+                        ), name
+                else:
+                    assert fast.error is not None
         finally:
             link.close()
 
@@ -149,22 +115,30 @@ async def test_profile_loads_and_reads_from_the_simulator(profile: str, tmp_path
 def test_bcpm_channel_count_expands_the_template(tmp_path: Path) -> None:
     default = load_settings(config(tmp_path, "bcpm", 502)).devices[0]
     assert len(default.channels) == 42
-    big = load_settings(config(tmp_path, "bcpm", 502, "    channel_count: 84\n")).devices[0]
-    assert len(big.channels) == 84
-    assert big.channel_count == 84
-    assert [c.name for c in big.channels[:2]] == ["branch01_energy", "branch02_energy"]
-    assert big.channels[83].name == "branch84_energy"
-    assert big.channels[83].address == big.channels[0].address + 83 * 2
-    # 84 x 2 registers: two reads of at most 125 registers
-    assert [r.count for r in plan_device(big).boundary.requests] == [124, 44]
+    fewer = load_settings(config(tmp_path, "bcpm", 502, "    channel_count: 20\n")).devices[0]
+    assert len(fewer.channels) == 20
+    assert fewer.channel_count == 20
+    assert [c.name for c in default.channels[:2]] == ["branch01_energy", "branch02_energy"]
+    last = default.channels[41]
+    assert last.name == "branch42_energy"
+    # Register 1168 + 2 x 41 = 1250 (address 1249), its scale register 1084 + 41 = 1125.
+    assert last.address == 1249
+    assert last.scale_register is not None
+    assert last.scale_register.address == 1124
+    # 42 scale registers (1083-1124) and 84 energy registers (1167-1250), 42 apart:
+    # two reads.
+    assert [(r.address, r.count) for r in plan_device(default).boundary.requests] == [
+        (1083, 42),
+        (1167, 84),
+    ]
     # a device may override a single expanded channel by name
     one = load_settings(
         config(
-            tmp_path, "bcpm", 502, "    channels:\n      - {name: branch03_energy, multiplier: 1}\n"
+            tmp_path, "bcpm", 502, "    channels:\n      - {name: branch03_energy, multiplier: 2}\n"
         )
     ).devices[0]
-    assert one.channels[2].multiplier == 1.0
-    assert one.channels[3].multiplier == 0.01
+    assert one.channels[2].multiplier == 2.0
+    assert one.channels[3].multiplier == 1.0
 
 
 def test_template_errors_point_at_the_profile(tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from edged.app.devices import DeviceSet, PollerContext
 from edged.app.poller import DeviceHealth, Recorder
 from edged.config.load import load_settings
@@ -164,6 +166,7 @@ def assert_unbroken(rows: Sequence[dict[str, Any]]) -> None:
         assert not {"MISSING", "PARTIAL", "LONG"} & set(row["flags"].split("|")), row
 
 
+@pytest.mark.integration
 async def test_device_set_restarts_only_what_changed_and_shares_links(tmp_path: Path) -> None:
     # One physical meter reachable through two gateways: moving the device
     # from one to the other keeps its counter, so its series must continue.

@@ -289,6 +289,7 @@ def live(got: Collector) -> list[dict[str, Any]]:
     return [p for p in got.payloads("/interval/") if not p["replay"]]
 
 
+@pytest.mark.integration
 async def test_replay_copies_drain_as_backlog_behind_live_data(
     tmp_path: Path, broker: Broker
 ) -> None:
@@ -535,6 +536,7 @@ async def test_cli_replays_exactly_the_stored_range(populated: Populated, broker
     assert len(everything) > len(expected)
 
 
+@pytest.mark.integration
 def test_cli_replay_failures(populated: Populated) -> None:
     config = with_broker(populated, free_port())  # nothing listens there
     for args, code, message in [

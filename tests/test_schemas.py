@@ -110,7 +110,11 @@ def test_interval_schema_lists_exactly_the_payload_fields() -> None:
     schema = load_schema("interval")
     plain = interval_payload(_interval(), 1)
     assert set(schema["required"]) == set(plain)
-    full = interval_payload(_interval(original_value=12.5, rolling_demand=990.0), 1)
+    compensation = {"params_hash": "0123456789abcdef", "source_channel": "energy_export",
+                    "raw_value": 10.0}  # fmt: skip
+    full = interval_payload(
+        _interval(original_value=12.5, rolling_demand=990.0, compensation=compensation), 1
+    )
     assert set(schema["properties"]) == set(full)
     assert schema["additionalProperties"] is False
 

@@ -56,6 +56,7 @@ def listening(address: str) -> Iterator[socket.socket]:
         sock.close()
 
 
+@pytest.mark.integration
 def test_notifier_sends_to_a_path_socket(tmp_path: Path) -> None:
     path = str(tmp_path / "notify")
     with listening(path) as sock:
@@ -74,6 +75,7 @@ def test_notifier_sends_to_a_path_socket(tmp_path: Path) -> None:
         notifier.close()
 
 
+@pytest.mark.integration
 def test_notifier_sends_to_an_abstract_socket(tmp_path: Path) -> None:
     name = f"edged-test-{id(tmp_path)}"
     with listening("\0" + name) as sock:
@@ -83,6 +85,7 @@ def test_notifier_sends_to_an_abstract_socket(tmp_path: Path) -> None:
         notifier.close()
 
 
+@pytest.mark.integration
 def test_notifier_outside_systemd_does_nothing_and_a_gone_socket_does_not_raise(
     tmp_path: Path,
 ) -> None:
@@ -119,38 +122,67 @@ async def datagrams(path: Path) -> AsyncIterator[list[bytes]]:
         sock.close()
 
 
-async def test_watchdog_pings_only_while_no_heartbeat_is_stalled(tmp_path: Path) -> None:
-    path = tmp_path / "notify"
-    async with datagrams(path) as got:
-        notifier = Notifier(str(path))
-        loop = asyncio.get_running_loop()
-        beat = Heartbeat("poller:unit1")
-        now = datetime.now(UTC)
-        beat.waiting_for(now + timedelta(seconds=1))  # idle: waiting for a boundary
+class RecordingNotifier(Notifier):
+    """A notifier without a socket: keeps each message with its loop time."""
 
-        def stalls() -> list[str]:
-            stall = beat.stall(datetime.now(UTC), loop.time(), limit_s=0.3)
-            return [stall] if stall else []
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.sent: list[tuple[float, bytes]] = []
 
-        task = asyncio.create_task(run_watchdog(notifier, 0.1, stalls, lambda: "running"))
-        await asyncio.sleep(0.5)
-        healthy = got.count(b"WATCHDOG=1")
-        assert healthy >= 5  # every 50 ms
-        beat.busy(loop.time() - 1.0)  # a read in flight for a second: hung
-        await asyncio.sleep(0.05)
-        withheld_from = len(got)
-        await asyncio.sleep(0.5)
-        assert b"WATCHDOG=1" not in got[withheld_from:]
-        assert any(m.startswith(b"STATUS=stalled: poller:unit1: busy for") for m in got)
-        beat.waiting_for(datetime.now(UTC) + timedelta(seconds=1))  # the read returned
-        await asyncio.sleep(0.3)
-        assert got.count(b"WATCHDOG=1") > healthy
-        assert got[-1] == b"WATCHDOG=1"
-        assert b"STATUS=running" in got
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        notifier.close()
+    def send(self, **fields: str | int) -> bool:
+        self.sent.append((asyncio.get_running_loop().time(), message(**fields)))
+        return True
+
+    def messages(self) -> list[bytes]:
+        return [m for _, m in self.sent]
+
+    def pings(self) -> list[float]:
+        return [t for t, m in self.sent if m == b"WATCHDOG=1"]
+
+
+@pytest.mark.looptime
+async def test_watchdog_pings_only_while_no_heartbeat_is_stalled() -> None:
+    """On virtual time: pings every 50 ms (half the 0.1 s interval) while the
+    poller is idle, none while it is hung, and again once it is not."""
+    notifier = RecordingNotifier()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    epoch = datetime(2026, 11, 21, 0, 14, 59, tzinfo=UTC)
+
+    def now() -> datetime:  # the reference clock, on the same virtual time
+        return epoch + timedelta(seconds=loop.time() - t0)
+
+    beat = Heartbeat("poller:unit1")
+    beat.waiting_for(now() + timedelta(seconds=1))  # idle: waiting for a boundary
+
+    def stalls() -> list[str]:
+        stall = beat.stall(now(), loop.time(), limit_s=0.3)
+        return [stall] if stall else []
+
+    task = asyncio.create_task(run_watchdog(notifier, 0.1, stalls, lambda: "running"))
+    await asyncio.sleep(0.525)  # off the 50 ms grid: no tie with a ping
+    healthy = notifier.pings()
+    assert [round(t - t0, 6) for t in healthy] == [round(0.05 * i, 6) for i in range(11)]
+    beat.busy(loop.time() - 1.0)  # a read in flight for a second: hung
+    await asyncio.sleep(0.05)  # the check at 0.55 s sees it
+    withheld_from = len(notifier.sent)
+    await asyncio.sleep(0.5)
+    got = notifier.messages()
+    assert b"WATCHDOG=1" not in got[withheld_from:]
+    assert notifier.pings() == healthy  # not one ping from 0.55 s on
+    assert any(m.startswith(b"STATUS=stalled: poller:unit1: busy for") for m in got)
+    beat.waiting_for(now() + timedelta(seconds=1))  # the read returned (at 1.075 s)
+    await asyncio.sleep(0.3)
+    got = notifier.messages()
+    assert len(notifier.pings()) > len(healthy)
+    assert got[-1] == b"WATCHDOG=1"
+    assert b"STATUS=running" in got
+    # resumed at the first check after the stall cleared, on the same 50 ms grid
+    resumed = [round(t - t0, 6) for t in notifier.pings()[len(healthy) :]]
+    assert resumed == [1.1, 1.15, 1.2, 1.25, 1.3, 1.35]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def test_heartbeat_tells_idle_from_hung() -> None:

@@ -47,6 +47,7 @@ def test_a_missing_port_is_not_found(tmp_path: Path) -> None:
     assert reason.endswith("check transport.port")
 
 
+@pytest.mark.integration
 def test_a_port_another_program_holds_is_busy(pty: str) -> None:
     held = serial.Serial(pty, exclusive=True)  # as pymodbus (or a second edged) holds it
     try:
@@ -68,6 +69,7 @@ def test_a_plain_file_is_not_a_serial_port(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
 def test_a_port_edged_may_not_open_says_permission_denied(pty: str) -> None:
     """A child process running as nobody opens a root-only pty, as edged
@@ -96,6 +98,7 @@ def test_a_port_edged_may_not_open_says_permission_denied(pty: str) -> None:
     assert reason.endswith("check transport.port")
 
 
+@pytest.mark.integration
 def test_refused_line_settings_name_the_line_keys(pty: str) -> None:
     """Linux ptys refuse even parity (PARENB) on some kernels (this machine's
     once the pty has been configured before: hence the first, plain open);

@@ -329,6 +329,7 @@ def test_fault_windows_run_on_meter_time(clock: FakeClock) -> None:
 # ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_tcp_counter_decodes_and_advances_with_load(clock: FakeClock) -> None:
     meter = SimulatedMeter.pmc1(load_kw=1010.304, initial_counts=1_000_000, now_s=clock)
     async with serve({1: meter}) as (_server, port), tcp_client(port) as client:
@@ -342,6 +343,7 @@ async def test_tcp_counter_decodes_and_advances_with_load(clock: FakeClock) -> N
     assert list(meter.request_times_s) == [T0, T0 + 900]
 
 
+@pytest.mark.integration
 async def test_tcp_counter_advances_in_real_time() -> None:
     # 3600 kW at 0.001 kWh/count: 1000 counts per second of wall time
     meter = SimulatedMeter.pmc1(load_kw=3600, kwh_per_count=0.001)
@@ -354,6 +356,7 @@ async def test_tcp_counter_advances_in_real_time() -> None:
     assert second - first == pytest.approx(1000 * elapsed_s, abs=30)
 
 
+@pytest.mark.integration
 async def test_tcp_several_units_and_unknown_unit(clock: FakeClock) -> None:
     meters = {
         unit: SimulatedMeter.pmc1(
@@ -369,6 +372,7 @@ async def test_tcp_several_units_and_unknown_unit(clock: FakeClock) -> None:
     assert_exception(unknown, 11)
 
 
+@pytest.mark.integration
 async def test_unknown_unit_policies(clock: FakeClock) -> None:
     meter = SimulatedMeter.pmc1(now_s=clock, initial_counts=42)
     async with (
@@ -387,6 +391,7 @@ async def test_unknown_unit_policies(clock: FakeClock) -> None:
         writer.close()
 
 
+@pytest.mark.integration
 async def test_tcp_types_orders_tables_clock_and_status(clock: FakeClock) -> None:
     meter = SimulatedMeter(
         [
@@ -442,6 +447,7 @@ async def test_tcp_types_orders_tables_clock_and_status(clock: FakeClock) -> Non
         assert await read_u32(client, 1, 30) == 946_684_805
 
 
+@pytest.mark.integration
 async def test_tcp_exception_responses(clock: FakeClock) -> None:
     meter = SimulatedMeter.pmc1(now_s=clock)
     async with serve({1: meter}) as (_server, port), tcp_client(port) as client:
@@ -460,6 +466,7 @@ async def test_tcp_exception_responses(clock: FakeClock) -> None:
         assert_exception(r, 2)
 
 
+@pytest.mark.integration
 async def test_raw_mbap_pipelined_requests_and_bad_header(clock: FakeClock) -> None:
     meter = SimulatedMeter.pmc1(now_s=clock, initial_counts=0x00010002)
     async with serve({1: meter}) as (_server, port):
@@ -480,6 +487,7 @@ async def test_raw_mbap_pipelined_requests_and_bad_header(clock: FakeClock) -> N
 # ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_fault_exception_for_a_window(clock: FakeClock) -> None:
     meter = SimulatedMeter.pmc1(now_s=clock)
     async with serve({1: meter}) as (_server, port), tcp_client(port) as client:
@@ -490,6 +498,7 @@ async def test_fault_exception_for_a_window(clock: FakeClock) -> None:
         assert await read_u32(client) >= 0
 
 
+@pytest.mark.integration
 async def test_fault_silent_makes_the_client_time_out(clock: FakeClock) -> None:
     meter = SimulatedMeter.pmc1(now_s=clock)
     async with serve({1: meter}) as (_server, port), tcp_client(port) as client:
@@ -504,6 +513,7 @@ async def test_fault_silent_makes_the_client_time_out(clock: FakeClock) -> None:
     assert len(meter.request_times_s) == 2  # the silent one was received
 
 
+@pytest.mark.integration
 async def test_fault_delay_replies_late_with_the_value_at_receipt(clock: FakeClock) -> None:
     meter = SimulatedMeter.pmc1(load_kw=3600, kwh_per_count=1, now_s=clock)
     async with serve({1: meter}) as (_server, port), tcp_client(port, reply_timeout_s=2) as client:
@@ -518,6 +528,7 @@ async def test_fault_delay_replies_late_with_the_value_at_receipt(clock: FakeClo
     assert value == 0  # latched when the request arrived
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fault", [Fault.garbage(), Fault.truncated()])
 async def test_broken_replies_fail_the_client_without_hanging(
     clock: FakeClock, fault: Fault
@@ -535,6 +546,7 @@ async def test_broken_replies_fail_the_client_without_hanging(
             assert await read_u32(client) == 77
 
 
+@pytest.mark.integration
 async def test_split_reply_still_decodes(clock: FakeClock) -> None:
     meter = SimulatedMeter.pmc1(now_s=clock, initial_counts=123_456_789)
     async with serve({1: meter}) as (_server, port), tcp_client(port, reply_timeout_s=1) as client:
@@ -545,6 +557,7 @@ async def test_split_reply_still_decodes(clock: FakeClock) -> None:
         assert loop.time() - start >= 3 * 0.03
 
 
+@pytest.mark.integration
 async def test_offline_unit_answers_like_an_unknown_one(clock: FakeClock) -> None:
     meters = {1: SimulatedMeter.pmc1(now_s=clock), 2: SimulatedMeter.pmc1(now_s=clock)}
     async with serve(meters) as (_server, port), tcp_client(port) as client:
@@ -580,6 +593,7 @@ async def serial_client(path: str, baudrate: int) -> AsyncIterator[AsyncModbusSe
         client.close()
 
 
+@pytest.mark.integration
 async def test_rtu_pty_takes_the_request_and_the_reply_time_of_the_line() -> None:
     # A pty hands the request over at once: the slave answers when its last
     # byte would have arrived, and its reply ends when it would on the wire.
@@ -595,6 +609,7 @@ async def test_rtu_pty_takes_the_request_and_the_reply_time_of_the_line() -> Non
     assert line_s <= elapsed < line_s + 0.05
 
 
+@pytest.mark.integration
 async def test_rtu_over_pty_reads_counters_at_line_speed(clock: FakeClock) -> None:
     meters = {
         unit: SimulatedMeter.pmc1(load_kw=1010.304, initial_counts=unit * 1000, now_s=clock)
@@ -629,6 +644,7 @@ def pty_pair() -> Iterator[tuple[int, str]]:
         os.close(slave)
 
 
+@pytest.mark.integration
 async def test_rtu_on_a_given_fd_with_faults(clock: FakeClock, pty_pair: tuple[int, str]) -> None:
     master, path = pty_pair
     meter = SimulatedMeter.pmc1(now_s=clock, initial_counts=4_294_967_000)
@@ -650,6 +666,7 @@ async def test_rtu_on_a_given_fd_with_faults(clock: FakeClock, pty_pair: tuple[i
             assert_exception(r, 6)
 
 
+@pytest.mark.integration
 async def test_rtu_over_tcp(clock: FakeClock) -> None:
     meter = SimulatedMeter.pmc1(now_s=clock, initial_counts=31337)
     async with MeterServer({1: meter, 2: meter}) as server:
@@ -780,6 +797,7 @@ def test_action_flags_are_the_file_format() -> None:
         parse_action_flag("at=1s,silent")
 
 
+@pytest.mark.integration
 async def test_scenario_runs_against_the_server(clock: FakeClock) -> None:
     meters = {1: SimulatedMeter.pmc1(now_s=clock), 2: SimulatedMeter.pmc1(now_s=clock)}
     actions = parse_scenario(
@@ -816,6 +834,7 @@ async def ntp_query(port: int, reply_timeout_s: float = 1.0) -> Any:
     )
 
 
+@pytest.mark.integration
 async def test_ntp_offset_is_measured_and_changes_at_runtime() -> None:
     async with NtpServer(offset_s=12.5) as server:
         port = await server.start("127.0.0.1", 0)
@@ -867,6 +886,7 @@ async def _start(*args: str) -> tuple[asyncio.subprocess.Process, str]:
     return process, line.decode()
 
 
+@pytest.mark.integration
 async def test_meter_cli_serves_until_sigterm(tmp_path: Path) -> None:
     scenario = tmp_path / "s.yaml"
     scenario.write_text("- {at: 0s, unit: 2, action: exception, code: 4}\n")
@@ -888,6 +908,7 @@ async def test_meter_cli_serves_until_sigterm(tmp_path: Path) -> None:
         assert await asyncio.wait_for(process.wait(), 5) == 0
 
 
+@pytest.mark.integration
 async def test_meter_cli_rejects_a_bad_scenario(tmp_path: Path) -> None:
     scenario = tmp_path / "s.yaml"
     scenario.write_text("- {at: 1s, unit: 1, action: explode}\n")
@@ -901,6 +922,7 @@ async def test_meter_cli_rejects_a_bad_scenario(tmp_path: Path) -> None:
     assert "s.yaml:1: item 1: unknown action 'explode'" in stderr.decode()
 
 
+@pytest.mark.integration
 async def test_ntp_cli() -> None:
     process, line = await _start("-m", "edged.sim.ntp", "--port", "0", "--offset", "5")
     try:

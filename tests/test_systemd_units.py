@@ -76,6 +76,7 @@ def test_template_is_the_unit_with_instance_paths() -> None:
     assert settings(template) == expected
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("unit", UNITS)
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path, unit: str) -> None:
     tool = require_systemd_analyze()
@@ -87,6 +88,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path, unit: str) -> None:
         assert "edged" not in result.stderr, result.stderr  # no warning about our unit
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("unit", UNITS)
 def test_unit_security_exposure_is_ok_or_better(tmp_path: Path, unit: str) -> None:
     tool = require_systemd_analyze()
@@ -133,6 +135,7 @@ print(" ".join(results))
 """
 
 
+@pytest.mark.integration
 def test_the_sandbox_harness_enforces_the_unit() -> None:
     """Not a no-op: what the unit forbids fails in the harness, and reading the
     kernel's sync status (adjtimex, made by glibc as clock_adjtime) still works."""

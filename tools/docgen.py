@@ -33,6 +33,7 @@ from edged.config import schema as cfg
 from edged.core import flags as flag_table
 from edged.core import units as unit_parsers
 from edged.core.model import Flag, Quality
+from edged.core.time import states
 
 UNDOCUMENTED = "(undocumented)"
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"
@@ -470,7 +471,16 @@ def _profile_keys_section() -> str:
             "\n`channel_template` (in a profile or on a device) with `channel_count` expands "
             "to channels 1..N before validation: a channel whose `name` contains `{n}` (any "
             "format spec, e.g. `branch{n:02d}`), whose `register` is channel 1's, and whose "
-            "`stride` (default 2) is the register distance from one channel to the next.\n"
+            "`stride` (default 2) is the register distance from one channel to the next. "
+            "A `scale_register` in the template moves by `scale_stride` per channel (default "
+            "0: one shared scale register; 1 for a power-of-ten register per circuit).\n"
+        )
+    if "site_must_set" in load.PROFILE_KEYS:
+        text += (
+            "\n`site_must_set` lists values a profile can only assume, as `{key: "
+            "channels.NAME.KEY, why: TEXT}` (or a top-level device key): `edged check-config` "
+            "warns, at the device's line, for every device that does not state the value "
+            "itself (the PMC-1 pulse value is programmed per site).\n"
         )
     return text
 
@@ -561,10 +571,38 @@ def flags_reference() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+# -- the time state table (a generated section of docs/time.md) --------------------------
+
+TIME_STATES_BEGIN = "<!-- BEGIN GENERATED: time-states (python -m tools.docgen --write) -->"
+TIME_STATES_END = "<!-- END GENERATED: time-states -->"
+
+
+def time_state_table() -> str:
+    rows = ["| state | input | meaning of the input | next state |", "|---|---|---|---|"]
+    for (state, event), after in states.TIME_STATE_TRANSITIONS.items():
+        rows.append(f"| `{state}` | `{event}` | {states.INPUT_MEANING[event]} | `{after}` |")
+    rows.append("")
+    rows.append(f"The state at start-up is `{states.INITIAL_TIME_STATE}`.")
+    return "\n".join(rows)
+
+
+def time_reference() -> str:
+    """docs/time.md as committed, with its state table regenerated."""
+    text = (DOCS_DIR / "time.md").read_text(encoding="utf-8")
+    head, found, rest = text.partition(TIME_STATES_BEGIN + "\n")
+    _, found_end, tail = rest.partition(TIME_STATES_END)
+    if not (found and found_end):
+        raise SystemExit(
+            f"docs/time.md lacks the markers {TIME_STATES_BEGIN} ... {TIME_STATES_END}"
+        )
+    return f"{head}{TIME_STATES_BEGIN}\n{time_state_table()}\n{TIME_STATES_END}{tail}"
+
+
 # -- command line ---------------------------------------------------------------------
 
 GENERATED = {"config": ("configuration.md", config_reference),
-             "flags": ("flags.md", flags_reference)}  # fmt: skip
+             "flags": ("flags.md", flags_reference),
+             "time": ("time.md", time_reference)}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

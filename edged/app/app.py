@@ -15,6 +15,7 @@ only while the loop and every poller make progress (`edged.io.sdnotify`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +35,7 @@ from edged.app.housekeeping import (
     budget_event,
     store_corrupt_event,
 )
-from edged.app.poller import DeviceHealth, HealthShown, Recorder, outbox_pending
+from edged.app.poller import DeviceHealth, HealthShown, MeasureCounts, Recorder, outbox_pending
 from edged.app.replay import ReplayCommands
 from edged.config.load import (
     ConfigError,
@@ -45,7 +46,8 @@ from edged.config.schema import (
     Settings,
     TimeSettings,
 )
-from edged.core.demand import PeakState
+from edged.core.compensation.record import channels_of
+from edged.core.demand import PeakState, peak_event, update_peaks
 from edged.core.model import (
     Event,
     Flag,
@@ -62,14 +64,17 @@ from edged.core.payloads import (
     peak_payload,
 )
 from edged.core.reload import DeviceDiff, applied_settings, restart_required
+from edged.core.sparkplug import NodeFigures
 from edged.core.time.flags import TimeFlags
 from edged.core.time.timebase import TimebaseConfig, TimeSource, TimeTransition, gateway_outage
 from edged.core.virtual.meters import VirtualMeters
 from edged.core.virtual.plan import plan_virtual_meter
 from edged.io.clock import BoundaryWaiter, Clock, SystemClock
-from edged.io.mqtt import Publisher, default_client_id
+from edged.io.facade import FacadeServer
+from edged.io.mqtt import Publisher, Refusal, default_client_id
 from edged.io.ntp import NtpReferenceClock, SystemReferenceClock
 from edged.io.sdnotify import Notifier, Systemd, run_watchdog
+from edged.io.sparkplug import SparkplugPublisher, device_specs
 from edged.io.store import OutboxDepth, Store
 
 log = structlog.get_logger("edged.app.app")
@@ -130,16 +135,19 @@ class App:
         self.config_path = config_path
         self._clock_override = clock
         # Until the reference clock is built from the store's last mark.
-        self.clock: Clock = clock or SystemClock(TimeState.ASSUMED)
+        self.clock: Clock = clock or SystemClock(TimeState.ASSUMED, system_now=system_now)
         self.reference: NtpReferenceClock | SystemReferenceClock | None = clock
         self.topics = Topics(settings.mqtt.topic_prefix, settings.site)
         self._stop = asyncio.Event()
-        self._started_mono = time.monotonic()
-        self._started_at = datetime.now(UTC)
+        self._started_mono = self.clock.monotonic()
+        # Reference time at start-up, once the reference clock exists (run()).
+        self._started_at: datetime | None = None
         self.time_flags = TimeFlags()
         self._recorder: Recorder | None = None
         self._early_events: list[Event] = []
         self._demand_units: dict[tuple[str, str], str | None] = {}
+        # Peak demand of virtual meters' channels (issue 13: they had none).
+        self._virtual_peaks: dict[str, dict[str, PeakState]] = {}
         self._virtual: VirtualMeters | None = None
         self._devices: DeviceSet | None = None
         self._outbox: OutboxDepth | None = None
@@ -153,8 +161,13 @@ class App:
         self._gateway_status_due = False
         self.store: Store | None = None
         self.publisher: Publisher | None = None
+        self.sparkplug: SparkplugPublisher | None = None
         self._commands: ReplayCommands | None = None
         self.housekeeper: Housekeeper | None = None
+        self.facade: FacadeServer | None = None
+        # Fast-poll counts at the last rate computation, and the rates then.
+        self._measure_mark: tuple[float, MeasureCounts] | None = None
+        self._measure_rates: dict[str, float] = {}
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -181,8 +194,8 @@ class App:
             "version": __version__,
             "config_hash": self._config_hash,
             "restart_required": list(self._restart_required),
-            "started_at": iso_utc(self._started_at),
-            "uptime_s": round(time.monotonic() - self._started_mono, 1),
+            "started_at": iso_utc(self._started_at or self.clock.now()),
+            "uptime_s": round(self.clock.monotonic() - self._started_mono, 1),
             "time_state": str(self.clock.time_state),
             **self._time_status(),
             "devices": len(self.settings.devices),
@@ -193,7 +206,59 @@ class App:
             "outbox_depth": outbox.count if outbox is not None else None,
             "outbox_oldest_age_s": oldest_s,
             **self._disk_status(),
+            **self._publish_status(),
+            **({"facade": self.facade.status()} if self.facade is not None else {}),
+            **self._measure_status(),
             "updated_at": iso_utc(self.clock.now()),
+        }
+
+    def _publish_status(self) -> dict[str, Any]:
+        if self.publisher is None:
+            return {}
+        return {"publish": self.publisher.refusals.status()}
+
+    def _publish_refused(self, refusal: Refusal) -> None:
+        """The broker refused publishes (MQTT 5 PUBACK reason code): they stay
+        in the outbox and are retried; operators must hear of it."""
+        self._record_event(
+            Event(
+                device=None,
+                kind="publish_refused",
+                at=self.clock.now(),
+                message=f"the broker refused {refusal.count} publish(es) ({refusal.reason}, "
+                f"e.g. {refusal.topic}); kept in the outbox and retried",
+                details={"count": refusal.count, "topic": refusal.topic,
+                         "reason_code": refusal.reason_code, "reason": refusal.reason},
+            )
+        )  # fmt: skip
+        if self.publisher is not None:
+            self.publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+
+    def _measure_status(self) -> dict[str, Any]:
+        """Fast-poll values per second (polled, published after report by
+        exception, stored) over the time since the last status."""
+        if self._recorder is None:
+            return {}
+        counts = self._recorder.measure_counts
+        now_s = self.clock.monotonic()
+        mark = self._measure_mark
+        if mark is None or now_s - mark[0] >= 1.0:
+            if mark is not None:
+                then_s, before = mark
+                self._measure_rates = {
+                    f"{kind}_per_s": round((getattr(counts, kind) - getattr(before, kind))
+                                           / (now_s - then_s), 3)
+                    for kind in ("polled", "published", "stored")
+                }  # fmt: skip
+            self._measure_mark = (now_s, MeasureCounts(counts.polled, counts.published,
+                                                       counts.stored))  # fmt: skip
+        return {
+            "measurements": {
+                "polled": counts.polled,
+                "published": counts.published,
+                "stored": counts.stored,
+                **self._measure_rates,
+            }
         }
 
     def _disk_status(self) -> dict[str, Any]:
@@ -232,7 +297,9 @@ class App:
 
     def _on_transition(self, transition: TimeTransition) -> None:
         """A clock event: flag the intervals it falls in and publish it."""
-        self.time_flags.add(transition.at, transition.at, transition.flags)
+        # Filed by monotonic time: it belongs to the records open when it
+        # happened, whatever it did to the reference clock.
+        self.time_flags.add_event(transition.mono_s, transition.flags)
         self._record_event(transition.to_event(None))
 
     def _record_event(self, event: Event) -> None:
@@ -263,10 +330,26 @@ class App:
         if self._virtual is None or self._recorder is None or self.store is None:
             return
         combined = self._virtual.add(records)
-        if combined:
-            self._recorder.submit(
-                outbox_pending(self.store, self.topics, self.settings.site, combined, [])
-            )
+        if not combined:
+            return
+        changed: dict[tuple[str, str], PeakState] = {}
+        events = []
+        for meter in sorted({r.device for r in combined}):
+            before = self._virtual_peaks.get(meter, {})
+            mine = [r for r in combined if r.device == meter]
+            after, closed = update_peaks(before, mine, self.settings.zone)
+            self._virtual_peaks[meter] = after
+            if closed:
+                units = {r.channel: r.demand_unit for r in mine}
+                events.append(peak_event(meter, closed, units))
+            for channel, state in after.items():
+                if state != before.get(channel):
+                    changed[(meter, channel)] = state
+        pending = outbox_pending(self.store, self.topics, self.settings.site, combined, events)
+        pending.peaks.update(changed)
+        self._recorder.submit(pending)
+        for (meter, channel), state in changed.items():
+            self._on_peak(meter, channel, state)
 
     async def _note_outage(self, store: Store, last_mark: datetime | None) -> None:
         """After an unclean stop, POWER_FAIL on the intervals the outage spans."""
@@ -309,12 +392,34 @@ class App:
             else round(health.meter_clock_offset_s, 3),
         }
 
+    def _node_figures(self) -> NodeFigures:
+        """The Sparkplug node metrics, from what the gateway status says."""
+        disk = self._disk_status()
+        return NodeFigures(
+            version=__version__,
+            time_state=str(self.clock.time_state),
+            ntp_offset_s=self._time_status().get("ntp_offset_s"),
+            outbox_depth=self._outbox.count if self._outbox is not None else None,
+            disk_used_bytes=disk["disk_used_bytes"],
+            disk_free_bytes=disk["disk_free_bytes"],
+            disk_alarm=disk["disk_alarm"],
+        )
+
+    def _on_measurement(self, topic: str, payload: dict[str, Any]) -> bool:
+        assert self.publisher is not None
+        sent = self.publisher.publish_now(topic, payload)
+        if self.sparkplug is not None:
+            self.sparkplug.publish_measurement(str(payload["device"]), payload)
+        return sent
+
     def _on_health(self, device_id: str, health: DeviceHealth) -> None:
         """After every boundary read: publish the device status only when it is
         news (comms, error counts, meter clock); the status cadence refreshes
         the rest. A status per read was a retained QoS 1 message per meter per
         boundary, half of what a 1000-meter boundary published (bench/boundary.py)."""
         self._device_health[device_id] = health
+        if self.sparkplug is not None:
+            self.sparkplug.device_comms(device_id, health.comms != "offline")
         shown = self._health_shown.get(device_id)
         now = HealthShown.of(health)
         if shown is not None and not shown.news(now):
@@ -354,9 +459,9 @@ class App:
     async def run(self) -> None:
         settings = self.settings
         notifier = self._systemd.notifier
-        store = await Store.open(
-            settings.storage.path, now=lambda: datetime.fromtimestamp(self._system_now(), UTC)
-        )
+        # Rows are stamped with the reference clock (read late: it replaces the
+        # placeholder below), the timeline every age is measured on.
+        store = await Store.open(settings.storage.path, now=lambda: self.clock.now())
         self.store = store
         log.info("store open", path=str(settings.storage.path))
         if store.recovered_from is not None:
@@ -369,6 +474,8 @@ class App:
             )
         assert self.reference is not None
         self.clock = self.reference
+        self._started_at = self.clock.now()
+        self._started_mono = self.clock.monotonic()
         publisher = Publisher(
             settings.mqtt,
             store,
@@ -378,9 +485,25 @@ class App:
                                 "state": "offline", "version": __version__}),
         )  # fmt: skip
         self.publisher = publisher
+        publisher.on_refused(self._publish_refused)
         self._outbox = await store.outbox_depth()
         publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
-        recorder = Recorder(store, on_committed=publisher.wake)
+        sparkplug = self.sparkplug = None
+        if settings.sparkplug.enabled:
+            sparkplug = self.sparkplug = SparkplugPublisher(
+                settings.sparkplug, settings.mqtt, store, site=settings.site,
+                devices=device_specs(settings), figures=self._node_figures(),
+                now=self.clock.now, on_event=self._record_event,
+            )  # fmt: skip
+
+        def committed() -> None:
+            publisher.wake()
+            if sparkplug is not None:
+                sparkplug.wake()
+
+        recorder = Recorder(
+            store, on_committed=committed, tap=sparkplug.rows_for if sparkplug else None
+        )
         self._recorder = recorder
         commands = self._commands = None
         if settings.mqtt.commands.enabled:
@@ -402,6 +525,10 @@ class App:
         await self._note_outage(store, last_mark)
         peaks = await store.peak_states()
         self._demand_units = self._demand_units_of(settings)
+        virtual_ids = {vm.id for vm in settings.virtual_meters}
+        for (device_id, channel), peak in peaks.items():
+            if device_id in virtual_ids:
+                self._virtual_peaks.setdefault(device_id, {})[channel] = peak
         for (device_id, channel), peak in peaks.items():
             self._on_peak(device_id, channel, peak)
         self._virtual = self._plan_virtual(settings, None)
@@ -417,14 +544,19 @@ class App:
             on_health=self._on_health,
             on_records=self._on_records,
             on_peak=self._on_peak,
-            on_measurement=publisher.publish_now,
+            on_measurement=self._on_measurement if sparkplug else publisher.publish_now,
         )
         try:
             async with asyncio.TaskGroup() as group:
                 recorder_task = group.create_task(recorder.run(), name="recorder")
                 publisher_task = group.create_task(publisher.run(), name="publisher")
+                sparkplug_task = (
+                    group.create_task(sparkplug.run(), name="sparkplug") if sparkplug else None
+                )
                 devices = self._devices = DeviceSet(context, group)
                 await devices.apply(settings.devices)
+                if settings.facade.enabled:
+                    await self._start_facade(settings, devices, store)
                 status_task = group.create_task(self._status_loop(publisher, store), name="status")
                 housekeeping_task = group.create_task(
                     supervised(housekeeper.run, "housekeeping", self._stop), name="housekeeping"
@@ -448,6 +580,9 @@ class App:
                 await self._stop.wait()
                 notifier.stopping()
                 await reload_task  # a reload in progress completes first
+                if self.facade is not None:
+                    await self.facade.close()
+                    await store.set_mark("facade", self._facade_summary())
                 await devices.stop()
                 if watchdog_task is not None:
                     # Pings up to here: a slow stop is not a hang; TimeoutStopSec bounds it.
@@ -472,11 +607,61 @@ class App:
                 except TimeoutError:
                     log.warning("mqtt not reachable at shutdown; offline status left to last will")
                     publisher_task.cancel()
+                if sparkplug is not None and sparkplug_task is not None:
+                    await sparkplug.stop()
+                    try:
+                        await asyncio.wait_for(
+                            asyncio.shield(sparkplug_task), PUBLISHER_STOP_GRACE_S
+                        )
+                    except TimeoutError:
+                        log.warning("sparkplug NDEATH not sent at shutdown; left to the last will")
+                        sparkplug_task.cancel()
         finally:
+            if self.facade is not None:
+                await self.facade.close()
             if self._devices is not None:
                 self._devices.close_links()
             await store.close()
             log.info("edged stopped")
+
+    async def _start_facade(self, settings: Settings, devices: DeviceSet, store: Store) -> None:
+        """Serve the other masters. A listener that cannot bind (the port taken,
+        an address not on this host) costs the facade, never the billing reads:
+        an error, a `facade_failed` event, and edged runs on without it."""
+        units = {d.id: d.transport.unit_id for d in settings.devices}
+        facade = FacadeServer(settings.facade, devices.link_for, units.get)
+        try:
+            await facade.start()
+        except OSError as exc:
+            await facade.close()
+            log.error("facade not started; edged runs without it", error=str(exc))
+            self._record_event(
+                Event(device=None, kind="facade_failed", at=self.clock.now(),
+                      message=f"the Modbus TCP facade could not start: {exc}",
+                      details={"error": str(exc),
+                               "listeners": [f"{x.host}:{x.port}"
+                                             for x in settings.facade.listeners]})
+            )  # fmt: skip
+            return
+        self.facade = facade
+        await store.set_mark("facade", self._facade_summary())
+
+    def _facade_summary(self) -> str:
+        """One line on the facade for `edged status` (kept as a store mark)."""
+        assert self.facade is not None
+        st = self.facade.status()
+        listening = ", ".join(f"{x['host']}:{x['port']} ({x['devices']} devices)"
+                              for x in st["listeners"])  # fmt: skip
+        clients = st["clients"]
+        return (
+            f"listening {listening}; {st['connections']} connections, {len(clients)} clients, "
+            f"{sum(c['requests'] for c in clients)} requests, "
+            f"{sum(c['exceptions'] for c in clients)} exceptions "
+            f"({sum(c['busy'] for c in clients)} busy); pass-through "
+            f"{st['pass_through_reads']} bus reads, {st['pass_through_shared']} shared; "
+            f"refused {st['rejected_connections']} connections, closed "
+            f"{st['closed_malformed']} malformed; at {iso_utc(self.clock.now())}"
+        )
 
     # -- reload -----------------------------------------------------------------
 
@@ -517,10 +702,15 @@ class App:
         except ValueError as exc:  # a device the links or register planner refuse
             self._reject_config(path, [f"{path}: {exc}"])
             return
+        except Exception as exc:  # whatever else a file can provoke: keep running
+            log.exception("config reload failed")
+            self._reject_config(path, [f"{path}: {type(exc).__name__}: {exc}"])
+            return
         pending = restart_required(self.settings, new)
         self.settings = applied_settings(self.settings, new)
         self._after_reload(new)
-        self._config_hash = config_hash(path)
+        with contextlib.suppress(OSError):  # the file may be gone again already
+            self._config_hash = config_hash(path)
         self._restart_required = pending
         self._record_event(self._reloaded_event(diff, pending))
         if self.publisher is not None:
@@ -535,6 +725,8 @@ class App:
         self._virtual = self._plan_virtual(self.settings, self._virtual)
         if self._commands is not None:
             self._commands.use_settings(self.settings)
+        if self.sparkplug is not None:
+            self.sparkplug.set_devices(device_specs(self.settings))
         logs.configure(new.log.level, new.log.format)
 
     def _reject_config(self, path: Path, problems: list[str]) -> None:
@@ -572,7 +764,15 @@ class App:
 
     @staticmethod
     def _demand_units_of(settings: Settings) -> dict[tuple[str, str], str | None]:
-        return {(d.id, c.name): c.demand_unit for d in settings.devices for c in d.channels}
+        units = {
+            (d.id, name): c.demand_unit
+            for d in settings.devices
+            for name, c in channels_of(d).items()  # raw and compensated channels
+        }
+        for vm in settings.virtual_meters:
+            for vc in vm.channels:
+                units[(vm.id, vc.name)] = vc.unit[:-1] if vc.unit.endswith("h") else None
+        return units
 
     @staticmethod
     def _plan_virtual(settings: Settings, running: VirtualMeters | None) -> VirtualMeters | None:
@@ -613,6 +813,10 @@ class App:
             await asyncio.sleep(self.settings.status_every)
             self._outbox = await store.outbox_depth()
             publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
+            if self.facade is not None:  # for `edged status`, which reads the store
+                await store.set_mark("facade", self._facade_summary())
+            if self.sparkplug is not None:
+                self.sparkplug.set_figures(self._node_figures())
             # Read counts and last good reads, which change with every read.
             for device_id, health in self._device_health.items():
                 self._publish_device_status(device_id, health)

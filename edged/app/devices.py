@@ -98,6 +98,13 @@ class DeviceSet:
         unique = {id(r.link): r.link for r in self._running.values()}
         return list(unique.values())
 
+    def link_for(self, device_id: str) -> tuple[ScheduledLink, int] | None:
+        """A running device's link and unit id on it (the facade reads through it)."""
+        running = self._running.get(device_id)
+        if running is None:
+            return None
+        return running.link, running.poller.device.transport.unit_id
+
     async def apply(self, devices: Sequence[Device]) -> DeviceDiff:
         """Run exactly `devices`. Raises ValueError (LinkConfigError among them)
         before anything is stopped if the devices cannot share their links or

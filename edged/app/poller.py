@@ -23,6 +23,14 @@ import structlog
 from edged.app.heartbeat import Heartbeat
 from edged.config.schema import Device
 from edged.core import flags as flag_table
+from edged.core.compensation.record import (
+    NO_SAMPLES,
+    channels_of,
+    compensate_records,
+    parameters_event,
+    params_of,
+)
+from edged.core.deadband import Deadband, Reported, report
 from edged.core.demand import PeakState, peak_event, update_peaks
 from edged.core.engine import intervals as engine
 from edged.core.engine.intervals import ChannelState, IntervalContext
@@ -38,8 +46,10 @@ from edged.core.plan import (
     DevicePlan,
     plan_device,
 )
+from edged.core.scale import rescaled
 from edged.core.schedule import next_boundary
 from edged.core.time.flags import TimeFlags
+from edged.core.time.readtiming import ReadTiming
 from edged.io.bus import Priority
 from edged.io.clock import BoundaryWaiter, Clock
 from edged.io.modbus import (
@@ -91,6 +101,16 @@ def outbox_pending(
     return pending
 
 
+@dataclass(slots=True)
+class MeasureCounts:
+    """Fast-poll values since start: read, published after report-by-exception,
+    and stored (published ones, unless the disk budget sheds measurements)."""
+
+    polled: int = 0
+    published: int = 0
+    stored: int = 0
+
+
 class Recorder:
     """Single writer: batches pollers' results into durable transactions."""
 
@@ -99,8 +119,11 @@ class Recorder:
         store: Store,
         on_committed: Callable[[], None],
         measurement_flush_s: float = MEASUREMENT_FLUSH_S,
+        tap: Callable[[Sequence[Interval]], Sequence[OutboxMessage]] | None = None,
     ) -> None:
         self._store = store
+        # More outbox rows for the same records (Sparkplug), in the same commit.
+        self._tap = tap
         self._on_committed = on_committed
         self._queue: asyncio.Queue[Pending | asyncio.Future[None] | None] = asyncio.Queue()
         self.heartbeat = Heartbeat("recorder")
@@ -108,6 +131,7 @@ class Recorder:
         self._measurements: list[Measurement] = []
         self._flush_timer: asyncio.TimerHandle | None = None
         self._shedding: frozenset[str] = frozenset()
+        self.measure_counts = MeasureCounts()  # shared by the pollers
 
     @property
     def shedding(self) -> frozenset[str]:
@@ -120,11 +144,16 @@ class Recorder:
             self._measurements.clear()
 
     def submit(self, pending: Pending) -> None:
+        if self._tap is not None and pending.intervals:
+            # Seqs allocated now, right after the records' own: still in commit order.
+            for message in self._tap([record for record, _ in pending.intervals]):
+                pending.messages.append((self._store.allocate_seq(), message))
         self._queue.put_nowait(pending)
 
     def add_measurement(self, measurement: Measurement) -> None:
         if "measurements" in self._shedding:
             return
+        self.measure_counts.stored += len(measurement.values)
         self._measurements.append(measurement)
         if len(self._measurements) >= MEASUREMENT_BATCH_ROWS:
             self._queue.put_nowait(Pending())  # an empty step: commit what is buffered
@@ -298,15 +327,25 @@ class DevicePoller:
         self._on_records = on_records
         self._on_peak = on_peak
         self._on_measurement = on_measurement
-        # End of the interval the next boundary read closes: time events
-        # (steps, AMT ending, outages) after it flag that interval.
+        # Last exponent of each scale-registered channel (SCALE_CHANGED on a change).
+        self._scale_factors: dict[str, int] = {}
+        # When the previous read was taken: time events (steps, AMT ending)
+        # after it, in monotonic order, and outages after it, in reference
+        # time, flag the record the next boundary read closes.
         known = [st.counter_at for st in states.values() if st.counter_at is not None]
-        self._interval_since: datetime | None = min(known) if known else None
+        self._timing = ReadTiming(
+            device.interval_s, zone, min(known) if known else None, clock.monotonic()
+        )
         self._stop = asyncio.Event()
         self._wakes: set[asyncio.Future[None]] = set()
         # Carried over when a config reload restarts this device's poller.
         self.health = health or DeviceHealth()
         self._plan: DevicePlan = plan_device(device)
+        # Compensated channels (docs/compensation.md): computed from finished
+        # records, beside them; the fast-poll samples since the last boundary
+        # read give the interval's operating point.
+        self._compensation = params_of(device)
+        self._samples = NO_SAMPLES
         self.heartbeat = Heartbeat(f"poller:{device.id}")
         self.measure_heartbeat = Heartbeat(f"measure:{device.id}")
 
@@ -317,10 +356,13 @@ class DevicePoller:
         if plan.measurements is None or plan.measure_every_s is None:
             return
         every_s = plan.measure_every_s
-        units = {
-            p.name: p.unit
-            for p in (self.device.measurements.points if self.device.measurements else ())
-        }
+        points = self.device.measurements.points if self.device.measurements else ()
+        units = {p.name: p.unit for p in points}
+        # Report by exception (edged.core.deadband): what moved, or was silent too long.
+        bands = {p.name: Deadband(p.deadband, p.deadband_percent) for p in points}
+        max_silence_s = self.device.measurements.max_silence if self.device.measurements else None
+        reported: dict[str, Reported] = {}
+        counts = self._recorder.measure_counts
         loop = asyncio.get_running_loop()
         next_mono = loop.time()
         while not self._stop.is_set():
@@ -341,7 +383,17 @@ class DevicePoller:
             if result.error is not None:
                 continue
             at = started + timedelta(seconds=result.queued_s)
-            payload = measurement_payload(self._site, self.device.id, at, result.values, units)
+            if self._compensation is not None:
+                # Every poll counts towards the interval's operating point,
+                # whether or not report by exception publishes it.
+                self._samples = self._samples.add(result.values, self._compensation)
+            values, reported = report(bands, reported, result.values, loop.time(), max_silence_s)
+            counts.polled += len(result.values)
+            counts.published += len(values)
+            if not values:
+                continue  # nothing moved beyond its deadband
+            shown = {name: units[name] for name in values if name in units}
+            payload = measurement_payload(self._site, self.device.id, at, values, shown)
             if self._on_measurement is not None:
                 self._on_measurement(self._topics.measurement(self.device.id), payload)
             # Kept locally too (unless the disk budget sheds them), so a
@@ -384,7 +436,11 @@ class DevicePoller:
         self.heartbeat.busy(asyncio.get_running_loop().time())
         read = await self._read(boundary=None, lateness_ms=None)
         self._states = engine.baseline_device(self._states, read, self.device.channels)
-        self._submit(read, [], [])
+        self._samples = NO_SAMPLES
+        started = [] if self._compensation is None else [
+            parameters_event(self._compensation, read.read_at)
+        ]  # fmt: skip
+        self._submit(read, [], started)
         boundary = next_boundary(self._clock.now(), self.device.interval_s, self._ctx.zone)
         self._link.expect_boundary((boundary - self._clock.now()).total_seconds())
         while not self._stop.is_set():
@@ -396,7 +452,10 @@ class DevicePoller:
             read = await self._read(boundary, lateness_ms)
             step = engine.step_device(self._states, read, self._ctx)
             self._states = step.states
-            self._submit(read, step.records, step.events)
+            self._submit(read, self._with_compensation(step.records), step.events)
+            # A forward step of the reference may have labelled the read with
+            # a later boundary than the one aimed at.
+            boundary = read.boundary or boundary
             # Aim at the next boundary after now: if this read overran whole
             # intervals, the ones passed are closed as MISSING at the next read.
             boundary = next_boundary(
@@ -424,6 +483,7 @@ class DevicePoller:
     async def _read(self, boundary: datetime | None, lateness_ms: float | None) -> Read:
         time_state = self._clock.time_state
         read_at = self._clock.now()
+        mono_s = self._clock.monotonic()
         if boundary is not None:
             # Lateness is measured when the request is sent, not when we woke.
             lateness_ms = (read_at - boundary) / timedelta(milliseconds=1)
@@ -436,16 +496,22 @@ class DevicePoller:
         )
         # On a shared bus the request may wait its turn: record when it went out.
         read_at += timedelta(seconds=result.queued_s)
-        if boundary is not None:
-            lateness_ms = (read_at - boundary) / timedelta(milliseconds=1)
+        mono_s += result.queued_s
         flags: frozenset[Flag] = result.flags
+        outages: tuple[tuple[datetime, datetime], ...] = ()
         if boundary is not None:
-            flags |= self._time_flags.flags_for(self._interval_since, read_at)
-            self._interval_since = read_at
-        elif self._interval_since is None:
-            self._interval_since = read_at
+            timed = self._timing.boundary_read(boundary, read_at, mono_s, self._time_flags)
+            boundary = timed.boundary
+            flags |= timed.flags
+            outages = timed.outages
+            lateness_ms = (read_at - boundary) / timedelta(milliseconds=1)
+        else:
+            self._timing.baseline(read_at, mono_s)
+        changed = rescaled(self._scale_factors, result.scale_factors)
+        self._scale_factors.update(result.scale_factors)
         read = Read(
             flags=flags,
+            rescaled=changed,
             device=self.device.id,
             boundary=boundary,
             read_at=read_at,
@@ -455,9 +521,18 @@ class DevicePoller:
             registers=result.registers,
             error=result.error,
             meter_clock_offset_s=result.meter_clock_offset_s,
+            mono_s=mono_s,
+            outages=outages,
         )
         self._update_health(read)
         return read
+
+    def _with_compensation(self, records: Sequence[Interval]) -> Sequence[Interval]:
+        """The raw records and, after them, their compensated channels."""
+        samples, self._samples = self._samples, NO_SAMPLES
+        if self._compensation is None:
+            return records
+        return [*records, *compensate_records(records, self._compensation, samples)]
 
     def _update_health(self, read: Read) -> None:
         health = self.health
@@ -487,7 +562,7 @@ class DevicePoller:
             self._peaks, records, self._ctx.zone, device.billing_reset_day
         )
         if closed:
-            units = {c.name: c.demand_unit for c in device.channels}
+            units = {name: c.demand_unit for name, c in channels_of(device).items()}
             events = [*events, peak_event(device.id, closed, units)]
         pending = outbox_pending(self._store, self._topics, self._site, records, events)
         pending.reads.append(read)

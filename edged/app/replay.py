@@ -30,6 +30,8 @@ import structlog
 
 from edged.app.poller import Pending, Recorder
 from edged.config.schema import Settings
+from edged.core.compensation.record import channels_of
+from edged.core.errors import EdgedError
 from edged.core.export import TimeArgumentError, parse_range
 from edged.core.payloads import Topics, command_response_payload, encode, replay_copy
 from edged.io.brokerdiag import explain_connect_error
@@ -72,7 +74,7 @@ class ReplayRequest:
         return IntervalQuery(self.start, self.end, self.devices, self.channels)
 
 
-class RequestError(ValueError):
+class RequestError(EdgedError, ValueError):
     """A request that is refused; the message says why, for the requester."""
 
     def __init__(self, message: str, request_id: str | None = None) -> None:
@@ -82,7 +84,7 @@ class RequestError(ValueError):
 
 def known_channels(settings: Settings) -> dict[str, frozenset[str]]:
     """Device id -> its channel names, virtual meters included."""
-    known = {d.id: frozenset(c.name for c in d.channels) for d in settings.devices}
+    known = {d.id: frozenset(channels_of(d)) for d in settings.devices}
     for vm in settings.virtual_meters:
         known[vm.id] = frozenset(c.name for c in vm.channels)
     return known
@@ -318,7 +320,7 @@ def _request_id_of(payload: bytes) -> str | None:
 # -- `edged replay`: straight to the broker -------------------------------------------
 
 
-class ReplayError(Exception):
+class ReplayError(EdgedError):
     """The broker could not be reached or the connection was lost (message says which)."""
 
 

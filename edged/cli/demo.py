@@ -88,7 +88,12 @@ async def demo_broker(workdir: Path) -> AsyncIterator[DemoBroker]:
 
 
 def demo_config(
-    workdir: Path, broker: DemoBroker, modbus_port: int, ntp_port: int, interval_s: int
+    workdir: Path,
+    broker: DemoBroker,
+    modbus_port: int,
+    ntp_port: int,
+    interval_s: int,
+    sparkplug: bool = False,
 ) -> Path:
     """The demo's configuration, written out so the user can read and reuse it."""
     path = workdir / "edged.yaml"
@@ -114,6 +119,9 @@ devices:
     profile: pmc-1
     interval: {interval_s}s
     transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: 1, timeout: 1s}}
+    channels:
+      # The pulse value is programmed per site: state it (the profile asks to).
+      - {{name: energy_import, multiplier: 0.144}}
   - id: ion8600
     interval: {interval_s}s
     transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: 2, timeout: 1s}}
@@ -132,8 +140,19 @@ virtual_meters:
         add: [pmc1.energy_import, ion8600.energy_delivered]
         unit: kWh
 """
+        + (SPARKPLUG_CONFIG if sparkplug else "")
     )
     return path
+
+
+SPARKPLUG_GROUP = "demo"
+SPARKPLUG_CONFIG = f"""\
+# Sparkplug B beside the JSON topics (docs/sparkplug.md): edge node {SITE},
+# each meter and the station a device, on spBv1.0/{SPARKPLUG_GROUP}/#.
+sparkplug:
+  enabled: true
+  group_id: {SPARKPLUG_GROUP}
+"""
 
 
 @dataclass
@@ -147,6 +166,35 @@ class View:
     events: list[str] = field(default_factory=list)
     interval_count: int = 0
     on_change: Callable[[], None] | None = None
+    # Sparkplug metric names by (device, alias), learnt from the births.
+    aliases: dict[tuple[str | None, int], str] = field(default_factory=dict)
+
+    def handle_sparkplug(self, topic: str, payload: bytes) -> None:
+        """One Sparkplug message, decoded, as a line (the raw bytes are protobuf)."""
+        from edged.io.sparkplug_pb import DecodeError, decode_payload
+
+        parts = topic.split("/")
+        if len(parts) < 4 or parts[1] == "STATE":
+            return
+        kind, device = parts[2], (parts[4] if len(parts) > 4 else None)
+        try:
+            decoded = decode_payload(payload)
+        except DecodeError:
+            return
+        shown = []
+        for m in decoded.metrics:
+            if m.name is not None and m.alias is not None:
+                self.aliases[(device, m.alias)] = m.name
+            name = m.name or self.aliases.get((device, m.alias or 0), f"alias {m.alias}")
+            if kind == "DDATA" and name.startswith("measurement/"):
+                return  # fast polls: too many to show
+            props = dict(m.properties)
+            quality = f" Quality={props['Quality']}" if "Quality" in props else ""
+            historical = " historical" if m.is_historical else ""
+            shown.append(f"{name}={m.value}{quality}{historical}")
+        where = f"{kind} {device}" if device else kind
+        listed = ", ".join(shown[:3]) + (f" (+{len(shown) - 3})" if len(shown) > 3 else "")
+        self.note(f"sparkplug {where} seq={decoded.seq}: {listed}", prefix="")
 
     def handle(self, topic: str, payload: dict[str, Any]) -> None:
         if "/interval/" in topic:
@@ -168,11 +216,11 @@ class View:
         if self.on_change is not None:
             self.on_change()
 
-    def note(self, text: str) -> None:
+    def note(self, text: str, prefix: str = "scenario: ") -> None:
         self.events.append(text)
         del self.events[:-5]
         if self.plain:
-            self.out.write(f"scenario: {text}\n")
+            self.out.write(f"{prefix}{text}\n")
             self.out.flush()
         if self.on_change is not None:
             self.on_change()
@@ -214,11 +262,19 @@ def format_interval_line(p: dict[str, Any]) -> str:
     )
 
 
-async def _subscribe(broker: DemoBroker, view: View, ready: asyncio.Event) -> None:
+async def _subscribe(
+    broker: DemoBroker, view: View, ready: asyncio.Event, sparkplug: bool = False
+) -> None:
     async with aiomqtt.Client(broker.host, broker.port, identifier="edged-demo-view") as client:
         await client.subscribe(f"{PREFIX}/#", qos=1)
+        if sparkplug:
+            await client.subscribe(f"spBv1.0/{SPARKPLUG_GROUP}/#", qos=0)
         ready.set()
         async for message in client.messages:
+            if message.topic.value.startswith("spBv1.0/"):
+                if isinstance(message.payload, bytes):
+                    view.handle_sparkplug(message.topic.value, message.payload)
+                continue
             try:
                 payload = json.loads(bytes(message.payload))
             except (ValueError, TypeError):
@@ -281,7 +337,12 @@ async def _scenario(meters: Any, ntp: Any, daemon: Daemon, interval_s: int, view
 
 
 async def run_demo(
-    duration_s: float | None, plain: bool, interval_s: int, out: TextIO = sys.stdout
+    duration_s: float | None,
+    plain: bool,
+    interval_s: int,
+    out: TextIO = sys.stdout,
+    *,
+    sparkplug: bool = False,
 ) -> int:
     from edged.sim.meter import MeterServer, SimulatedMeter
     from edged.sim.ntp import NtpServer
@@ -302,7 +363,7 @@ async def run_demo(
         async with MeterServer(meters) as server, NtpServer(offset_s=0.0) as ntp:
             modbus_port = await server.start_tcp("127.0.0.1", 0)
             ntp_port = await ntp.start("127.0.0.1", 0)
-            config = demo_config(workdir, broker, modbus_port, ntp_port, interval_s)
+            config = demo_config(workdir, broker, modbus_port, ntp_port, interval_s, sparkplug)
             settings = load_settings(config)
             print(
                 f"edged demo: broker {broker.kind} at {broker.host}:{broker.port}, "
@@ -314,9 +375,17 @@ async def run_demo(
                 file=out,
                 flush=True,
             )
+            if sparkplug:
+                print(
+                    f"  Sparkplug B on spBv1.0/{SPARKPLUG_GROUP}/# (protobuf, shown decoded)",
+                    file=out,
+                    flush=True,
+                )
             daemon = Daemon(settings, config)
             subscribed = asyncio.Event()
-            view_task = asyncio.create_task(_subscribe(broker, view, subscribed), name="view")
+            view_task = asyncio.create_task(
+                _subscribe(broker, view, subscribed, sparkplug), name="view"
+            )
             await subscribed.wait()
             daemon.start()
             scenario = asyncio.create_task(

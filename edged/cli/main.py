@@ -20,6 +20,7 @@ from edged.config.load import (
     load_settings,
 )
 from edged.config.schema import Settings
+from edged.core.errors import EdgedError
 from edged.core.export import CSV_COLUMNS
 from edged.core.model import iso_utc
 
@@ -41,9 +42,19 @@ def _load(path: Path) -> Settings | None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = _load(args.config)
-    if settings is None:
+    from edged.config.load import load_settings_with_warnings
+
+    try:
+        settings, warnings = load_settings_with_warnings(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        count = len(exc.problems)
+        print(f"{args.config}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
         return 1
+    # Warnings do not fail the check: the values are valid, only probably wrong.
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     channels = sum(len(d.channels) for d in settings.devices)
     print(
         f"{args.config}: OK - site {settings.site}, {len(settings.devices)} device(s), "
@@ -95,7 +106,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from edged.cli.demo import run_demo
 
     try:
-        return asyncio.run(run_demo(args.duration, args.plain, args.interval))
+        return asyncio.run(
+            run_demo(args.duration, args.plain, args.interval, sparkplug=args.sparkplug)
+        )
     except KeyboardInterrupt:
         return 0
 
@@ -360,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one line per interval instead of the live table")  # fmt: skip
     p.add_argument("--interval", type=int, default=10, metavar="S",
                    help="interval length in seconds (default 10; must divide a day)")  # fmt: skip
+    p.add_argument("--sparkplug", action="store_true",
+                   help="also publish Sparkplug B (docs/sparkplug.md), shown decoded")  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
     def db_arg(p: argparse.ArgumentParser) -> None:
@@ -452,6 +467,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except EdgedError as exc:
+        # Every error edged raises on purpose is one line for the operator;
+        # anything else is a bug and keeps its traceback.
+        print(f"edged {args.command}: {exc}", file=sys.stderr)
+        return 1
     return code
 
 

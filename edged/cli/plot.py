@@ -15,6 +15,7 @@ from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
+from edged.core.errors import EdgedError
 from edged.core.model import parse_iso_utc
 
 INSTALL_HINT = "pip install 'edged[plot]'  (or: pip install matplotlib)"
@@ -22,7 +23,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 QUALITY_COLOURS = {"suspect": "tab:orange", "estimated": "tab:purple", "missing": "tab:red"}
 
 
-class PlotUnavailable(Exception):
+class PlotUnavailable(EdgedError):
     pass
 
 

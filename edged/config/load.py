@@ -18,17 +18,21 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from edged.config import safe_yaml
+from edged.config.registers import address_hint, normalise, parse_register_text
 from edged.config.schema import (
     IDENT_RE,
     Settings,
+    facade_problems,
 )
 from edged.core.engine.intervals import device_problems
+from edged.core.errors import EdgedError
 from edged.core.plan import check_links
 from edged.core.virtual.plan import VirtualMeterError, plan_virtual_meter
 
+_YAML_LIMITS = safe_yaml.Limits()
 # Package data, found through importlib.resources so that a wheel, a zipapp or a
 # Debian package's virtualenv finds them as well as a source checkout does.
 SHIPPED_PROFILES_DIR: Traversable = files("edged.config") / "profiles"
@@ -64,7 +68,7 @@ class Problem:
         )
 
 
-class ConfigError(Exception):
+class ConfigError(EdgedError):
     """Raised with every problem found; str() is the report for a human."""
 
     def __init__(self, problems: Sequence[Problem]) -> None:
@@ -84,47 +88,24 @@ class _Located:
     lines: Mapping[KeyPath, int]  # path -> 1-based line of the key (or item)
 
 
-def _construct(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int]) -> Any:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        result: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = (
-                yaml.safe_load(yaml.serialize(key_node))
-                if not isinstance(key_node, yaml.ScalarNode)
-                else _scalar(key_node)
-            )
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            result[key] = _construct(value_node, (*path, key), lines)
-        return result
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, (*path, i), lines) for i, item in enumerate(node.value)]
-    return _scalar(node)
-
-
-def _scalar(node: yaml.Node) -> Any:
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    finally:
-        loader.dispose()
-
-
 def _load_yaml(path: Path | Traversable) -> _Located:
     name = str(path)
     try:
+        # Shipped profiles (package data) may not be files on disk: no stat.
+        size = path.stat().st_size if isinstance(path, Path) else 0
+        if size > _YAML_LIMITS.max_bytes:
+            raise ConfigError(
+                [Problem(name, None, "", f"file larger than {_YAML_LIMITS.max_bytes} bytes")]
+            )
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([Problem(name, None, "", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(name, None, "", f"not UTF-8 text: {exc.reason}")]) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([Problem(name, line, "", f"invalid YAML: {problem}")]) from None
-    lines: dict[KeyPath, int] = {}
-    data = _construct(node, (), lines) if node is not None else None
+        data, lines = safe_yaml.build(text, _YAML_LIMITS)
+    except safe_yaml.YamlRefused as exc:
+        raise ConfigError([Problem(name, exc.line, "", exc.message)]) from None
     return _Located(name, data, lines)
 
 
@@ -188,6 +169,8 @@ PROFILE_KEYS = frozenset(
         "measurements",
         "channel_count",
         "channel_template",
+        # what a site must state itself (reported by check-config when it does not)
+        "site_must_set",
     }
 )
 # Profile keys copied onto the device as they are (the device's own value wins).
@@ -206,7 +189,8 @@ def _expand_template(
 
     The template is a channel whose `name` contains `{n}` (any str.format spec,
     e.g. `branch{n:02d}`), whose `register` is channel 1's, and whose `stride`
-    is the register distance from one channel to the next. A branch-circuit
+    is the register distance from one channel to the next (`scale_stride`
+    likewise for a per-channel `scale_register`). A branch-circuit
     monitor configured for 42 or 84 circuits is then one profile.
     """
     where = (*source_path, "channel_template")
@@ -218,8 +202,35 @@ def _expand_template(
             _problem(source, where, "needs channel_count: a whole number of channels, 1..1024")
         )
         return []
-    body = {k: v for k, v in template.items() if k != "stride"}
+    body = {k: v for k, v in template.items() if k not in ("stride", "scale_stride")}
+    try:
+        body = normalise(body)  # `register: "4x1168"` / `register_number` in a template
+    except ValueError as exc:
+        problems.append(_problem(source, (*where, "register"), str(exc)))
+        return []
+    body.pop("register_number", None)
     name, register, stride = body.get("name"), body.get("register"), template.get("stride", 2)
+    # A per-channel scale register (BCPM: one power-of-ten register per circuit)
+    # moves by `scale_stride`; 0 (the default) shares one register (SunSpec style).
+    scale, scale_stride = body.get("scale_register"), template.get("scale_stride", 0)
+    if isinstance(scale, str):
+        try:
+            scale = parse_register_text(scale)[0]
+        except ValueError as exc:
+            problems.append(_problem(source, (*where, "scale_register"), str(exc)))
+            return []
+    if scale is not None and (
+        not isinstance(scale, int) or not isinstance(scale_stride, int) or scale_stride < 0
+    ):
+        problems.append(
+            _problem(
+                source,
+                where,
+                "scale_register (channel 1) and scale_stride (>= 0) must be "
+                "whole numbers in a template",
+            )
+        )
+        return []
     if not isinstance(name, str) or "{n" not in name:
         problems.append(_problem(source, (*where, "name"), "must contain {n}, e.g. ch{n}_kwh"))
         return []
@@ -235,8 +246,10 @@ def _expand_template(
         except (ValueError, KeyError, IndexError) as exc:
             problems.append(_problem(source, (*where, "name"), f"cannot format: {exc}"))
             return []
-        expanded.append(({**body, "name": channel_name, "register": register + (n - 1) * stride},
-                         where))  # fmt: skip
+        channel = {**body, "name": channel_name, "register": register + (n - 1) * stride}
+        if isinstance(scale, int):
+            channel["scale_register"] = scale + (n - 1) * scale_stride
+        expanded.append((channel, where))
     return expanded
 
 
@@ -260,6 +273,7 @@ def _merge_profile(
     config_dir: Path,
     origins: dict[KeyPath, _Origin],
     problems: list[Problem],
+    warnings: list[Problem] | None = None,
 ) -> dict[str, Any]:
     """Device entries override the profile's; channels are merged by name."""
     name = device.get("profile")
@@ -327,11 +341,84 @@ def _merge_profile(
                 doc, (*device_path, "channels", i)
             )
             channels.append(override)
+    if warnings is not None:
+        warnings.extend(_site_must_set(profile, device, device_path, doc))
     merged.update({k: v for k, v in device.items() if k not in ("channels", "measurements")})
     merged["channels"] = channels
     if "measurements" in device and "measurements" not in merged:
         merged["measurements"] = device["measurements"]
     return merged
+
+
+def _site_must_set(
+    profile: _Located, device: dict[str, Any], device_path: KeyPath, doc: _Located
+) -> Iterator[Problem]:
+    """Warnings for a profile's `site_must_set` entries the device does not state.
+
+    An entry is `{key: channels.NAME.KEY | KEY, why: TEXT}`: a value the profile
+    can only guess (the PMC-1 pulse value is programmed per site), so a device
+    relying on the profile's guess is told so at its own line."""
+    entries = profile.data.get("site_must_set")
+    if not isinstance(entries, list):
+        return
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+            yield _problem(profile, ("site_must_set",), "entries are {key: ..., why: ...}")
+            continue
+        parts = entry["key"].split(".")
+        stated = False
+        if len(parts) == 3 and parts[0] == "channels":
+            for channel in device.get("channels") or []:
+                if isinstance(channel, dict) and channel.get("name") == parts[1]:
+                    stated = parts[2] in channel
+        elif len(parts) == 1:
+            stated = parts[0] in device
+        if not stated:
+            why = entry.get("why", "")
+            yield _problem(
+                doc,
+                device_path,
+                f"profile {profile.data.get('name', '?')} only assumes {entry['key']}; "
+                f"state it for this device{': ' + why if why else ''}",
+            )
+
+
+def _address_hints(data: dict[str, Any]) -> Iterator[tuple[KeyPath, str]]:
+    """Plain addresses that look like 4xxxx/3xxxx register numbers (merged data)."""
+    devices = data.get("devices")
+    for i, device in enumerate(devices if isinstance(devices, list) else []):
+        if not isinstance(device, dict):
+            continue
+        maps: list[tuple[KeyPath, Any]] = []
+        for j, channel in enumerate(device.get("channels") or []):
+            maps.append((("devices", i, "channels", j), channel))
+        measurements = device.get("measurements")
+        if isinstance(measurements, dict):
+            for k, point in enumerate(measurements.get("points") or []):
+                maps.append((("devices", i, "measurements", "points", k), point))
+        status = device.get("status")
+        for k, word in enumerate(status if isinstance(status, list) else [status]):
+            maps.append((("devices", i, "status", k) if isinstance(status, list)
+                         else ("devices", i, "status"), word))  # fmt: skip
+        maps.append((("devices", i, "clock"), device.get("clock")))
+        for path, entry in maps:
+            if not isinstance(entry, dict):
+                continue
+            yield from _hint(entry, (*path, "register"))
+            scale = entry.get("scale_register")
+            if isinstance(scale, dict):
+                yield from _hint(scale, (*path, "scale_register", "register"))
+            elif scale is not None:
+                yield from _hint({"register": scale}, (*path, "scale_register"))
+
+
+def _hint(register_map: dict[str, Any], key_path: KeyPath) -> Iterator[tuple[KeyPath, str]]:
+    address = register_map.get("register")
+    # Only a plain number: "4x0091" and register_number were converted on purpose.
+    if isinstance(address, int) and not isinstance(address, bool):
+        hint = address_hint(address, str(register_map.get("function", "holding")))
+        if hint is not None:
+            yield key_path, hint
 
 
 def _device_template(
@@ -432,7 +519,28 @@ def _message(error: Any) -> str:
 
 def load_settings(path: Path | str) -> Settings:
     """Read, merge profiles and validate; raises ConfigError listing every problem."""
-    config_path = Path(path)
+    return load_settings_with_warnings(path)[0]
+
+
+def load_settings_with_warnings(path: Path | str) -> tuple[Settings, tuple[Problem, ...]]:
+    """:func:`load_settings`, plus the warnings check-config prints: values that
+    are valid but probably wrong (an address that looks like a 4xxxx register
+    number, a value the profile only assumes), each with its file:line.
+
+    Nothing but a ConfigError escapes: a failure this module did not foresee
+    is reported as one too, so neither check-config nor a reload can die of a
+    file's contents."""
+    try:
+        return _load_settings(Path(path))
+    except ConfigError:
+        raise
+    except (Exception, RecursionError) as exc:
+        problem = Problem(str(path), None, "", f"cannot load: {type(exc).__name__}: {exc}")
+        raise ConfigError([problem]) from exc
+
+
+def _load_settings(config_path: Path) -> tuple[Settings, tuple[Problem, ...]]:
+    warnings: list[Problem] = []
     doc = _load_yaml(config_path)
     if not isinstance(doc.data, dict):
         raise ConfigError([Problem(doc.file, 1, "", "the file must be a YAML mapping")])
@@ -447,7 +555,7 @@ def load_settings(path: Path | str) -> Settings:
             if isinstance(device, dict) and "profile" in device:
                 before = len(problems)
                 device = _merge_profile(
-                    device, ("devices", i), doc, config_path.parent, origins, problems
+                    device, ("devices", i), doc, config_path.parent, origins, problems, warnings
                 )
                 if len(problems) > before:
                     unloaded_profiles.add(i)
@@ -480,7 +588,10 @@ def load_settings(path: Path | str) -> Settings:
         problems.extend(_cross_checks(settings, doc))
     if problems or settings is None:
         raise ConfigError(sorted(set(problems), key=_problem_sort_key))
-    return settings
+    for key_path, hint in _address_hints(data):
+        where = _locate(key_path, doc, origins)
+        warnings.append(Problem(where.file, where.line, format_key_path(key_path), hint))
+    return settings, tuple(sorted(set(warnings), key=_problem_sort_key))
 
 
 def _cross_checks(settings: Settings, doc: _Located) -> list[Problem]:
@@ -496,6 +607,8 @@ def _cross_checks(settings: Settings, doc: _Located) -> list[Problem]:
             plan_virtual_meter(meter, settings.devices)
         except VirtualMeterError as exc:
             problems.append(_problem(doc, ("virtual_meters", i), str(exc)))
+    for path, message in facade_problems(settings.facade, settings.devices):
+        problems.append(_problem(doc, ("facade", *path), message))
     return problems
 
 

@@ -7,6 +7,7 @@ reports every problem with file:line and key, and builds these models.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import math
 import re
 import zoneinfo
@@ -25,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from edged.config.registers import NOTATION_HELP, REGISTER_NUMBER_HELP, normalise
 from edged.core.model import Flag
 from edged.core.registers import DataType, register_count
 from edged.core.units import parse_duration_s, parse_size_bytes
@@ -168,8 +170,9 @@ def _order_to_words(data: Any) -> Any:
 
 
 def _register_shorthand(value: Any) -> Any:
-    """`scale_register: 40` is shorthand for `scale_register: {register: 40}`."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    """`scale_register: 40` is shorthand for `scale_register: {register: 40}`
+    (a register-list string such as "4x0041" too)."""
+    if isinstance(value, int | str) and not isinstance(value, bool):
         return {"register": value}
     return value
 
@@ -177,9 +180,12 @@ def _register_shorthand(value: Any) -> Any:
 class ScaleRegister(_Strict):
     """A SunSpec-style scale factor: value = raw x 10**sf, sf read from this register."""
 
-    address: int = Field(alias="register", ge=0, le=65535, description="0-based register address")
+    address: int = Field(alias="register", ge=0, le=65535, description=NOTATION_HELP)
+    register_number: int | None = Field(None, description=REGISTER_NUMBER_HELP)
     function: Literal["holding", "input"] = "holding"
     type: Literal["int16"] = "int16"
+
+    _notation = model_validator(mode="before")(normalise)
 
 
 class _RegisterMap(_Strict):
@@ -187,7 +193,8 @@ class _RegisterMap(_Strict):
 
     name: str = Field(pattern=IDENT_RE)
     # `register` in YAML; renamed here because BaseModel already has `register`.
-    address: int = Field(alias="register", ge=0, le=65535, description="0-based register address")
+    address: int = Field(alias="register", ge=0, le=65535, description=NOTATION_HELP)
+    register_number: int | None = Field(None, description=REGISTER_NUMBER_HELP)
     function: Literal["holding", "input"] = "holding"
     type: DataType = "uint32"
     word_order: Literal["big", "little"] = "big"
@@ -210,6 +217,7 @@ class _RegisterMap(_Strict):
     _ratio_factor: float = PrivateAttr(1.0)
 
     _words = model_validator(mode="before")(_order_to_words)
+    _notation = model_validator(mode="before")(normalise)
 
     @model_validator(mode="after")
     def _check_register_map(self) -> _RegisterMap:
@@ -259,7 +267,9 @@ class Channel(_RegisterMap):
         None,
         gt=0,
         description="highest plausible demand (kW for a kWh channel); a counter wrap implying "
-        "more is a COUNTER_RESET. Default: half the counter modulus per interval",
+        "more is a COUNTER_RESET. Default: the device's rated power (rated_power_kva, or "
+        "meter_rating x CT x VT) x plausibility_margin; without either, half the counter "
+        "modulus per interval",
     )
     limits: Limits | None = Field(None, description="interval values outside are OUT_OF_RANGE")
 
@@ -269,9 +279,19 @@ class Channel(_RegisterMap):
             raise ValueError("scale of an energy counter must be positive")
         return self
 
+    # Set by the owning Device from its rating: the physical demand limit
+    # (unit per hour) used when max_demand is not configured.
+    _rated_demand: float | None = PrivateAttr(None)
+
     @property
     def unit_label(self) -> str:
         return self.unit
+
+    @property
+    def plausible_demand(self) -> float | None:
+        """The demand limit (unit per hour) a counter step is judged by:
+        ``max_demand``, else the device's rated power x margin, else None."""
+        return self.max_demand if self.max_demand is not None else self._rated_demand
 
     @functools.cached_property
     def multiplier(self) -> float:
@@ -306,6 +326,19 @@ class MeasurementPoint(_RegisterMap):
 
     unit: str = ""
     offset: float = 0.0
+    deadband: float | None = Field(
+        None,
+        ge=0,
+        description="report by exception: publish only when the value moved by more than "
+        "this (in `unit`) since last published",
+    )
+    deadband_percent: float | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="report by exception: publish only when the value moved by more than "
+        "this percentage of the last published value (with `deadband`: beyond either)",
+    )
 
     @property
     def unit_label(self) -> str:
@@ -317,12 +350,19 @@ class Measurements(_Strict):
 
     every: DurationS = Field(1.0, ge=0.1, le=3600, description="poll period, e.g. 1s")
     points: tuple[MeasurementPoint, ...] = Field(min_length=1)
+    max_silence: DurationS | None = Field(
+        None,
+        gt=0,
+        description="a deadbanded point is published at least this often, changed or not "
+        "(default: only on change)",
+    )
 
 
 class StatusWord(_Strict):
     """A meter status register whose bits map to interval flags."""
 
-    address: int = Field(alias="register", ge=0, le=65535, description="0-based register address")
+    address: int = Field(alias="register", ge=0, le=65535, description=NOTATION_HELP)
+    register_number: int | None = Field(None, description=REGISTER_NUMBER_HELP)
     function: Literal["holding", "input"] = "holding"
     type: Literal["uint16", "uint32", "uint64"] = "uint16"
     word_order: Literal["big", "little"] = "big"
@@ -331,6 +371,7 @@ class StatusWord(_Strict):
     bits: dict[int, Flag] = Field(min_length=1, description="bit (0 = LSB) -> flag name")
 
     _words = model_validator(mode="before")(_order_to_words)
+    _notation = model_validator(mode="before")(normalise)
 
     @field_validator("bits")
     @classmethod
@@ -350,7 +391,8 @@ class MeterClock(_Strict):
     """
 
     format: Literal["epoch", "ymdhms", "datetime4"] = "epoch"
-    address: int = Field(alias="register", ge=0, le=65535, description="0-based register address")
+    address: int = Field(alias="register", ge=0, le=65535, description=NOTATION_HELP)
+    register_number: int | None = Field(None, description=REGISTER_NUMBER_HELP)
     function: Literal["holding", "input"] = "holding"
     type: Literal["uint32", "int32", "uint64", "int64"] = "uint32"
     word_order: Literal["big", "little"] = "big"
@@ -359,6 +401,166 @@ class MeterClock(_Strict):
     timezone: ZoneName = Field("UTC", description="zone of a ymdhms/datetime4 wall clock")
 
     _words = model_validator(mode="before")(_order_to_words)
+    _notation = model_validator(mode="before")(normalise)
+
+
+class MeterRating(_Strict):
+    """The meter's own (secondary side) rating from its nameplate or data sheet."""
+
+    voltage_ln_v: float = Field(gt=0, description="highest line-to-neutral voltage, V")
+    current_max_a: float = Field(gt=0, description="highest current (Imax), A")
+    phases: int = Field(3, ge=1, le=3, description="measuring elements")
+
+
+# Energy units by the factor from kVAh-family units: demand limits are kept in
+# kVA and converted to the channel's unit per hour.
+_PER_KILO = {"": 1000.0, "k": 1.0, "M": 0.001}
+
+
+def _unit_per_kilo(unit: str) -> float | None:
+    for base in ("Wh", "varh", "VAh"):
+        if unit.endswith(base):
+            return _PER_KILO.get(unit[: -len(base)])
+    return None
+
+
+class CertificatePointConfig(_Strict):
+    """One point of an instrument transformer's test certificate (at its burden).
+    Give the ratio error as `ratio_error_pct` (IEC 61869) or `rcf` (IEEE C57.13)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    percent: float = Field(gt=0, le=400, description="% of rated primary current/voltage")
+    ratio_error_pct: float | None = Field(
+        None, ge=-5, le=5, description="ratio error in %, positive when the secondary reads high"
+    )
+    rcf: float | None = Field(
+        None, description="IEEE C57.13 ratio correction factor (true/marked ratio) instead"
+    )
+    phase_min: float = Field(
+        ge=-300,
+        le=300,
+        description="phase displacement in minutes of arc, positive when the secondary leads",
+    )
+
+    @model_validator(mode="after")
+    def _one_ratio(self) -> CertificatePointConfig:
+        if (self.ratio_error_pct is None) == (self.rcf is None):
+            raise ValueError("give exactly one of ratio_error_pct and rcf")
+        if self.rcf is not None and not 1 / 1.05 <= self.rcf <= 1 / 0.95:
+            raise ValueError(f"rcf {self.rcf} is a ratio error beyond +-5 %")
+        return self
+
+    @property
+    def error_pct(self) -> float:
+        if self.ratio_error_pct is not None:
+            return self.ratio_error_pct
+        assert self.rcf is not None
+        return (1.0 / self.rcf - 1.0) * 100.0
+
+
+class InstrumentTransformer(_Strict):
+    """A CT (rated_current_a) or VT (rated_voltage_v) certificate; errors are
+    interpolated linearly between points and held flat beyond the first/last."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    rated_current_a: float | None = Field(None, gt=0, description="CT rated primary current, A")
+    rated_voltage_v: float | None = Field(None, gt=0, description="VT rated primary voltage, V")
+    burden_va: float | None = Field(None, gt=0, description="burden of the certificate, VA")
+    points: tuple[CertificatePointConfig, ...] = Field(
+        min_length=1, description="certificate points, strictly increasing in percent"
+    )
+
+    @model_validator(mode="after")
+    def _monotonic(self) -> InstrumentTransformer:
+        if (self.rated_current_a is None) == (self.rated_voltage_v is None):
+            raise ValueError("give exactly one of rated_current_a (CT) and rated_voltage_v (VT)")
+        percents = [p.percent for p in self.points]
+        if any(percents[i + 1] <= percents[i] for i in range(len(percents) - 1)):
+            raise ValueError(f"certificate points must be strictly increasing in %: {percents}")
+        return self
+
+
+class TransformerLossConfig(_Strict):
+    """Power transformer between the meter and the point of connection."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    no_load_loss_kw: float = Field(ge=0, description="no-load (iron) loss at rated voltage, kW")
+    rated_voltage_v: float = Field(gt=0, description="rated voltage on the metered side, V")
+    load_loss_kw: float = Field(ge=0, description="load (copper) loss at rated current, kW")
+    rated_current_a: float = Field(gt=0, description="rated current on the metered side, A")
+
+
+class LineLossConfig(_Strict):
+    """Line between the meter (or transformer) and the point of connection."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    resistance_ohm: float = Field(ge=0, description="per phase, referred to the metered side")
+    phases: Literal[1, 3] = Field(3, description="number of phases carrying the current")
+
+
+class CompensatedChannel(_Strict):
+    name: str = Field(pattern=IDENT_RE, description="a kWh or kvarh channel of this device")
+    kind: Literal["active", "reactive"] = Field(
+        "active", description="active (kWh) or reactive (kvarh) energy"
+    )
+    flow: Literal["delivered", "received"] = Field(
+        description="delivered: from the grid to the meter (losses added); received: from "
+        "the meter to the grid (losses subtracted)"
+    )
+
+
+class Compensation(_Strict):
+    """CT/VT error correction and transformer/line loss compensation, published as
+    extra channels `<name><suffix>` beside the raw ones (docs/compensation.md)."""
+
+    channels: tuple[CompensatedChannel, ...] = Field(
+        min_length=1, description="the raw channels to compensate, and their direction"
+    )
+    suffix: str = Field(
+        "_compensated",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="appended to a raw channel's name to name its compensated channel",
+    )
+    current: str | None = Field(None, description="fast-poll point of the phase current, A")
+    voltage: str | None = Field(None, description="fast-poll point of the voltage, V")
+    i2h: str | None = Field(None, description="channel counting I^2 h (A^2h), instead of samples")
+    v2h: str | None = Field(None, description="channel counting V^2 h (V^2h), instead of samples")
+    ct: InstrumentTransformer | None = Field(None, description="the CT's test certificate")
+    vt: InstrumentTransformer | None = Field(None, description="the VT's test certificate")
+    transformer: TransformerLossConfig | None = Field(
+        None, description="power transformer losses to compensate"
+    )
+    line: LineLossConfig | None = Field(None, description="line losses to compensate")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Compensation:
+        if self.ct is not None and self.ct.rated_current_a is None:
+            raise ValueError("ct needs rated_current_a")
+        if self.vt is not None and self.vt.rated_voltage_v is None:
+            raise ValueError("vt needs rated_voltage_v")
+        if self.current is not None and self.i2h is not None:
+            raise ValueError("give the current as a fast-poll point or an i2h channel, not both")
+        if self.voltage is not None and self.v2h is not None:
+            raise ValueError("give the voltage as a fast-poll point or a v2h channel, not both")
+        has_i = self.current is not None or self.i2h is not None
+        has_v = self.voltage is not None or self.v2h is not None
+        if (self.ct is not None or self.transformer is not None or self.line is not None) and (
+            not has_i
+        ):
+            raise ValueError("ct, transformer and line losses need `current` or `i2h`")
+        if (self.vt is not None or self.transformer is not None) and not has_v:
+            raise ValueError("vt and transformer losses need `voltage` or `v2h`")
+        seen = set()
+        for channel in self.channels:
+            key = (channel.kind, channel.flow)
+            if key in seen:
+                raise ValueError(f"two {channel.kind} channels with flow {channel.flow}")
+            seen.add(key)
+        return self
 
 
 def _one_or_many(value: Any) -> Any:
@@ -384,6 +586,21 @@ class Device(_Strict):
     )
     ct_ratio: float = Field(1.0, gt=0, description="primary/secondary CT ratio, e.g. 200 (1000:5)")
     vt_ratio: float = Field(1.0, gt=0, description="primary/secondary VT ratio, e.g. 100")
+    rated_power_kva: float | None = Field(
+        None,
+        gt=0,
+        description="highest apparent power the metered connection can carry (primary side, "
+        "kVA: transformer or feeder rating); times plausibility_margin it is the default "
+        "max_demand of the energy channels",
+    )
+    meter_rating: MeterRating | None = Field(
+        None,
+        description="the meter's secondary rating; phases x V x Imax x CT x VT is the rated "
+        "power when rated_power_kva is not set",
+    )
+    plausibility_margin: float = Field(
+        1.5, ge=1, le=100, description="rated power x this is the highest plausible demand"
+    )
     max_gap: int = Field(
         8, ge=0, le=124, description="unused registers a read may span to merge two reads"
     )
@@ -392,9 +609,23 @@ class Device(_Strict):
     clock_tolerance: DurationS = Field(
         10.0, gt=0, description="meter clock offset beyond this flags CLOCK_ERROR"
     )
+    elapsed_tolerance: DurationS = Field(
+        1.0,
+        gt=0,
+        description="a record whose real elapsed time (monotonic, between its two reads) "
+        "differs from what the reference clock says by more than the larger of this and "
+        "elapsed_tolerance_fraction of the interval reports the real time in duration_s and "
+        "is flagged (PARTIAL/LONG besides any CLOCK_SET_*/TIME_ADJUSTED), never actual",
+    )
+    elapsed_tolerance_fraction: float = Field(
+        0.002, ge=0, lt=1, description="see elapsed_tolerance (0.002 = 0.2 % of the interval)"
+    )
     measurements: Measurements | None = None
     channel_count: int | None = Field(
         None, ge=1, le=1024, description="channels expanded from a channel_template"
+    )
+    compensation: Compensation | None = Field(
+        None, description="instrument-transformer correction and loss compensation"
     )
 
     @field_validator("interval")
@@ -416,11 +647,59 @@ class Device(_Strict):
         for point in points:
             point._ratio_factor = point.ratio_factor_for(self.ct_ratio, self.vt_ratio)
             point.__dict__.pop("multiplier", None)
+        rated_kva = self.rated_kva
+        for channel in self.channels:
+            per_kilo = _unit_per_kilo(channel.unit)
+            if rated_kva is not None and per_kilo is not None:
+                channel._rated_demand = rated_kva * self.plausibility_margin * per_kilo
         return self
+
+    @model_validator(mode="after")
+    def _compensation_refs(self) -> Device:
+        if self.compensation is not None:
+            check_compensation_refs(self)
+        return self
+
+    @property
+    def rated_kva(self) -> float | None:
+        """The connection's rated apparent power (primary side), if known."""
+        if self.rated_power_kva is not None:
+            return self.rated_power_kva
+        r = self.meter_rating
+        if r is None:
+            return None
+        return r.phases * r.voltage_ln_v * r.current_max_a * self.ct_ratio * self.vt_ratio / 1000
 
     @property
     def interval_s(self) -> int:
         return int(self.interval)
+
+
+def check_compensation_refs(device: Device) -> None:
+    """The compensation block names this device's channels and points, in the
+    units the arithmetic assumes."""
+    comp = device.compensation
+    assert comp is not None
+    units = {c.name: c.unit for c in device.channels}
+    points = {p.name: p.unit for p in (device.measurements.points if device.measurements else ())}
+    problems: list[str] = []
+    for channel in comp.channels:
+        want = "kWh" if channel.kind == "active" else "kvarh"
+        if channel.name not in units:
+            problems.append(f"compensation channel {channel.name!r} is not a channel")
+        elif units[channel.name] != want:
+            problems.append(f"{channel.kind} channel {channel.name!r} is in "
+                            f"{units[channel.name]!r}, not {want}")  # fmt: skip
+        elif channel.name + comp.suffix in units:
+            problems.append(f"{channel.name + comp.suffix!r} is already a channel")
+    for key, name, want in (("current", comp.current, "A"), ("voltage", comp.voltage, "V")):
+        if name is not None and points.get(name) != want:
+            problems.append(f"compensation {key}: {name!r} is not a fast-poll point in {want}")
+    for key, name, want in (("i2h", comp.i2h, "A2h"), ("v2h", comp.v2h, "V2h")):
+        if name is not None and units.get(name) != want:
+            problems.append(f"compensation {key}: {name!r} is not a channel in {want}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 class VirtualChannel(_Strict):
@@ -561,6 +840,28 @@ class Mqtt(_Strict):
         return urls
 
 
+class Sparkplug(_Strict):
+    """Sparkplug B output beside the JSON topics (docs/sparkplug.md): its own MQTT
+    session to the `mqtt` brokers, with NDEATH as its last will. Off by default."""
+
+    enabled: bool = Field(False, description="publish Sparkplug B on `spBv1.0/{group_id}/...`")
+    group_id: str = Field(
+        "edged", pattern=r"^[^#+/]+$", description="Sparkplug group id (first topic level)"
+    )
+    edge_node_id: str | None = Field(
+        None, pattern=r"^[^#+/]+$", description="Sparkplug edge node id; default: the site"
+    )
+    primary_host_id: str | None = Field(
+        None,
+        pattern=r"^[^#+/]+$",
+        description="primary host application id: births wait until its STATE says online "
+        "(Sparkplug 3.0); none: publish at once",
+    )
+    client_id: str | None = Field(
+        None, description="MQTT client id of the Sparkplug session; default: edged-sp-{site}-{host}"
+    )
+
+
 class TimeSettings(_Strict):
     """Reference time (docs/time.md). edged never sets the system clock."""
 
@@ -594,6 +895,100 @@ class Log(_Strict):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class FacadeBlock(_Strict):
+    """A register block a `cache` device keeps fresh for the facade, polled at its
+    own rate on the device's link at fast-poll priority (below boundary reads)."""
+
+    function: Literal["holding", "input"] = Field(
+        "holding", description="holding (function 3) or input (function 4) registers"
+    )
+    address: int = Field(alias="register", ge=0, le=65535, description="0-based first register")
+    count: int = Field(ge=1, le=125, description="registers in the block (one read)")
+    every: DurationS = Field(1.0, ge=0.1, le=3600, description="poll period, e.g. 1s")
+
+    @model_validator(mode="after")
+    def _fits(self) -> FacadeBlock:
+        if self.address + self.count > 65536:
+            raise ValueError(f"block at {self.address}+{self.count} runs past 65535")
+        return self
+
+
+class FacadeDevice(_Strict):
+    """A configured device served to other masters through a facade listener."""
+
+    device: str = Field(pattern=IDENT_RE, description="id of a configured device")
+    unit_id: int | None = Field(
+        None, ge=0, le=255, description="unit id the masters address; default the device's own"
+    )
+    mode: Literal["cache", "pass_through"] = Field(
+        "pass_through",
+        description="cache: answer from `blocks` polled by edged; pass_through: forward each "
+        "read to the device below boundary reads",
+    )
+    blocks: tuple[FacadeBlock, ...] = Field((), description="register blocks (mode cache)")
+    max_age: DurationS = Field(
+        3.0, gt=0, description="a cached block older than this answers exception 0x0B"
+    )
+
+    @model_validator(mode="after")
+    def _blocks_for_cache(self) -> FacadeDevice:
+        if self.mode == "cache" and not self.blocks:
+            raise ValueError("mode cache needs at least one entry in blocks")
+        if self.mode == "pass_through" and self.blocks:
+            raise ValueError("blocks are only polled in mode cache")
+        return self
+
+
+class FacadeListener(_Strict):
+    host: str = Field("127.0.0.1", description="address to bind (127.0.0.1: this host only)")
+    port: int = Field(1502, ge=0, le=65535, description="TCP port (502 needs privileges)")
+    devices: tuple[FacadeDevice, ...] = Field(
+        min_length=1, description="the devices served on this listener"
+    )
+
+
+class Facade(_Strict):
+    """A Modbus TCP server through which other masters (SCADA, EMS, a PLC) read the
+    devices edged polls, so edged stays the one master on the bus
+    (docs/multimaster.md). Read-only: functions 3 and 4 are served, every other
+    function (writes included) is refused with exception 01. Off by default."""
+
+    enabled: bool = Field(False, description="serve the listeners")
+    listeners: tuple[FacadeListener, ...] = Field(
+        (), description="TCP listeners, each with its own unit id map"
+    )
+    allow: tuple[str, ...] = Field(
+        ("127.0.0.0/8", "::1/128"),
+        description="client networks (CIDR) allowed to connect; others are closed at once",
+    )
+    max_connections: int = Field(16, ge=1, le=1024, description="open connections, all listeners")
+    idle_timeout: DurationS = Field(
+        120.0, gt=0, description="a connection silent for this long is closed"
+    )
+    max_rate: float = Field(
+        50.0, gt=0, description="requests/s per client address (burst: one second's worth); "
+        "beyond it requests answer exception 0x06",
+    )  # fmt: skip
+    client_queue: int = Field(
+        4, ge=1, le=64,
+        description="pass-through reads one client may have waiting for the bus; one more "
+        "answers exception 0x06 at once",
+    )  # fmt: skip
+    answer_within: DurationS = Field(
+        2.0, gt=0, description="a pass-through read not answered by then answers 0x0B"
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, networks: tuple[str, ...]) -> tuple[str, ...]:
+        for net in networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not a network (CIDR)") from None
+        return networks
+
+
 class Settings(_Strict):
     site: str = Field(pattern=IDENT_RE)
     timezone: ZoneName = "UTC"
@@ -604,7 +999,34 @@ class Settings(_Strict):
     status_every: DurationS = Field(60.0, gt=0)
     devices: tuple[Device, ...] = Field(min_length=1)
     virtual_meters: tuple[VirtualMeter, ...] = ()
+    sparkplug: Sparkplug = Field(
+        Sparkplug(), description="Sparkplug B output (docs/sparkplug.md); off by default"
+    )
+    facade: Facade = Field(Facade(), description="Modbus TCP server for other masters; off")
 
     @property
     def zone(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.timezone)
+
+
+def facade_problems(
+    facade: Facade, devices: tuple[Device, ...]
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Facade entries naming unknown devices or one upstream unit id twice, each
+    with its key path under `facade` (a cross-check of the loader, file:line)."""
+    by_id = {d.id: d for d in devices}
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    for n, listener in enumerate(facade.listeners):
+        seen: dict[int, str] = {}
+        for k, entry in enumerate(listener.devices):
+            where = ("listeners", n, "devices", k)
+            device = by_id.get(entry.device)
+            if device is None:
+                problems.append((where, f"no device {entry.device!r}"))
+                continue
+            unit = entry.unit_id if entry.unit_id is not None else device.transport.unit_id
+            if unit in seen:
+                problems.append((where, f"unit id {unit} is already {seen[unit]!r} on this "
+                                        "listener; give one an explicit unit_id"))  # fmt: skip
+            seen[unit] = entry.device
+    return problems

@@ -223,8 +223,9 @@ class PeakState:
 
 
 def _iso(t: datetime | None) -> str | None:
-    # Full precision (isoformat), unlike payload timestamps rounded to ms.
-    return None if t is None else t.astimezone(UTC).isoformat()
+    # Full precision (isoformat), unlike payload timestamps rounded to ms; a
+    # "Z" like every other payload time (issue 13), not "+00:00".
+    return None if t is None else t.astimezone(UTC).isoformat()[:-6] + "Z"
 
 
 def _parse(text: object) -> datetime | None:

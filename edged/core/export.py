@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Any, Literal, Protocol, TextIO
 
+from edged.core.errors import EdgedError
 from edged.core.model import (
     iso_utc,
     parse_iso_utc,
@@ -57,7 +58,7 @@ FORMATS: tuple[Format, ...] = ("table", "csv", "json")
 # -- time arguments -----------------------------------------------------------------
 
 
-class TimeArgumentError(ValueError):
+class TimeArgumentError(EdgedError, ValueError):
     """A --from/--to value that cannot be turned into one instant."""
 
 

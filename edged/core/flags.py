@@ -46,6 +46,8 @@ FLAG_TABLE: tuple[FlagInfo, ...] = (
              None, "1", None, "1.4.1", "95"),
     FlagInfo(Flag.COUNTER_RESET, "counter went back implausibly",
              None, None, None, "1.4.8", "87"),
+    FlagInfo(Flag.SCALE_CHANGED, "the meter changed the channel's scale factor within it",
+             None, None, None, None, None),
     FlagInfo(Flag.DEVICE_ERROR, "meter reported a fault / exception",
              "IOBOARD", None, "bit 0 ERR, bit 2 DNV", "1.1.x", "82"),
     FlagInfo(Flag.OUT_OF_RANGE, "value beyond configured limits",

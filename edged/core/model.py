@@ -41,6 +41,7 @@ class Flag(StrEnum):
     MISSING = "MISSING"
     ROLLOVER = "ROLLOVER"
     COUNTER_RESET = "COUNTER_RESET"
+    SCALE_CHANGED = "SCALE_CHANGED"
     DEVICE_ERROR = "DEVICE_ERROR"
     OUT_OF_RANGE = "OUT_OF_RANGE"
     DST = "DST"
@@ -102,6 +103,15 @@ class Read:
     error: ReadError | None = None
     flags: frozenset[Flag] = frozenset()  # observed by this read: status bits, meter clock, etc.
     meter_clock_offset_s: float | None = None
+    # Channels whose scale register (power of ten) differs from the previous read's:
+    # their record is SCALE_CHANGED. Not stored: a restart compares from its first read.
+    rescaled: frozenset[str] = frozenset()
+    # Monotonic time (s) the request went out, for the real elapsed time
+    # between two reads; None when the shell does not know it.
+    mono_s: float | None = None
+    # Reference-time windows in which the gateway was down (POWER_FAIL on the
+    # records, MISSING ones included, whose intervals overlap them).
+    outages: tuple[tuple[datetime, datetime], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", _frozen_mapping(self.values))
@@ -133,6 +143,8 @@ class Interval:
     read_lateness_ms: float | None
     original_value: float | None = None
     rolling_demand: float | None = None
+    # On a compensated channel only: what was applied (docs/compensation.md).
+    compensation: Mapping[str, object] | None = None
 
     @property
     def id(self) -> str:

@@ -92,6 +92,8 @@ def interval_payload(interval: Interval, seq: int, *, replay: bool = False) -> d
         payload["original_value"] = interval.original_value
     if interval.rolling_demand is not None:
         payload["rolling_demand"] = _round(interval.rolling_demand)
+    if interval.compensation is not None:
+        payload["compensation"] = dict(interval.compensation)
     return payload
 
 

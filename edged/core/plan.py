@@ -22,10 +22,11 @@ from edged.config.schema import (
     TcpTransport,
     _RegisterMap,
 )
+from edged.core.errors import EdgedError
 from edged.core.registers import ClockSpec, Point, ReadPlan, StatusSpec, ValueSpec, build_plan
 
 
-class LinkConfigError(ValueError):
+class LinkConfigError(EdgedError, ValueError):
     """Devices that share a port or endpoint disagree on how to use it."""
 
 

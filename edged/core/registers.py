@@ -26,6 +26,7 @@ C-level ``struct`` calls.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
 from typing import Final, Literal, TypeVar, get_args
 
+from edged.core.errors import EdgedError
 from edged.core.model import Flag
 
 __all__ = [
@@ -105,7 +107,7 @@ _ORDER_CODES: Final[dict[str, tuple[WordOrder, ByteOrder]]] = {
 }
 
 
-class MalformedResponse(ValueError):
+class MalformedResponse(EdgedError, ValueError):
     """The register payload cannot be what the request asked for (wrong length,
     a word outside 0..65535). The Modbus shell maps this to a MALFORMED read
     error; it must never crash a poller."""
@@ -504,6 +506,9 @@ class PlanResult:
     meter_clock_s: float | None
     meter_clock_offset_s: float | None
     problems: tuple[str, ...]
+    # The power-of-ten exponent each scale-registered value was read with, so a
+    # caller can tell when the meter changed it between two reads.
+    scale_factors: Mapping[str, int] = field(default_factory=dict)
 
 
 def build_plan(
@@ -568,8 +573,9 @@ def scaled_value(spec: ValueSpec, decoded: Mapping[str, int | float]) -> int | f
             return None
         if isinstance(raw, int):
             raw = raw * 10**sf if sf >= 0 else float(Decimal(raw).scaleb(sf))
-        else:
-            raw = raw * 10.0**sf
+        elif math.isfinite(raw):
+            # Exactly (decimal): 0.1 x 10**-1 is 0.01, not 0.010000000000000002.
+            raw = float(Decimal(repr(raw)).scaleb(sf))
     value = _times(raw, spec.scale)
     if spec.offset:
         if isinstance(value, int):
@@ -578,8 +584,15 @@ def scaled_value(spec: ValueSpec, decoded: Mapping[str, int | float]) -> int | f
     return value
 
 
-def meter_clock_s(clock: ClockSpec, decoded: Mapping[str, int | float]) -> float:
-    """Epoch seconds of the meter clock; ValueError if the registers are no date."""
+def meter_clock_s(
+    clock: ClockSpec, decoded: Mapping[str, int | float], reference_s: float | None = None
+) -> float:
+    """Epoch seconds of the meter clock; ValueError if the registers are no date.
+
+    A local time the zone repeats (the hour at the end of DST) has two
+    readings; the one nearer `reference_s` is the meter's (issue 13: the
+    first reading made a right clock look 3600 s off through that hour).
+    """
     words = [decoded[p] for p in clock.points]
     if clock.format == "epoch":
         return float(words[0])
@@ -594,8 +607,12 @@ def meter_clock_s(clock: ClockSpec, decoded: Mapping[str, int | float]) -> float
         second, microsecond = divmod((ints[3] & 0xFFFF) * 1000, 1_000_000)
     if year < 100:
         year += 2000
-    return datetime(year, month, day, hour, minute, second, microsecond,
-                    tzinfo=clock.zone).timestamp()  # fmt: skip
+    local = datetime(year, month, day, hour, minute, second, microsecond,
+                     tzinfo=clock.zone)  # fmt: skip
+    first, second_reading = local.timestamp(), local.replace(fold=1).timestamp()
+    if reference_s is not None and abs(second_reading - reference_s) < abs(first - reference_s):
+        return second_reading
+    return first
 
 
 def apply_plan(
@@ -611,12 +628,15 @@ def apply_plan(
     """
     values: dict[str, int | float] = {}
     problems: list[str] = []
+    scale_factors: dict[str, int] = {}
     for spec in plan.values:
         value = scaled_value(spec, decoded)
         if value is None:
             problems.append(f"{spec.name}: scale factor not implemented")
             continue
         values[spec.name] = value
+        if spec.sf_point is not None:
+            scale_factors[spec.name] = int(decoded[spec.sf_point])
     flags: set[Flag] = set()
     for status in plan.status:
         word = decoded.get(status.point)
@@ -629,7 +649,7 @@ def apply_plan(
     if clock is not None:
         if all(p in decoded for p in clock.points):
             try:
-                clock_s = meter_clock_s(clock, decoded)
+                clock_s = meter_clock_s(clock, decoded, reference_s)
             except (ValueError, OverflowError, OSError) as exc:
                 problems.append(f"meter clock unreadable: {exc}")
                 flags.add(Flag.CLOCK_ERROR)
@@ -639,4 +659,4 @@ def apply_plan(
             offset_s = clock_s - reference_s
             if abs(offset_s) > clock.tolerance_s:
                 flags.add(Flag.CLOCK_ERROR)
-    return PlanResult(values, frozenset(flags), clock_s, offset_s, tuple(problems))
+    return PlanResult(values, frozenset(flags), clock_s, offset_s, tuple(problems), scale_factors)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # only annotations: the engine loads no pydantic at run time
 
 
 # Settings fields that only a restart applies.
-RESTART_FIELDS = ("site", "timezone", "storage", "mqtt", "time")
+RESTART_FIELDS = ("site", "timezone", "storage", "mqtt", "time", "sparkplug", "facade")
 
 
 @dataclass(frozen=True, slots=True)

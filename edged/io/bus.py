@@ -62,7 +62,8 @@ class Priority(IntEnum):
     """Lower first."""
 
     BOUNDARY = 0  # interval-boundary reads: billing data
-    FAST = 1  # measurement polls between boundaries
+    FAST = 1  # measurement polls between boundaries (and the facade's cached blocks)
+    PASS_THROUGH = 2  # reads other masters forward through the facade
 
 
 @dataclass(slots=True)
@@ -325,7 +326,9 @@ class BusScheduler(Generic[T]):
             self.stats.failures += 1
         if timeout:
             self.stats.timeouts += 1
-        if job.priority is Priority.FAST and ok:
+        # Every read that yields around boundaries teaches the estimate its
+        # hold is based on (a unit read only through the facade has no fast polls).
+        if job.priority is not Priority.BOUNDARY and ok:
             took = now_s - job.started_s
             previous = info.fast_estimate_s
             info.fast_estimate_s = took if previous is None else 0.8 * previous + 0.2 * took

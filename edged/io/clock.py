@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -34,13 +35,22 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    """The system clock, trusted as it is (`time.source: system`)."""
+    """The system clock, trusted as it is (`time.source: system`).
 
-    def __init__(self, time_state: TimeState = TimeState.SYNCED) -> None:
+    `system_now` reads it (epoch seconds); the demo passes one reset by a
+    "dead RTC battery"."""
+
+    def __init__(
+        self,
+        time_state: TimeState = TimeState.SYNCED,
+        *,
+        system_now: Callable[[], float] = time.time,
+    ) -> None:
         self._time_state = time_state
+        self._system_now = system_now
 
     def now(self) -> datetime:
-        return datetime.now(UTC)
+        return datetime.fromtimestamp(self._system_now(), UTC)
 
     def monotonic(self) -> float:
         return time.monotonic()

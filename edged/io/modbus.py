@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
@@ -41,6 +41,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.client.base import ModbusBaseClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
+from pymodbus.framer.socket import FramerSocket
 
 from edged.config.schema import (
     Device,
@@ -57,6 +58,7 @@ from edged.core.registers import (
     apply_plan,
     decode_response,
 )
+from edged.core.replies import ReceivedFrame, reply_problem
 from edged.io.bus import BusScheduler, Job, Priority
 from edged.io.serialdiag import SerialLine, probe_serial_port
 
@@ -165,6 +167,44 @@ PacketTrace = Callable[[bool, bytes], bytes]
 ClientFactory = Callable[[PacketTrace], ModbusBaseClient]
 
 
+def client_factory(
+    framer: FramerType,
+    timeout_s: float,
+    *,
+    host: str = "",
+    port: int = 0,
+    serial: SerialLine | None = None,
+) -> ClientFactory:
+    """The one way edged builds a pymodbus client: over TCP (`host`, `port`)
+    or a serial line, with the given framing.
+
+    retries=0: a boundary read is not retried within the interval, it is
+    recorded as failed (MISSING) and the next boundary tries again; the link
+    reconnects itself (reconnect_delay=0), and every packet goes through the
+    link's trace so the RTU silence is timed from the reply's last byte."""
+
+    def factory(trace: PacketTrace) -> ModbusBaseClient:
+        common: dict[str, Any] = {
+            "framer": framer,
+            "timeout": timeout_s,
+            "retries": 0,
+            "reconnect_delay": 0,
+            "trace_packet": trace,
+        }
+        if serial is not None:
+            return AsyncModbusSerialClient(
+                serial.port,
+                baudrate=serial.baudrate,
+                bytesize=serial.bytesize,
+                parity=serial.parity,
+                stopbits=serial.stopbits,
+                **common,
+            )
+        return AsyncModbusTcpClient(host, port=port, **common)
+
+    return factory
+
+
 class _Connection:
     """One pymodbus client (one TCP connection or one open serial port)."""
 
@@ -185,6 +225,12 @@ class _Connection:
         self._retry_at = 0.0
         self._last_end = 0.0  # when the line last fell silent (loop time)
         self._last_rx = 0.0  # when the client last received bytes (loop time)
+        # Frames the framer cut since the current request went out, with the
+        # PDU pymodbus decoded from each: the raw frame of a reply is checked
+        # (function code, byte count, unit and transaction id) before its
+        # registers are believed (see edged.core.replies).
+        self._frames: list[tuple[Any, ReceivedFrame]] = []
+        self._tid_framing = True
         self.connects = 0
 
     def _trace(self, sending: bool, data: bytes) -> bytes:
@@ -205,6 +251,7 @@ class _Connection:
         if client is not None:
             client.close()
         client = self._client = self._factory(self._trace)
+        self._watch_frames(client)
         try:
             ok = await client.connect()
         except Exception as exc:  # pymodbus/pyserial raise a variety here
@@ -223,6 +270,39 @@ class _Connection:
         self._backoff.succeeded()
         self.connects += 1
         return client
+
+    def _watch_frames(self, client: ModbusBaseClient) -> None:
+        """Wrap the client's framer so every frame it cuts is kept with the
+        PDU decoded from it. pymodbus keeps neither the raw function code nor
+        the byte count it was sent, and matches replies only loosely."""
+        ctx: Any = client.ctx
+        framer: Any = ctx.framer
+        decode = framer.decode
+        handle = framer.handleFrame
+        cut: list[ReceivedFrame] = []
+
+        def decode_kept(data: bytes) -> tuple[int, int, int, bytes]:
+            used, unit, tid, pdu = decode(data)
+            if pdu:
+                cut.append(ReceivedFrame(unit_id=unit, transaction_id=tid, pdu=bytes(pdu)))
+            return used, unit, tid, pdu
+
+        def handle_kept(data: bytes, exp_devid: int, exp_tid: int) -> tuple[int, Any]:
+            cut.clear()
+            used, pdu = handle(data, exp_devid, exp_tid)
+            if pdu is not None and cut:
+                self._frames.append((pdu, cut[-1]))
+            return used, pdu
+
+        framer.decode = decode_kept
+        framer.handleFrame = handle_kept
+        self._tid_framing = isinstance(framer, FramerSocket)
+
+    def _frame_of(self, response: Any) -> ReceivedFrame | None:
+        for pdu, frame in self._frames:
+            if pdu is response:
+                return frame
+        return None
 
     async def run(self, unit_id: int, payload: _Payload, timeout_s: float) -> RawRead:
         """A device's requests in order; the first failure of a required one ends it."""
@@ -294,6 +374,7 @@ class _Connection:
             if request.function == "holding"
             else client.read_input_registers
         )
+        self._frames.clear()
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the
             # call in a task of its own, one more task and loop iteration per
@@ -309,15 +390,21 @@ class _Connection:
         except ModbusIOException as exc:
             text = _short(exc)
             kind = ReadErrorKind.TIMEOUT if "No response" in text else ReadErrorKind.MALFORMED
+            # Bytes of this reply may still be under way (a slow unit behind a
+            # gateway trickling its answer): they would land in the next
+            # unit's transaction. A new connection starts clean.
+            self.close()
             return ReadError(kind, text)
         except ConnectionException as exc:
             return ReadError(ReadErrorKind.CONNECTION, _short(exc))
         except ModbusException as exc:
+            self.close()
             return ReadError(ReadErrorKind.MALFORMED, _short(exc))
         except OSError as exc:
             self.close()
             return ReadError(ReadErrorKind.CONNECTION, repr(exc))
         except Exception as exc:  # a pymodbus decoding bug must not stop the loop
+            self.close()
             return ReadError(ReadErrorKind.MALFORMED, repr(exc))
         finally:
             # The silence starts with the reply's last byte, not when pymodbus
@@ -326,6 +413,18 @@ class _Connection:
             # count from now.
             answered = answered and self._last_rx >= sent_s
             self._last_end = self._last_rx if answered else loop.time()
+        ctx: Any = client.ctx
+        problem = reply_problem(
+            self._frame_of(response),
+            function=request.function,
+            count=request.count,
+            unit_id=unit_id,
+            transaction_id=int(ctx.request_transaction_id) if self._tid_framing else None,
+        )
+        if problem is not None:
+            # The stream can no longer be trusted to be in step: start afresh.
+            self.close()
+            return ReadError(ReadErrorKind.MALFORMED, problem)
         if response.isError():
             code = getattr(response, "exception_code", None)
             name = EXCEPTION_NAMES.get(code or -1, "unknown exception")
@@ -501,21 +600,9 @@ class TcpEndpoint(ScheduledLink):
         self.port = port
         self.timeout_s = timeout_s
 
-        def factory(trace: PacketTrace) -> ModbusBaseClient:
-            # retries=0: a boundary read is not retried within the interval, it
-            # is recorded as failed (MISSING) and the next boundary tries again.
-            return AsyncModbusTcpClient(
-                host,
-                port=port,
-                timeout=timeout_s,
-                retries=0,
-                reconnect_delay=0,
-                trace_packet=trace,
-            )
-
         super().__init__(
             f"tcp://{host}:{port}",
-            factory,
+            client_factory(FramerType.SOCKET, timeout_s, host=host, port=port),
             connections=max_connections,
             gap_s=request_gap_ms / 1000.0,
             timeout_s=timeout_s,
@@ -531,19 +618,12 @@ class RtuOverTcpEndpoint(ScheduledLink):
         self.host = host
         self.port = port
 
-        def factory(trace: PacketTrace) -> ModbusBaseClient:
-            return AsyncModbusTcpClient(
-                host,
-                port=port,
-                framer=FramerType.RTU,
-                timeout=timeout_s,
-                retries=0,
-                reconnect_delay=0,
-                trace_packet=trace,
-            )
-
         super().__init__(
-            f"rtu+tcp://{host}:{port}", factory, connections=1, gap_s=0.0, timeout_s=timeout_s
+            f"rtu+tcp://{host}:{port}",
+            client_factory(FramerType.RTU, timeout_s, host=host, port=port),
+            connections=1,
+            gap_s=0.0,
+            timeout_s=timeout_s,
         )
 
 
@@ -566,20 +646,6 @@ class RtuBus(ScheduledLink):
         self.port = port
         self.baudrate = baudrate
 
-        def factory(trace: PacketTrace) -> ModbusBaseClient:
-            return AsyncModbusSerialClient(
-                port,
-                framer=FramerType.RTU,
-                baudrate=baudrate,
-                bytesize=bytesize,
-                parity=parity,
-                stopbits=stopbits,
-                timeout=timeout_s,
-                retries=0,
-                reconnect_delay=0,
-                trace_packet=trace,
-            )
-
         line = SerialLine(
             port=port, baudrate=baudrate, bytesize=bytesize, parity=parity, stopbits=stopbits
         )
@@ -589,7 +655,7 @@ class RtuBus(ScheduledLink):
 
         super().__init__(
             f"rtu://{port}",
-            factory,
+            client_factory(FramerType.RTU, timeout_s, serial=line),
             connections=1,
             gap_s=rtu_frame_gap_s(baudrate, parity, stopbits),
             timeout_s=timeout_s,
@@ -673,6 +739,8 @@ class DeviceRead:
     queued_s: float
     duration_s: float
     notes: tuple[str, ...]
+    # power-of-ten exponent per scale-registered value (PlanResult.scale_factors)
+    scale_factors: Mapping[str, int] = field(default_factory=dict)
 
 
 async def read_device(
@@ -696,7 +764,8 @@ async def read_device(
     at_s = None if reference_s is None else reference_s + raw.queued_s
     result = apply_plan(plan, raw.values, at_s)
     return DeviceRead(result.values, result.flags, result.meter_clock_offset_s, raw.registers,
-                      None, raw.queued_s, raw.duration_s, raw.notes + result.problems)  # fmt: skip
+                      None, raw.queued_s, raw.duration_s, raw.notes + result.problems,
+                      result.scale_factors)  # fmt: skip
 
 
 def _short(exc: Exception) -> str:

@@ -38,6 +38,7 @@ from paho.mqtt.properties import Properties
 
 from edged.config.schema import Mqtt
 from edged.core.backoff import Backoff
+from edged.core.errors import EdgedError
 from edged.core.payloads import encode
 from edged.io.brokerdiag import explain_connect_error
 from edged.io.store import OutboxRow, Store
@@ -59,7 +60,7 @@ MAX_PENDING_RESPONSES = 100
 PUBLISH_TIMEOUT_S = 10.0
 
 
-class CredentialsError(Exception):
+class CredentialsError(EdgedError):
     """The configured MQTT password cannot be read (the message says why)."""
 
 
@@ -207,6 +208,58 @@ async def _unless_dropped(work: Awaitable[T], dropped: asyncio.Task[None] | None
     return task.result()
 
 
+# MQTT 5 reason codes a PUBACK may carry (MQTT 5.0, 3.4.2.1).
+PUBACK_REASONS = {
+    0x80: "unspecified error",
+    0x83: "implementation specific error",
+    0x87: "not authorized",
+    0x90: "topic name invalid",
+    0x91: "packet identifier in use",
+    0x97: "quota exceeded",
+    0x99: "payload format invalid",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Publishes the broker refused: how many in this batch, the first one's
+    topic and reason code."""
+
+    count: int
+    topic: str
+    reason_code: int
+
+    @property
+    def reason(self) -> str:
+        return PUBACK_REASONS.get(self.reason_code, f"reason code 0x{self.reason_code:02x}")
+
+
+class Refusals:
+    """Counters for the gateway status."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.refusing = False  # the last attempt at the refused rows failed
+        self.last: Refusal | None = None
+
+    def note(self, refused: Sequence[tuple[str, int]]) -> Refusal:
+        topic, code = refused[0]
+        self.total += len(refused)
+        self.refusing = True
+        self.last = Refusal(count=len(refused), topic=topic, reason_code=code)
+        return self.last
+
+    def status(self) -> dict[str, Any]:
+        last = self.last
+        return {
+            "refused_total": self.total,
+            "refusing": self.refusing,
+            "last_reason_code": last.reason_code if last else None,
+            "last_reason": last.reason if last else None,
+            "last_topic": last.topic if last else None,
+        }
+
+
 class Publisher:
     def __init__(
         self,
@@ -238,6 +291,11 @@ class Publisher:
         self._responses: list[_Response] = []
         # Lowest seq of replayed rows queued since the session last looked.
         self._backlog_from: int | None = None
+        # Refusals (MQTT 5 PUBACK with a failure reason code): the rows stay
+        # in the outbox and are retried after a growing pause.
+        self.refusals = Refusals()
+        self._refusal_backoff = Backoff(first_s=1.0, max_s=300.0)
+        self._on_refused: Callable[[Refusal], None] | None = None
         # Why the last session ended or never started (for a person reading it).
         self.last_error: str | None = None
 
@@ -259,6 +317,11 @@ class Publisher:
         self._responses.append(_Response(topic, encode(payload), correlation_data))
         del self._responses[:-MAX_PENDING_RESPONSES]
         self._wake.set()
+
+    def on_refused(self, callback: Callable[[Refusal], None]) -> None:
+        """`callback` hears of the first refusal after messages went through
+        (one report per episode, not one per retry)."""
+        self._on_refused = callback
 
     def backlog_added(self, first_seq: int) -> None:
         """Rows from `first_seq` on were committed below the live cursor (replays):
@@ -361,10 +424,20 @@ class Publisher:
         live_cursor = backlog_end
         rate = self._settings.backlog_rate
         tokens, refilled_at = 0.0, loop.time()
+        retry_from: int | None = None  # lowest refused seq, retried at retry_at
+        retry_at = 0.0
         while True:
             self._wake.clear()
             await self._publish_retained(client)
             await self._publish_responses(client)
+            if retry_from is not None and loop.time() >= retry_at:
+                # Refused rows are still in the outbox: go over them again.
+                if retry_from <= backlog_end:
+                    backlog_cursor = min(backlog_cursor, retry_from - 1)
+                else:
+                    live_cursor = min(live_cursor, retry_from - 1)
+                retry_from = None
+            refused: list[int] = []
             if self._backlog_from is not None:
                 # Replays were queued: everything below the live cursor still in
                 # the outbox is backlog again (what was sent is gone from it).
@@ -373,7 +446,7 @@ class Publisher:
                 self._backlog_from = None
             live = await self._store.outbox_batch(OUTBOX_BATCH, after_seq=live_cursor)
             if live:
-                await self._publish_rows(client, live)
+                refused += await self._publish_rows(client, live)
                 live_cursor = live[-1].seq
             backlog_pending = backlog_cursor < backlog_end
             if backlog_pending:
@@ -386,17 +459,28 @@ class Publisher:
                         allowed, after_seq=backlog_cursor, up_to_seq=backlog_end
                     )
                     if rows:
-                        await self._publish_rows(client, rows)
+                        refused += await self._publish_rows(client, rows)
                         backlog_cursor = rows[-1].seq
                         tokens -= len(rows)
                     else:
                         backlog_cursor = backlog_end
                 backlog_pending = backlog_cursor < backlog_end
+            if refused:
+                first = min(refused)
+                retry_from = first if retry_from is None else min(retry_from, first)
+                retry_at = loop.time() + self._refusal_backoff.failed()
+            elif retry_from is None and self.refusals.refusing:
+                self.refusals.refusing = False  # everything went through again
+                self._refusal_backoff.succeeded()
+                log.info("mqtt publishes accepted again")
             if self._stopping:
                 await self._publish_retained(client)
                 self._client_now = None
                 return
             if len(live) == OUTBOX_BATCH:
+                continue
+            if retry_from is not None and not backlog_pending:
+                await self._sleep_or_stop(max(0.0, retry_at - loop.time()))
                 continue
             if backlog_pending:
                 # Until the bucket holds a full batch again (new live data
@@ -410,44 +494,77 @@ class Publisher:
 
     async def _publish_retained(self, client: aiomqtt.Client) -> None:
         """Every changed retained status, PUBLISH_WINDOW in flight at a time."""
-        while self._retained_dirty:
-            count = min(PUBLISH_WINDOW, len(self._retained_dirty))
-            topics = [self._retained_dirty.pop() for _ in range(count)]
-            try:
-                acked, error = await _unless_dropped(
-                    send_window(client, [(t, self._retained[t], 1, True) for t in topics]),
-                    self._dropped,
+        later: set[str] = set()  # refused: tried again at the next wake-up
+        try:
+            while self._retained_dirty:
+                count = min(PUBLISH_WINDOW, len(self._retained_dirty))
+                topics = [self._retained_dirty.pop() for _ in range(count)]
+                refused: dict[int, int] = {}
+                try:
+                    acked, error = await _unless_dropped(
+                        send_window(
+                            client, [(t, self._retained[t], 1, True) for t in topics], refused
+                        ),
+                        self._dropped,
+                    )
+                except BaseException:
+                    self._retained_dirty.update(topics)
+                    raise
+                if refused:
+                    later.update(topics[i] for i in refused)
+                    self._refused([(topics[i], code) for i, code in refused.items()])
+                self._retained_dirty.update(
+                    t
+                    for i, (t, ok) in enumerate(zip(topics, acked, strict=True))
+                    if not ok and i not in refused
                 )
-            except BaseException:
-                self._retained_dirty.update(topics)
-                raise
-            self._retained_dirty.update(t for t, ok in zip(topics, acked, strict=True) if not ok)
-            if error is not None:
-                raise error
+                if error is not None:
+                    raise error
+        finally:
+            self._retained_dirty |= later
 
-    async def _publish_rows(self, client: aiomqtt.Client, rows: Sequence[OutboxRow]) -> None:
-        """Publish in windows; delete each row once acknowledged.
+    async def _publish_rows(self, client: aiomqtt.Client, rows: Sequence[OutboxRow]) -> list[int]:
+        """Publish in windows; delete each row once acknowledged. Returns the
+        seqs the broker refused (kept in the outbox).
 
         A window's rows are deleted while the next window is on the wire: the
         delete (an fsync) no longer stalls the publishing."""
         deleting: asyncio.Future[None] | None = None
+        refused_seqs: list[int] = []
         try:
             for start in range(0, len(rows), PUBLISH_WINDOW):
                 window = rows[start : start + PUBLISH_WINDOW]
+                refused: dict[int, int] = {}
                 acked, error = await _unless_dropped(
-                    send_window(client, [(r.topic, r.payload, r.qos, r.retain) for r in window]),
+                    send_window(
+                        client, [(r.topic, r.payload, r.qos, r.retain) for r in window], refused
+                    ),
                     self._dropped,
                 )
                 if deleting is not None:
                     await deleting
                 seqs = [row.seq for row, ok in zip(window, acked, strict=True) if ok]
                 deleting = asyncio.ensure_future(self._acked(seqs))
+                if refused:
+                    refused_seqs += [window[i].seq for i in refused]
+                    self._refused([(window[i].topic, code) for i, code in refused.items()])
                 if error is not None:
                     raise error
         finally:
             if deleting is not None:
                 # Even when the session ends: acknowledged rows are not resent.
                 await asyncio.shield(deleting)
+        return refused_seqs
+
+    def _refused(self, refused: Sequence[tuple[str, int]]) -> None:
+        first = not self.refusals.refusing
+        report = self.refusals.note(refused)
+        if first:
+            log.warning("mqtt broker refused publishes; kept in the outbox and retried",
+                        count=report.count, reason_code=report.reason_code,
+                        reason=report.reason, topic=report.topic)  # fmt: skip
+            if self._on_refused is not None:
+                self._on_refused(report)
 
     async def _acked(self, seqs: Sequence[int]) -> None:
         await self._store.ack(seqs)
@@ -506,10 +623,12 @@ class Publisher:
 class _Window:
     """The acknowledgements of one window of publishes."""
 
-    __slots__ = ("acked", "done", "left")
+    __slots__ = ("acked", "done", "left", "refused")
 
     def __init__(self, size: int) -> None:
         self.acked = [False] * size
+        # index -> MQTT 5 reason code of a PUBACK that refused the message
+        self.refused: dict[int, int] = {}
         self.left = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -526,20 +645,62 @@ class _Ack:
 
     def set(self) -> None:
         window = self.window
-        if window.acked[self.index]:
+        if window.acked[self.index] or self.index in window.refused:
             return
         window.acked[self.index] = True
         window.left -= 1
         if window.left == 0 and not window.done.done():
             window.done.set_result(None)
 
+    def refuse(self, reason_code: int) -> None:
+        """The broker answered, but with a failure reason code (MQTT 5
+        PUBACK >= 0x80: 0x87 not authorised, 0x97 quota exceeded, ...): the
+        message was not accepted and must not count as delivered."""
+        window = self.window
+        if window.acked[self.index] or self.index in window.refused:
+            return
+        window.refused[self.index] = reason_code
+        window.left -= 1
+        if window.left == 0 and not window.done.done():
+            window.done.set_result(None)
+
+
+def _watch_reason_codes(paho: mqtt.Client) -> None:
+    """Route PUBACKs of edged's windows through their reason code.
+
+    aiomqtt's on_publish ignores the reason code, so a refusal would look
+    like a delivery; this wrapper (installed once per paho client) gives each
+    `_Ack` the code and leaves every other publish to aiomqtt."""
+    original: Any = paho.on_publish
+    if getattr(original, "_edged_reason_codes", False):
+        return
+
+    def on_publish(client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        pending: Any = getattr(client, "_edged_pending", None)
+        entry = pending.get(mid) if pending is not None else None
+        if isinstance(entry, _Ack):
+            value = int(getattr(reason_code, "value", 0) or 0)
+            if value >= 0x80:
+                del pending[mid]
+                entry.refuse(value)
+                return
+        if original is not None:
+            original(client, userdata, mid, reason_code, properties)
+
+    on_publish._edged_reason_codes = True  # type: ignore[attr-defined]
+    paho.on_publish = on_publish
+
 
 async def send_window(
-    client: aiomqtt.Client, messages: Sequence[tuple[str, bytes, int, bool]]
+    client: aiomqtt.Client,
+    messages: Sequence[tuple[str, bytes, int, bool]],
+    refused: dict[int, int] | None = None,
 ) -> tuple[list[bool], aiomqtt.MqttError | None]:
     """Publish `messages` (topic, payload, qos, retain) at once and wait for
     their acknowledgements: which were acknowledged, and the error that ended
-    the window early, if any.
+    the window early, if any. A message the broker refused (MQTT 5 PUBACK
+    with a failure reason code) is not acknowledged; `refused`, if given,
+    learns its index and reason code.
 
     Straight through paho: aiomqtt's publish() costs a task, an event, a
     timer and a scan of every pending call per message, which held a backlog
@@ -548,6 +709,8 @@ async def send_window(
     via its table of pending publishes (aiomqtt 2.5, pinned in pyproject)."""
     paho = client._client
     pending = cast(dict[int, Any], client._pending_publishes)
+    paho._edged_pending = pending  # type: ignore[attr-defined]
+    _watch_reason_codes(paho)
     window = _Window(len(messages))
     mids: list[int] = []
     error: aiomqtt.MqttError | None = None
@@ -571,6 +734,8 @@ async def send_window(
                 error = error or aiomqtt.MqttError(
                     f"no acknowledgement within {PUBLISH_TIMEOUT_S:g} s"
                 )
+        if refused is not None:
+            refused.update(window.refused)
         return window.acked, error
     finally:
         for mid in mids:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edged.config.schema import Settings
+from edged.core.errors import EdgedError
 from edged.core.export import format_age, format_duration, format_table
 from edged.core.model import (
     iso_utc,
@@ -44,7 +45,7 @@ OUTBOX_STALE_MIN_S = 120.0
 RECENT = timedelta(hours=24)
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(EdgedError):
     """The store cannot be opened or is not an edged store."""
 
 

@@ -36,6 +36,7 @@ from edged import __version__
 from edged.core import flags as flag_table
 from edged.core.demand import PeakState
 from edged.core.engine.intervals import ChannelState, parse_counter
+from edged.core.errors import EdgedError
 from edged.core.model import (
     Interval,
     Measurement,
@@ -192,7 +193,7 @@ class OutboxDepth:
     oldest: datetime | None
 
 
-class StoreError(Exception):
+class StoreError(EdgedError):
     pass
 
 
@@ -275,10 +276,19 @@ def _describe_open_error(path: Path, exc: sqlite3.Error) -> str:
     )
 
 
+def system_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class Store:
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(
+        self, db: aiosqlite.Connection, path: Path, now: Callable[[], datetime] = system_now
+    ) -> None:
         self._db = db
         self.path = path
+        # The reference clock: rows are stamped on the same timeline the
+        # daemon measures ages against (the outbox's oldest message).
+        self._now = now
         self._next_seq = 1
         # Multi-statement transactions (a boundary commit, a batch of deletes)
         # must not interleave on the one connection, and no other statement may
@@ -294,11 +304,12 @@ class Store:
         path: Path,
         *,
         busy_timeout_s: float = 5.0,
-        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        now: Callable[[], datetime] = system_now,
     ) -> Store:
         """Open (creating, checking and migrating) the store at `path`.
 
-        A damaged database is moved aside to `corrupt_name(path, now())` with its
+        `now` is the reference clock: it stamps rows (`created_at`) and names a
+        damaged database moved aside to `corrupt_name(path, now())` with its
         -wal and -shm files and a fresh one is created; `recovered_from` then
         describes what was moved. Locked or inaccessible files raise StoreError."""
         try:
@@ -306,7 +317,7 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot create {path.parent}: {exc.strerror}") from None
         try:
-            return await cls._open_checked(path, busy_timeout_s)
+            return await cls._open_checked(path, busy_timeout_s, now)
         except StoreCorrupt as exc:
             error = str(exc)
         at = now()
@@ -318,18 +329,20 @@ class Store:
             ) from None
         log.error("database damaged; moved aside and starting a fresh one",
                   path=str(path), moved_to=[str(p) for p in moved], error=error)  # fmt: skip
-        store = await cls._open_checked(path, busy_timeout_s)
+        store = await cls._open_checked(path, busy_timeout_s, now)
         store.recovered_from = CorruptStore(moved[0], moved, error, at)
         return store
 
     @classmethod
-    async def _open_checked(cls, path: Path, busy_timeout_s: float) -> Store:
+    async def _open_checked(
+        cls, path: Path, busy_timeout_s: float, now: Callable[[], datetime]
+    ) -> Store:
         await _check_file(path, busy_timeout_s)
         try:
             db = await aiosqlite.connect(path, isolation_level=None, timeout=busy_timeout_s)
         except sqlite3.Error as exc:
             raise StoreError(_describe_open_error(path, exc)) from None
-        store = cls(db, path)
+        store = cls(db, path, now)
         try:
             await store._setup()
         except BaseException as exc:
@@ -425,7 +438,7 @@ class Store:
         replays: Sequence[tuple[int, OutboxMessage]],
         measurements: Sequence[Measurement],
     ) -> None:
-        now = iso_utc(datetime.now(UTC))
+        now = iso_utc(self._now())
         db = self._db
         await db.execute("BEGIN IMMEDIATE")
         try:
@@ -558,15 +571,28 @@ class Store:
     # -- outbox ---------------------------------------------------------------
 
     async def outbox_batch(
-        self, limit: int, after_seq: int = 0, up_to_seq: int | None = None
+        self,
+        limit: int,
+        after_seq: int = 0,
+        up_to_seq: int | None = None,
+        *,
+        sparkplug: bool = False,
     ) -> list[OutboxRow]:
-        """Unsent messages with after_seq < seq <= up_to_seq, oldest first."""
+        """Unsent messages with after_seq < seq <= up_to_seq, oldest first: the JSON
+        publisher's, or with `sparkplug` the Sparkplug session's (topics under
+        `spBv1.0/`, which only that session can send: edged.io.sparkplug)."""
         async with (
             self._write_lock,
             self._db.execute(
                 "SELECT seq, topic, payload, qos, retain, created_at FROM outbox"
-                " WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-                (after_seq, up_to_seq if up_to_seq is not None else 2**63 - 1, limit),
+                " WHERE seq > ? AND seq <= ? AND (substr(topic, 1, 8) = 'spBv1.0/') = ?"
+                " ORDER BY seq LIMIT ?",
+                (
+                    after_seq,
+                    up_to_seq if up_to_seq is not None else 2**63 - 1,
+                    int(sparkplug),
+                    limit,
+                ),
             ) as cursor,
         ):
             rows = await cursor.fetchall()

@@ -33,11 +33,13 @@ Counter arithmetic
       whatever the span (serial-number arithmetic, RFC 1982: half the modulus
       is the largest window in which "forward by d" and "backward by M - d"
       can be told apart). For a one-interval span that is max_demand = M/2
-      counts per interval, as config.py documents. It is deliberately *not*
-      scaled by the span: k x M/2 >= M for any gap of two or more intervals,
-      which would accept any reading and hide a meter exchange during an
-      outage. Configure ``max_demand`` (the site's real maximum) for 16-bit
-      counters, where M/2 is little energy.
+      counts per interval, as config.py documents. Over a span of up to two
+      intervals (one missed read) it is k x M/2, still unambiguous (issue 13:
+      a 16-bit counter lost 40 kWh after one missed read); beyond that it is
+      deliberately *not* scaled by the span: k x M/2 >= M would accept any
+      reading and hide a meter exchange during an outage. Configure
+      ``max_demand`` (the site's real maximum) for 16-bit counters, where M/2
+      is little energy.
     * default for a float or signed counter without ``rollover``: no upward
       limit; any decrease is a reset.
 
@@ -189,6 +191,12 @@ class ChannelState:
     gap: tuple[GapRun, ...] = ()  # MISSING records since counter_at
     rolling: tuple[RollingEntry, ...] = ()  # last intervals for rolling demand
     coarse: bool = False  # counter_resolution already reported
+    # Monotonic time of the read that gave `counter`, in this process only
+    # (never persisted: the monotonic clock restarts with the machine).
+    counter_mono: float | None = None
+    # The last records were built on assumed time (AMT): the next record on
+    # confirmed time is the one in which assumed time ended (TIME_ADJUSTED).
+    assumed: bool = False
 
     def to_json(self) -> str:
         """The whole state as JSON text, for the shell to persist."""
@@ -210,6 +218,7 @@ class ChannelState:
                 ],
                 "rolling": [[_iso(e.start), _iso(e.end), e.energy] for e in self.rolling],
                 "coarse": self.coarse,
+                "assumed": self.assumed,
             },
             separators=(",", ":"),
         )
@@ -240,6 +249,7 @@ class ChannelState:
                 for start, end, e in data.get("rolling", [])
             ),
             coarse=bool(data.get("coarse", False)),
+            assumed=bool(data.get("assumed", False)),
         )
 
 
@@ -310,15 +320,6 @@ def counter_delta(start: int | float, end: int | float, rollover: int | None) ->
     return Delta(float(end) - float(start) + rollover, wrapped=True)
 
 
-def energy(counts: int | float | Decimal, multiplier: float) -> float:
-    """counts x multiplier in decimal arithmetic (float counts via their repr)."""
-    return float(_energy(_to_decimal(counts), multiplier))
-
-
-def demand(value: float, hours: float) -> float:
-    return block_demand(value, hours)
-
-
 def _to_decimal(value: int | float | Decimal) -> Decimal:
     if isinstance(value, Decimal):
         return value
@@ -373,11 +374,12 @@ def counter_quantum(magnitude: Decimal, data_type: str) -> Decimal:
 def default_max_demand(channel: Channel, interval_s: int) -> float | None:
     """The demand limit in force for a one-interval span (unit per hour).
 
-    Configured ``max_demand``, else half the counter modulus per interval
+    Configured ``max_demand``, else the device's rated power x margin, else
+    half the counter modulus per interval
     (see the module docstring for how longer spans are judged), else None.
     """
-    if channel.max_demand is not None:
-        return channel.max_demand
+    if channel.plausible_demand is not None:
+        return channel.plausible_demand
     modulus = channel.rollover_counts
     if modulus is None:
         return None
@@ -421,17 +423,16 @@ def check_delta(
         else:
             counts, reset = ds - de, "went_back"
         if reset is None:
-            if channel.max_demand is not None:
+            if (limit := channel.plausible_demand) is not None:
                 hours = Decimal(repr(max(span_s, nominal_s))) / 3600
                 allowance = (
-                    Decimal(repr(channel.max_demand)) * hours / Decimal(repr(channel.multiplier))
-                    + quantum
+                    Decimal(repr(limit)) * hours / Decimal(repr(channel.multiplier)) + quantum
                 )
                 if counts > allowance:
                     reset = "went_back" if wrapped else "jumped"
                 elif modulus is not None and counts + modulus <= allowance:
                     reset = "ambiguous_wraps"
-            elif modulus is not None and 2 * counts >= modulus:
+            elif modulus is not None and 2 * counts >= modulus * _default_spans(span_s, nominal_s):
                 reset = "went_back" if wrapped else "jumped"
         implied = None
         if span_s > 0:
@@ -448,6 +449,23 @@ def check_delta(
         quantum=quantum,
         coarse=coarse,
     )
+
+
+def _default_spans(span_s: float, nominal_s: float) -> Decimal:
+    """How many intervals' worth of M/2 the default rule allows over a span.
+
+    Up to two intervals the reading is unambiguous even at M/2 per interval
+    (the next candidate, counts + M, exceeds 2 x M/2), so a span of k <= 2
+    intervals allows k x M/2: one missed read on a 16-bit counter no longer
+    throws away two intervals of ordinary energy (issue 13); the price is
+    that a meter exchange within one missed read passes as energy. Beyond two
+    intervals it stays M/2 (k x M/2 >= M would accept any reading and hide a
+    meter exchange during an outage).
+    """
+    if nominal_s <= 0:
+        return Decimal(1)
+    k = max(Decimal(1), Decimal(repr(span_s)) / Decimal(repr(nominal_s)))
+    return k if k <= 2 else Decimal(1)
 
 
 def allocate(total: Decimal, weights: Sequence[int], finest: int = 0) -> list[Decimal]:
@@ -567,7 +585,7 @@ def baseline(state: ChannelState | None, read: Read, channel: Channel) -> Channe
     value = _normalise(read.values.get(channel.name), channel) if read.ok else None
     if value is None or state.counter is not None:
         return state
-    return replace(state, counter=value, counter_at=read.read_at, gap=())
+    return replace(state, counter=value, counter_at=read.read_at, gap=(), counter_mono=read.mono_s)
 
 
 def baseline_device(
@@ -592,6 +610,10 @@ def _read_outcome(read: Read, channel: Channel) -> tuple[Counter | None, frozens
     value = _normalise(raw, channel)
     if value is None and isinstance(raw, float):
         flags.add(Flag.DEVICE_ERROR)  # NaN/inf: the meter says "data not valid"
+    if channel.name in read.rescaled:
+        # Both ends are raw x 10**sf with their own sf, so the delta is right only
+        # if the meter rescaled its counter consistently: worth a look, not a value.
+        flags.add(Flag.SCALE_CHANGED)
     return value, frozenset(flags)
 
 
@@ -625,15 +647,31 @@ class _Builder:
             return {Flag.LONG}
         return set()
 
+    def elapsed_tolerance(self, nominal_s: float) -> float:
+        """How far real elapsed time may differ from the reference span unflagged."""
+        device = self.ctx.device
+        return max(device.elapsed_tolerance, device.elapsed_tolerance_fraction * nominal_s)
+
+    def outage_flags(self, start: datetime, end: datetime, read: Read | None) -> set[Flag]:
+        """POWER_FAIL when the gateway was down during [start, end)."""
+        if read is None:
+            return set()
+        for down_from, down_to in read.outages:
+            if down_from < end and down_to > start:
+                return {Flag.POWER_FAIL}
+        return set()
+
     def missing(
         self,
         end: datetime,
         time_state: TimeState,
         extra: Iterable[Flag] = (),
         read: Read | None = None,
+        outages_of: Read | None = None,
     ) -> Interval:
         start = self.start_of(end)
         flags = self.base_flags(start, time_state) | set(extra) | {Flag.MISSING}
+        flags |= self.outage_flags(start, end, outages_of or read)
         return self.bare(start, end, (end - start).total_seconds(), None, flags, time_state, read)
 
     def valued(
@@ -646,16 +684,31 @@ class _Builder:
         read: Read | None,
         counter_start: Counter | None,
         counter_end: Counter | None,
+        real_s: float | None = None,
     ) -> Interval:
         start = self.start_of(end)
         nominal_s = (end - start).total_seconds()
         duration_s = (end - since).total_seconds()
-        flags = flags | self.base_flags(start, time_state) | self.irregular(duration_s, nominal_s)
+        irregular = self.irregular(duration_s, nominal_s)
+        elapsed = real_s is not None and abs(real_s - duration_s) > self.elapsed_tolerance(
+            nominal_s
+        )
+        if elapsed:
+            assert real_s is not None
+            # The reference clock moved (a step, assumed time ending, someone
+            # setting the clock): the monotonic clock says how long the
+            # record really lasted. It is never actual: PARTIAL or LONG says
+            # why, besides any CLOCK_SET_*/TIME_ADJUSTED its time events gave.
+            irregular = self.irregular(real_s, nominal_s) or (
+                {Flag.PARTIAL} if real_s < duration_s else {Flag.LONG}
+            )
+            duration_s = real_s
+        flags = flags | self.base_flags(start, time_state) | irregular
         energy_value = _energy(value, self.channel.multiplier)
         # Block demand over the nominal interval; an irregular record's demand
         # is its average over the time it really covers, so a LONG record
         # closing a gap does not show a false spike. Suspended on AMT.
-        regular = {Flag.PARTIAL, Flag.LONG}.isdisjoint(flags)
+        regular = not elapsed and {Flag.PARTIAL, Flag.LONG}.isdisjoint(flags)
         hours = Decimal(repr(nominal_s if regular else duration_s)) / 3600
         record_demand = None
         if self.channel.demand_unit is not None and Flag.AMT not in flags and hours > 0:
@@ -783,42 +836,57 @@ def step_channel(
 
     if value is None or state.counter is None or state.counter_at is None:
         # No energy can be computed at this boundary.
-        raw = [build.missing(b, read.time_state) for b in skipped]
+        raw = [build.missing(b, read.time_state, outages_of=read) for b in skipped]
         raw.append(build.missing(end, read.time_state, read_flags, read))
         if value is None:
             gap = _extend_gap(state.gap, raw) if state.counter is not None else ()
             new = replace(state, gap=gap)
         else:  # the first good counter: a baseline taken on a boundary
-            new = replace(state, counter=value, counter_at=end, gap=())
-        return _finish(new, end, raw, events, channel, ctx)
+            new = replace(state, counter=value, counter_at=end, gap=(), counter_mono=read.mono_s)
+        return _finish(new, end, _time_adjusted(raw, state, read), events, channel, ctx)
 
     counter_at = state.counter_at
     nominal_s = (end - build.start_of(end)).total_seconds()
     span_s = (end - counter_at).total_seconds()
     check = check_delta(state.counter, value, channel, span_s, nominal_s)
     if check.reset is not None:
-        raw = [build.missing(b, read.time_state) for b in skipped]
+        raw = [build.missing(b, read.time_state, outages_of=read) for b in skipped]
         start = build.start_of(end)
         flags = build.base_flags(start, read.time_state) | read_flags | {Flag.COUNTER_RESET}
         reset = build.bare(start, end, nominal_s, None, flags, read.time_state, read)
         raw.append(replace(reset, counter_start=state.counter, counter_end=value))
         events.append(_reset_event(ctx, channel, end, counter_at, state.counter, value, check))
-        new = replace(state, counter=value, counter_at=end, gap=())
-        return _finish(new, end, raw, events, channel, ctx)
+        new = replace(state, counter=value, counter_at=end, gap=(), counter_mono=read.mono_s)
+        return _finish(new, end, _time_adjusted(raw, state, read), events, channel, ctx)
 
     # Boundaries after the counter was taken had no good read: their energy is
     # in this delta. Skipped boundaries before it (down, then a fresh start-up
     # baseline) have no energy to give and stay MISSING.
     missed = list(boundaries_between(counter_at, end, interval_s, ctx.zone))
     before_counter = [b for b in skipped if b <= counter_at]
-    raw = [build.missing(b, read.time_state) for b in before_counter]
+    raw = [build.missing(b, read.time_state, outages_of=read) for b in before_counter]
     closing_flags = set(read_flags)
     if check.wrapped:
         closing_flags.add(Flag.ROLLOVER)
-    if missed and ctx.device.gaps == "prorate":
+    is_float = channel.type in ("float32", "float64")
+    if check.coarse or (is_float and check.counts == 0 and check.quantum >= 1):
+        # The register cannot resolve this interval's energy at its magnitude:
+        # the split between intervals is not billing grade (the sum over any
+        # span still is, deltas telescope). Not actual, and out of peaks.
+        closing_flags.add(Flag.ESTNEEDED)
+    # Real elapsed time between the two reads, when both were taken in this
+    # process (the monotonic clock is not comparable across restarts).
+    real_s = None
+    if read.mono_s is not None and state.counter_mono is not None:
+        real_s = round(max(0.0, read.mono_s - state.counter_mono), 6)
+    span_ref_s = (end - counter_at).total_seconds()
+    moved = real_s is not None and abs(real_s - span_ref_s) > build.elapsed_tolerance(nominal_s)
+    if missed and ctx.device.gaps == "prorate" and not moved:
         raw += _prorate(build, state, missed, end, value, check, closing_flags, read)
     else:
-        in_gap = [build.missing(b, read.time_state) for b in skipped if b > counter_at]
+        in_gap = [
+            build.missing(b, read.time_state, outages_of=read) for b in skipped if b > counter_at
+        ]
         raw += in_gap
         # A LONG record spans the gap: it carries what the gap's records carried.
         closing_flags |= _gap_flags(_extend_gap(state.gap, in_gap))
@@ -831,14 +899,32 @@ def step_channel(
             read,
             state.counter,
             value,
+            real_s,
         )
         raw.append(closing)
     coarse = state.coarse
     if check.coarse and not coarse:
         coarse = True
         events.append(_resolution_event(ctx, channel, end, value, check))
-    new = replace(state, counter=value, counter_at=end, gap=(), coarse=coarse)
-    return _finish(new, end, raw, events, channel, ctx)
+    new = replace(
+        state, counter=value, counter_at=end, gap=(), coarse=coarse, counter_mono=read.mono_s
+    )
+    return _finish(new, end, _time_adjusted(raw, state, read), events, channel, ctx)
+
+
+def _time_adjusted(raw: list[Interval], state: ChannelState, read: Read) -> list[Interval]:
+    """TIME_ADJUSTED on the record in which assumed time ended.
+
+    Once records on assumed time (AMT) were published, the first record read
+    on confirmed time is the one during which assumed time ended, whichever
+    way it ended (a step, a slew, someone setting the clock). A start-up whose
+    time was confirmed before any record closed published no AMT record and
+    marks nothing.
+    """
+    if not raw or not state.assumed or read.time_state is TimeState.ASSUMED:
+        return raw
+    last = raw[-1]
+    return [*raw[:-1], replace(last, flags=last.flags | {Flag.TIME_ADJUSTED})]
 
 
 def _prorate(
@@ -915,7 +1001,10 @@ def _finish(
             rolling, rolling_value = push_rolling(rolling, record, spec)
             record = replace(record, rolling_demand=rolling_value)
         records.append(record)
-    new = replace(state, last_end=end, rolling=rolling)
+    assumed = any(r.time_state is TimeState.ASSUMED for r in records[-1:]) or (
+        not records and state.assumed
+    )
+    new = replace(state, last_end=end, rolling=rolling, assumed=assumed)
     return ChannelStep(new, tuple(records), tuple(events))
 
 
@@ -983,25 +1072,6 @@ def step_device(states: Mapping[str, ChannelState], read: Read, ctx: IntervalCon
         records.extend(step.records)
         events.extend(step.events)
     return DeviceStep(new_states, tuple(records), _merge_events(events))
-
-
-# --------------------------------------------------------------------------
-# The issue-2 entry points, kept for the poller (they drop events: switch to
-# step_device to publish counter_reset / counter_resolution events).
-
-
-def close_boundary(
-    state: ChannelState | None, read: Read, channel: Channel, ctx: IntervalContext
-) -> tuple[ChannelState, list[Interval]]:
-    step = step_channel(state, read, channel, ctx)
-    return step.state, list(step.records)
-
-
-def close_device(
-    states: dict[str, ChannelState], read: Read, ctx: IntervalContext
-) -> tuple[dict[str, ChannelState], list[Interval]]:
-    step = step_device(states, read, ctx)
-    return step.states, list(step.records)
 
 
 def device_problems(device: Device) -> list[str]:

@@ -41,6 +41,11 @@ from enum import StrEnum
 
 from edged.core.model import Event, Flag, TimeState
 from edged.core.schedule import boundaries_between, next_boundary
+from edged.core.time.states import (
+    INITIAL_TIME_STATE,
+    TimeInput,
+    next_time_state,
+)
 
 PPM = 1e-6
 
@@ -632,7 +637,7 @@ class Timebase:
     def __init__(self, config: TimebaseConfig | None = None) -> None:
         self._config = config or TimebaseConfig()
         cfg = self._config
-        self._state = TimeState.ASSUMED
+        self._state = INITIAL_TIME_STATE
         self._started = False
         # (reference_s, mono_s) while in assumed meter time; None otherwise.
         self._anchor: tuple[float, float] | None = None
@@ -713,7 +718,7 @@ class Timebase:
         if confirmed:
             # A confirmed clock behind the mark means the mark was wrong, not the clock.
             self._confirm(mono_s)
-            self._state = TimeState.SYNCED
+            self._move(TimeInput.CONFIRMED_AT_START)
             return []
         if last_mark is None or system_s >= last_mark.timestamp():
             return []
@@ -770,7 +775,7 @@ class Timebase:
         previous = self._state
         if status is KernelSync.SYNCED:
             self._confirm(mono_s)
-            self._state = TimeState.SYNCED
+            self._move(TimeInput.KERNEL_SYNCED)
             if self._anchor is not None:
                 old_ref_s = self.reference_s(system_s, mono_s)
                 self._anchor = None
@@ -796,9 +801,13 @@ class Timebase:
             out.extend(self._state_change(Cause.KERNEL, system_s, mono_s, previous))
         elif status is KernelSync.UNSYNCED and previous is TimeState.SYNCED:
             # An explicit loss of sync is holdover at once, not after the limit.
-            self._state = TimeState.HOLDOVER
+            self._move(TimeInput.KERNEL_UNSYNCED)
             out.extend(self._state_change(Cause.KERNEL, system_s, mono_s, previous))
         return out
+
+    def _move(self, event: TimeInput) -> None:
+        """The one place the time state changes: by the table in states.py."""
+        self._state = next_time_state(self._state, event)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -877,7 +886,7 @@ class Timebase:
             self._slewer.set_applied(old_ref_s - system_s, mono_s)
         correction = self._slewer.retarget(fit.line, mono_s)
         self._confirm(mono_s)
-        self._state = TimeState.SYNCED
+        self._move(TimeInput.NTP_FIT)
         if previous is TimeState.ASSUMED:
             out.append(
                 self._adjusted(
@@ -944,7 +953,7 @@ class Timebase:
         age_s = mono_s - self._last_confirmed_mono
         if age_s <= self._config.holdover_limit_s:
             return []
-        self._state = TimeState.HOLDOVER
+        self._move(TimeInput.SILENCE)
         return self._state_change(
             Cause.SILENCE,
             system_s,

@@ -33,6 +33,8 @@ from datetime import datetime, tzinfo
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
+from edged.core.compensation.record import channels_of
+from edged.core.errors import EdgedError
 from edged.core.model import Flag, Interval, TimeState
 from edged.core.schedule import nominal_start
 
@@ -47,7 +49,7 @@ if TYPE_CHECKING:  # only annotations: the engine loads no pydantic at run time
 _TIME_STATE_RANK = {TimeState.SYNCED: 0, TimeState.HOLDOVER: 1, TimeState.ASSUMED: 2}
 
 
-class VirtualMeterError(ValueError):
+class VirtualMeterError(EdgedError, ValueError):
     """A virtual meter that cannot be computed; the message lists every problem."""
 
 
@@ -91,7 +93,7 @@ def resolve_ref(ref: str, devices: Sequence[Device]) -> tuple[str, str]:
             continue
         device = by_id.get(ref[:i])
         channel = ref[i + 1 :]
-        if device is not None and any(c.name == channel for c in device.channels):
+        if device is not None and channel in channels_of(device):
             matches.append((device.id, channel))
     if not matches:
         raise VirtualMeterError(f"{ref!r} names no configured device.channel")
@@ -120,7 +122,7 @@ def plan_virtual_meter(meter: VirtualMeter, devices: Sequence[Device]) -> Virtua
                     problems.append(f"{meter.id}.{vc.name}: {exc}")
                     continue
                 device = by_id[device_id]
-                channel = next(c for c in device.channels if c.name == channel_name)
+                channel = channels_of(device)[channel_name]
                 if channel.unit != vc.unit:
                     problems.append(
                         f"{meter.id}.{vc.name}: {ref} is in {channel.unit}, not {vc.unit}"
@@ -216,6 +218,11 @@ def combine(
         # Irregular inputs (flagged PARTIAL/LONG) make the total span what the
         # longest of them spans.
         duration_s = max(r.duration_s for _, r in present) if present else nominal_s
+        if duration_s != nominal_s and demand is not None and value is not None and duration_s > 0:
+            # Over the time the record really covers, as for any irregular
+            # record: value / duration, not a sum of averages over different
+            # lengths (issue 13).
+            demand = float(_decimal(value) / (_decimal(duration_s) / 3600))
     else:
         flags.add(Flag.MISSING)
     if channel.demand_unit is None:

@@ -1,0 +1,1 @@
+"""Instrument-transformer correction and loss compensation (pure; docs/compensation.md)."""

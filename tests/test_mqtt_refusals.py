@@ -1,0 +1,87 @@
+"""MQTT 5 refusals (issue 20, defect 3): a PUBACK with a failure reason code
+keeps the outbox row, is reported once per episode and counted in the
+status, and the row is retried with backoff until the broker accepts it.
+
+The refusal comes from a real mosquitto whose ACL lacks the device topics
+(mosquitto answers an MQTT 5 QoS 1 publish it may not accept with PUBACK
+reason code 0x87, not authorised)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edged.config.schema import Mqtt
+from edged.io.mqtt import Publisher, Refusal
+from edged.io.store import OutboxMessage, Store
+from edged.sim.broker import Mosquitto, free_port, mosquitto_path
+from tests.conftest import collect
+
+pytestmark = pytest.mark.integration
+
+DEVICE_TOPIC = "edged/s1/device/unit1/interval/energy_import"
+EVENT_TOPIC = "edged/s1/gateway/event"
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    if mosquitto_path() is None:
+        pytest.fail("mosquitto is not installed (apt-get install -y mosquitto)")
+    broker = Mosquitto(free_port(), tmp_path, acl="topic readwrite edged/s1/gateway/#\n")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+async def wait_until(predicate: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_refused_publish_stays_in_the_outbox_and_is_retried(
+    tmp_path: Path, acl_broker: Mosquitto
+) -> None:
+    store = await Store.open(tmp_path / "edged.db")
+    device_seq, event_seq = store.allocate_seq(), store.allocate_seq()
+    await store.commit_boundary(
+        [], [], {},
+        [(device_seq, OutboxMessage(DEVICE_TOPIC, b'{"id":"r1"}')),
+         (event_seq, OutboxMessage(EVENT_TOPIC, b'{"kind":"x"}'))],
+    )  # fmt: skip
+    settings = Mqtt.model_validate({"host": "127.0.0.1", "port": acl_broker.port, "protocol": "5"})
+    publisher = Publisher(settings, store, "edged-s1", "edged/s1/gateway/status", b"{}")
+    reports: list[Refusal] = []
+    publisher.on_refused(reports.append)
+    task = asyncio.create_task(publisher.run())
+    try:
+        # the allowed event goes; the refused record stays, and is tried again
+        await wait_until(lambda: publisher.refusals.total >= 2, 15, "a retry")
+        rows = await store.outbox_batch(10)
+        assert [r.seq for r in rows] == [device_seq]
+        assert len(reports) == 1  # one report for the episode, not one per retry
+        assert reports[0].reason_code == 0x87
+        assert reports[0].topic == DEVICE_TOPIC
+        status = publisher.refusals.status()
+        assert status["refusing"] is True
+        assert status["last_reason"] == "not authorized"
+        # the operator fixes the ACL: the broker comes back allowing everything
+        acl_broker.stop()
+        acl_broker.acl = None
+        acl_broker.start()
+        async with collect(acl_broker, "edged/s1/device/#") as got:
+            await wait_until(lambda: bool(got.messages), 30, "the record delivered")
+        assert got.messages[0][0] == DEVICE_TOPIC
+        await wait_until(lambda: not publisher.refusals.refusing, 10, "refusing cleared")
+        assert await store.outbox_batch(10) == []
+    finally:
+        await publisher.stop({})
+        await asyncio.wait_for(task, 10)
+        await store.close()
