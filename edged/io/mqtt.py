@@ -40,6 +40,7 @@ from edged.config.schema import Mqtt
 from edged.core.backoff import Backoff
 from edged.core.errors import EdgedError
 from edged.core.payloads import encode
+from edged.io.brokerdiag import explain_connect_error
 from edged.io.paho_window import PUBLISH_TIMEOUT_S, publish_qos0, send_window
 from edged.io.store import OutboxRow, Store
 
@@ -298,6 +299,8 @@ class Publisher:
         self._on_refused: Callable[[Refusal], None] | None = None
         # Acknowledged seqs whose outbox delete failed (the store refused writes).
         self._undeleted: set[int] = set()
+        # Why the last session ended or never started (for a person reading it).
+        self.last_error: str | None = None
 
     def accept_commands(
         self,
@@ -366,8 +369,16 @@ class Publisher:
                 # Fail over: the next broker in the list gets the next attempt.
                 self._broker_index = (self._broker_index + 1) % len(self._brokers)
                 delay_s = self._backoff.failed()
-                log.warning("mqtt disconnected", broker=f"{broker.host}:{broker.port}",
-                            error=str(exc), retry_in_s=delay_s)  # fmt: skip
+                address = f"{broker.host}:{broker.port}"
+                refused = explain_connect_error(exc, self._settings, address)
+                self.last_error = refused or str(exc)
+                if refused is not None:
+                    # Retrying cannot help until someone fixes the config or the broker.
+                    log.error("mqtt connection refused", broker=address, error=refused,
+                              retry_in_s=delay_s)  # fmt: skip
+                else:
+                    log.warning("mqtt disconnected", broker=address,
+                                error=str(exc), retry_in_s=delay_s)  # fmt: skip
                 await self._sleep_or_stop(delay_s)
 
     async def stop(self, final_retained: dict[str, dict[str, Any]]) -> None:
