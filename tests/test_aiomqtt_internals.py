@@ -1,12 +1,12 @@
 """A canary for the aiomqtt internals edged's publisher relies on.
 
-Backlog drains go straight through paho in windows (edged/io/mqtt.py,
-`send_window`): aiomqtt's public publish() costs a task, an event and a timer
-per message and held a drain under the rate bench/drain.py asks for. That
-uses aiomqtt's private `_client` (the paho client) and `_pending_publishes`
-(mid -> object whose set() its on_publish calls). aiomqtt is pinned to the
-minor these were read from; if an upgrade changes them, this fails loudly,
-before a drain silently never sees its acknowledgements.
+Backlog drains and fast-poll values go straight through paho
+(edged/io/paho_window.py): aiomqtt's public publish() costs a task, an event
+and a timer per message and held a drain under the rate bench/drain.py asks
+for. That uses aiomqtt's private `_client` (the paho client) and
+`_pending_publishes` (mid -> object whose set() its on_publish calls). aiomqtt
+is pinned to the minor these were read from; if an upgrade changes them, this
+fails loudly, before a drain silently never sees its acknowledgements.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class _Recorder:
 def test_aiomqtt_is_the_minor_edged_was_written_against() -> None:
     from importlib.metadata import version
 
-    assert version("aiomqtt").startswith("2.5."), "re-read edged/io/mqtt.py send_window"
+    assert version("aiomqtt").startswith("2.5."), "re-read edged/io/paho_window.py"
 
 
 async def test_the_paho_client_and_the_pending_publishes_table_are_where_edged_expects() -> None:

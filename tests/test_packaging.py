@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 
 import edged
+from edged.config.load import load_settings
+from edged.config.schema import TcpTransport
 
 SOURCE_PACKAGE = Path(edged.__file__).resolve().parent
+ROOT = SOURCE_PACKAGE.parent
 # Written by hand from the issue and docs/profiles.md, not read from the package.
 SHIPPED_PROFILES = ("abb-b23", "bcpm", "cg-em24", "cg-em340", "generic", "iem3000", "ion-8600",
                     "janitza-umg", "pm5350", "pm8000", "pmc-1", "sdm120", "sdm630", "siemens-pac",
@@ -71,6 +74,12 @@ def run_from(archive: Path, code: str, cwd: Path) -> subprocess.CompletedProcess
         timeout=60,
         check=False,
     )
+
+
+def test_no_schemas_outside_the_package() -> None:
+    """The JSON Schemas moved into the package (edged/schemas/); one added at the
+    old place would not ship and would not be checked."""
+    assert not (ROOT / "schemas").exists(), "JSON Schemas belong in edged/schemas/"
 
 
 def test_shipped_profiles_and_schemas_are_package_data() -> None:
@@ -135,3 +144,28 @@ def test_an_unknown_profile_lists_the_shipped_ones_from_a_zip(tmp_path: Path) ->
     assert result.returncode != 0
     out = result.stdout + result.stderr
     assert "unknown profile 'nope' (known: " + ", ".join(SHIPPED_PROFILES) + ")" in out
+
+
+def test_the_packaged_config_is_valid_and_polls_nothing_real() -> None:
+    """/etc/edged/edged.yaml as the .deb installs it: check-config accepts it,
+    and until it is edited it reaches nothing beyond this machine."""
+    settings = load_settings(ROOT / "debian" / "edged.yaml")
+    assert settings.storage.path == Path("/var/lib/edged/edged.db")
+    assert settings.mqtt.host == "127.0.0.1"
+    assert settings.mqtt.brokers == ()
+    for device in settings.devices:
+        assert isinstance(device.transport, TcpTransport)
+        assert device.transport.host == "127.0.0.1"
+
+
+def test_the_packaged_units_are_the_checked_in_ones() -> None:
+    """debian/rules derives the installed units from systemd/ with two edits
+    (the /usr/bin path and the sysusers account); the sed expressions must
+    still match, or the package would ship /usr/local/bin and DynamicUser."""
+    rules = (ROOT / "debian" / "rules").read_text()
+    assert "s#/usr/local/bin/edged#/usr/bin/edged#g" in rules
+    assert "s#^DynamicUser=yes$$#User=edged\\nGroup=edged#" in rules
+    for unit in ("edged.service", "edged@.service"):
+        lines = (ROOT / "systemd" / unit).read_text().splitlines()
+        assert "DynamicUser=yes" in lines, unit
+        assert any(line.startswith("ExecStart=/usr/local/bin/edged run") for line in lines), unit

@@ -38,6 +38,7 @@ from edged.app.housekeeping import (
 )
 from edged.app.poller import DeviceHealth, HealthShown, MeasureCounts, Recorder, outbox_pending
 from edged.app.replay import ReplayCommands
+from edged.app.status import device_fields, disk_fields, outbox_fields, time_fields
 from edged.config.load import (
     ConfigError,
     config_hash,
@@ -189,9 +190,7 @@ class App:
         # Default: the depth last measured by the status loop, so a status
         # published on a comms change does not blank it.
         outbox = outbox or self._outbox
-        oldest_s = None
-        if outbox is not None and outbox.oldest is not None:
-            oldest_s = round((self.clock.now() - outbox.oldest).total_seconds(), 1)
+        now = self.clock.now()
         return {
             "schema": GATEWAY_STATUS_SCHEMA,
             "site": self.settings.site,
@@ -199,24 +198,20 @@ class App:
             "version": __version__,
             "config_hash": self._config_hash,
             "restart_required": list(self._restart_required),
-            "started_at": iso_utc(self._started_at or self.clock.now()),
+            "started_at": iso_utc(self._started_at or now),
             "uptime_s": round(self.clock.monotonic() - self._started_mono, 1),
             "time_state": str(self.clock.time_state),
-            **self._time_status(),
-            "devices": len(self.settings.devices),
-            "devices_online": sum(1 for h in self._device_health.values() if h.comms == "online"),
-            "reads": sum(h.reads for h in self._device_health.values()),
-            "read_errors": sum(h.errors for h in self._device_health.values()),
+            **self._time_fields(),
+            **device_fields(self._device_health.values(), len(self.settings.devices)),
             "links": [link.status() for link in self._devices.links()] if self._devices else [],
-            "outbox_depth": outbox.count if outbox is not None else None,
-            "outbox_oldest_age_s": oldest_s,
-            **self._disk_status(),
+            **outbox_fields(outbox, now),
+            **self._disk_fields(),
             **self._publish_status(),
             **self._storage_status(),
             **({"store_id": self.store.store_id} if self.store is not None else {}),
             **({"facade": self.facade.status()} if self.facade is not None else {}),
             **self._measure_status(),
-            "updated_at": iso_utc(self.clock.now()),
+            "updated_at": iso_utc(now),
         }
 
     def _on_store_replaced(self, exc: StoreReplaced) -> None:
@@ -303,38 +298,6 @@ class App:
                 "stored": counts.stored,
                 **self._measure_rates,
             }
-        }
-
-    def _disk_status(self) -> dict[str, Any]:
-        if self.housekeeper is None:
-            return {
-                "disk_used_bytes": None,
-                "disk_free_bytes": None,
-                "disk_budget_bytes": self.settings.storage.disk_budget,
-                "disk_alarm": None,
-                "storage_shedding": [],
-            }
-        disk = self.housekeeper.status()
-        return {
-            "disk_used_bytes": disk.used_bytes,
-            "disk_free_bytes": disk.free_bytes,
-            "disk_budget_bytes": disk.budget_bytes,
-            "disk_alarm": None if disk.alarm is None else str(disk.alarm),
-            "storage_shedding": list(disk.shedding),
-        }
-
-    def _time_status(self) -> dict[str, Any]:
-        if self.reference is None:
-            return {}
-        status = self.reference.status()
-        return {
-            "time_source": str(status.source),
-            "assumed_meter_time": status.assumed_meter_time,
-            "ntp_offset_s": round(status.applied_offset_s, 6),
-            "drift_ppm": None if status.drift_ppm is None else round(status.drift_ppm, 3),
-            "last_sync_age_s": None
-            if status.last_confirmed_age_s is None
-            else round(status.last_confirmed_age_s, 1),
         }
 
     # -- time events ------------------------------------------------------------
@@ -436,13 +399,20 @@ class App:
             else round(health.meter_clock_offset_s, 3),
         }
 
+    def _disk_fields(self) -> dict[str, Any]:
+        disk = self.housekeeper.status() if self.housekeeper is not None else None
+        return disk_fields(disk, self.settings.storage.disk_budget)
+
+    def _time_fields(self) -> dict[str, Any]:
+        return time_fields(self.reference.status() if self.reference is not None else None)
+
     def _node_figures(self) -> NodeFigures:
         """The Sparkplug node metrics, from what the gateway status says."""
-        disk = self._disk_status()
+        disk = self._disk_fields()
         return NodeFigures(
             version=__version__,
             time_state=str(self.clock.time_state),
-            ntp_offset_s=self._time_status().get("ntp_offset_s"),
+            ntp_offset_s=self._time_fields().get("ntp_offset_s"),
             outbox_depth=self._outbox.count if self._outbox is not None else None,
             disk_used_bytes=disk["disk_used_bytes"],
             disk_free_bytes=disk["disk_free_bytes"],

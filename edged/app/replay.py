@@ -34,6 +34,7 @@ from edged.core.compensation.record import channels_of
 from edged.core.errors import EdgedError
 from edged.core.export import TimeArgumentError, parse_range
 from edged.core.payloads import Topics, command_response_payload, encode, replay_copy
+from edged.io.brokerdiag import explain_connect_error
 from edged.io.mqtt import (
     PUBLISH_WINDOW,
     BrokerAddress,
@@ -41,8 +42,8 @@ from edged.io.mqtt import (
     Publisher,
     broker_addresses,
     mqtt_client,
-    send_window,
 )
+from edged.io.paho_window import send_window
 from edged.io.queries import IntervalQuery
 from edged.io.store import OutboxMessage, Store
 
@@ -346,7 +347,9 @@ async def publish_stored(
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as exc:
-            failures.append(f"{broker.host}:{broker.port}: {exc}")
+            address = f"{broker.host}:{broker.port}"
+            refused = explain_connect_error(exc, settings.mqtt, address)
+            failures.append(refused or f"{address}: {exc}")
             continue
         sent = 0
         try:

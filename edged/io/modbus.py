@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -60,6 +60,7 @@ from edged.core.registers import (
 )
 from edged.core.replies import ReceivedFrame, reply_problem
 from edged.io.bus import BusScheduler, Job, Priority
+from edged.io.serialdiag import SerialLine, probe_serial_port
 
 __all__ = [
     "EXCEPTION_NAMES",
@@ -166,15 +167,6 @@ PacketTrace = Callable[[bool, bytes], bytes]
 ClientFactory = Callable[[PacketTrace], ModbusBaseClient]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SerialLine:
-    port: str
-    baudrate: int
-    bytesize: int
-    parity: str
-    stopbits: int
-
-
 def client_factory(
     framer: FramerType,
     timeout_s: float,
@@ -216,9 +208,17 @@ def client_factory(
 class _Connection:
     """One pymodbus client (one TCP connection or one open serial port)."""
 
-    def __init__(self, name: str, factory: ClientFactory, gap_s: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        factory: ClientFactory,
+        gap_s: float,
+        diagnose: Callable[[], Awaitable[str | None]] | None = None,
+    ) -> None:
         self.name = name
         self._factory = factory
+        # Why a failed connect failed, when the client does not say (serial ports).
+        self._diagnose = diagnose
         self._gap_s = gap_s
         self._client: ModbusBaseClient | None = None
         self._backoff = Backoff()
@@ -260,8 +260,11 @@ class _Connection:
         if not ok:
             delay_s = self._backoff.failed()
             self._retry_at = now + delay_s
-            log.warning("modbus connect failed", link=self.name, retry_in_s=delay_s)
-            return ReadError(ReadErrorKind.CONNECTION, f"cannot connect to {self.name}")
+            reason = await self._diagnose() if self._diagnose is not None else None
+            detail = f"cannot connect to {self.name}" + (f": {reason}" if reason else "")
+            log.warning("modbus connect failed", link=self.name, retry_in_s=delay_s,
+                        reason=reason)  # fmt: skip
+            return ReadError(ReadErrorKind.CONNECTION, detail)
         if self._backoff.current_s:
             log.info("modbus connected", link=self.name)
         self._backoff.succeeded()
@@ -463,11 +466,12 @@ class ScheduledLink:
         connections: int,
         gap_s: float,
         timeout_s: float,
+        diagnose: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         self._name = name
         self._scheduler: BusScheduler[RawRead] = BusScheduler(name, default_timeout_s=timeout_s)
         self._connections = [
-            _Connection(name if connections == 1 else f"{name}#{i + 1}", factory, gap_s)
+            _Connection(name if connections == 1 else f"{name}#{i + 1}", factory, gap_s, diagnose)
             for i in range(connections)
         ]
         self._workers: list[asyncio.Task[None]] = []
@@ -642,14 +646,20 @@ class RtuBus(ScheduledLink):
         self.port = port
         self.baudrate = baudrate
 
-        line = SerialLine(port=port, baudrate=baudrate, bytesize=bytesize, parity=parity,
-                          stopbits=stopbits)  # fmt: skip
+        line = SerialLine(
+            port=port, baudrate=baudrate, bytesize=bytesize, parity=parity, stopbits=stopbits
+        )
+
+        async def diagnose() -> str | None:
+            return await asyncio.to_thread(probe_serial_port, line)
+
         super().__init__(
             f"rtu://{port}",
             client_factory(FramerType.RTU, timeout_s, serial=line),
             connections=1,
             gap_s=rtu_frame_gap_s(baudrate, parity, stopbits),
             timeout_s=timeout_s,
+            diagnose=diagnose,
         )
 
 

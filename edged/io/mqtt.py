@@ -29,10 +29,9 @@ import socket
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import aiomqtt
-import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -41,6 +40,8 @@ from edged.config.schema import Mqtt
 from edged.core.backoff import Backoff
 from edged.core.errors import EdgedError
 from edged.core.payloads import encode
+from edged.io.brokerdiag import explain_connect_error
+from edged.io.paho_window import PUBLISH_TIMEOUT_S, publish_qos0, send_window
 from edged.io.store import OutboxRow, Store
 
 log = structlog.get_logger("edged.io.mqtt")
@@ -58,7 +59,6 @@ BACKLOG_BURST_S = 0.5
 # window at a time, so a flood of requests is answered, `busy` included.
 MAX_PENDING_RESPONSES = 10_000
 # A window of publishes not acknowledged within this ends the session.
-PUBLISH_TIMEOUT_S = 10.0
 
 
 class CredentialsError(EdgedError):
@@ -299,6 +299,8 @@ class Publisher:
         self._on_refused: Callable[[Refusal], None] | None = None
         # Acknowledged seqs whose outbox delete failed (the store refused writes).
         self._undeleted: set[int] = set()
+        # Why the last session ended or never started (for a person reading it).
+        self.last_error: str | None = None
 
     def accept_commands(
         self,
@@ -346,8 +348,7 @@ class Publisher:
         # Straight to paho: aiomqtt's publish() waits for paho's on_publish,
         # which a fire-and-forget QoS 0 message needs no task for (a task per
         # measurement was the largest cost of fast polling, bench/fastpoll.py).
-        info = client._client.publish(topic, encoded, qos=0)
-        return info.rc == mqtt.MQTT_ERR_SUCCESS
+        return publish_qos0(client, topic, encoded)
 
     def set_retained(self, topic: str, payload: dict[str, Any]) -> None:
         encoded = encode(payload)
@@ -368,8 +369,16 @@ class Publisher:
                 # Fail over: the next broker in the list gets the next attempt.
                 self._broker_index = (self._broker_index + 1) % len(self._brokers)
                 delay_s = self._backoff.failed()
-                log.warning("mqtt disconnected", broker=f"{broker.host}:{broker.port}",
-                            error=str(exc), retry_in_s=delay_s)  # fmt: skip
+                address = f"{broker.host}:{broker.port}"
+                refused = explain_connect_error(exc, self._settings, address)
+                self.last_error = refused or str(exc)
+                if refused is not None:
+                    # Retrying cannot help until someone fixes the config or the broker.
+                    log.error("mqtt connection refused", broker=address, error=refused,
+                              retry_in_s=delay_s)  # fmt: skip
+                else:
+                    log.warning("mqtt disconnected", broker=address,
+                                error=str(exc), retry_in_s=delay_s)  # fmt: skip
                 await self._sleep_or_stop(delay_s)
 
     async def stop(self, final_retained: dict[str, dict[str, Any]]) -> None:
@@ -639,129 +648,3 @@ class Publisher:
             self._on_command(command)
         except Exception:
             log.exception("command handler failed", topic=topic)
-
-
-class _Window:
-    """The acknowledgements of one window of publishes."""
-
-    __slots__ = ("acked", "done", "left", "refused")
-
-    def __init__(self, size: int) -> None:
-        self.acked = [False] * size
-        # index -> MQTT 5 reason code of a PUBACK that refused the message
-        self.refused: dict[int, int] = {}
-        self.left = 0
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-
-class _Ack:
-    """One message's entry in aiomqtt's table of pending publishes, whose
-    on_publish callback calls `set()` when paho has the PUBACK."""
-
-    __slots__ = ("index", "window")
-
-    def __init__(self, window: _Window, index: int) -> None:
-        self.window = window
-        self.index = index
-
-    def set(self) -> None:
-        window = self.window
-        if window.acked[self.index] or self.index in window.refused:
-            return
-        window.acked[self.index] = True
-        window.left -= 1
-        if window.left == 0 and not window.done.done():
-            window.done.set_result(None)
-
-    def refuse(self, reason_code: int) -> None:
-        """The broker answered, but with a failure reason code (MQTT 5
-        PUBACK >= 0x80: 0x87 not authorised, 0x97 quota exceeded, ...): the
-        message was not accepted and must not count as delivered."""
-        window = self.window
-        if window.acked[self.index] or self.index in window.refused:
-            return
-        window.refused[self.index] = reason_code
-        window.left -= 1
-        if window.left == 0 and not window.done.done():
-            window.done.set_result(None)
-
-
-def _watch_reason_codes(paho: mqtt.Client) -> None:
-    """Route PUBACKs of edged's windows through their reason code.
-
-    aiomqtt's on_publish ignores the reason code, so a refusal would look
-    like a delivery; this wrapper (installed once per paho client) gives each
-    `_Ack` the code and leaves every other publish to aiomqtt."""
-    original: Any = paho.on_publish
-    if getattr(original, "_edged_reason_codes", False):
-        return
-
-    def on_publish(client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
-        pending: Any = getattr(client, "_edged_pending", None)
-        entry = pending.get(mid) if pending is not None else None
-        if isinstance(entry, _Ack):
-            value = int(getattr(reason_code, "value", 0) or 0)
-            if value >= 0x80:
-                del pending[mid]
-                entry.refuse(value)
-                return
-        if original is not None:
-            original(client, userdata, mid, reason_code, properties)
-
-    on_publish._edged_reason_codes = True  # type: ignore[attr-defined]
-    paho.on_publish = on_publish
-
-
-async def send_window(
-    client: aiomqtt.Client,
-    messages: Sequence[tuple[str, bytes, int, bool]],
-    refused: dict[int, int] | None = None,
-    properties: Sequence[Properties | None] | None = None,
-) -> tuple[list[bool], aiomqtt.MqttError | None]:
-    """Publish `messages` (topic, payload, qos, retain) at once and wait for
-    their acknowledgements: which were acknowledged, and the error that ended
-    the window early, if any. A message the broker refused (MQTT 5 PUBACK
-    with a failure reason code) is not acknowledged; `refused`, if given,
-    learns its index and reason code.
-
-    Straight through paho: aiomqtt's publish() costs a task, an event, a
-    timer and a scan of every pending call per message, which held a backlog
-    drain to the rate of a bare aiomqtt loop, under 5000 msg/s
-    (bench/drain.py). The PUBACKs still arrive through aiomqtt's on_publish,
-    via its table of pending publishes (aiomqtt 2.5, pinned in pyproject)."""
-    paho = client._client
-    pending = cast(dict[int, Any], client._pending_publishes)
-    paho._edged_pending = pending  # type: ignore[attr-defined]
-    _watch_reason_codes(paho)
-    window = _Window(len(messages))
-    mids: list[int] = []
-    error: aiomqtt.MqttError | None = None
-    try:
-        for index, (topic, payload, qos, retain) in enumerate(messages):
-            props = properties[index] if properties is not None else None
-            info = paho.publish(topic, payload, qos, retain, props)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                error = aiomqtt.MqttCodeError(info.rc, "Could not publish message")
-                break
-            if qos == 0 or info.is_published():
-                window.acked[index] = True
-                continue
-            window.left += 1
-            pending[info.mid] = _Ack(window, index)
-            mids.append(info.mid)
-        if window.left:
-            try:
-                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-                    await window.done
-            except TimeoutError:
-                error = error or aiomqtt.MqttError(
-                    f"no acknowledgement within {PUBLISH_TIMEOUT_S:g} s"
-                )
-        if refused is not None:
-            refused.update(window.refused)
-        return window.acked, error
-    finally:
-        for mid in mids:
-            entry = pending.get(mid)
-            if isinstance(entry, _Ack) and entry.window is window:
-                del pending[mid]

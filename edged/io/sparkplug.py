@@ -30,7 +30,6 @@ from dataclasses import replace
 from datetime import datetime
 
 import aiomqtt
-import paho.mqtt.client as mqtt
 import structlog
 
 from edged.config.schema import Mqtt, Settings, Sparkplug
@@ -70,8 +69,8 @@ from edged.io.mqtt import (
     broker_addresses,
     mqtt_client,
     resolve_password,
-    send_window,
 )
+from edged.io.paho_window import publish_qos0, send_window
 from edged.io.sparkplug_pb import DecodeError, decode_metrics, encode_payload
 from edged.io.store import OutboxMessage, OutboxRow, Store
 
@@ -210,10 +209,9 @@ class SparkplugPublisher:
         if client is None or device not in self._born:
             return False
         encoded = self._encode_data(device, metrics)
-        info = client._client.publish(
-            topic(self._group, MessageType.DDATA, self.node, device), encoded, qos=0
+        return publish_qos0(
+            client, topic(self._group, MessageType.DDATA, self.node, device), encoded
         )
-        return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     async def stop(self) -> None:
         """Send NDEATH if connected (a clean disconnect fires no will), then end `run`."""
@@ -358,9 +356,8 @@ class SparkplugPublisher:
 
     def _publish_now(self, client: aiomqtt.Client, name: str, payload: bytes) -> None:
         """Births and deaths: QoS 0, not retained (Sparkplug B)."""
-        info = client._client.publish(name, payload, qos=0)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        if not publish_qos0(client, name, payload):
+            raise aiomqtt.MqttError(f"could not publish {name}")
 
     def _birth(self, client: aiomqtt.Client) -> None:
         """NBIRTH (seq 0) and a DBIRTH for every device not offline, in one go."""

@@ -33,6 +33,7 @@ from typing import Any
 import aiosqlite
 import structlog
 
+from edged import __version__
 from edged.core import flags as flag_table
 from edged.core.demand import PeakState
 from edged.core.engine.intervals import ChannelState, parse_counter
@@ -367,7 +368,22 @@ class Store:
         db = self._db
         async with db.execute("SELECT count(*) FROM sqlite_master") as cursor:
             row = await cursor.fetchone()
-        if row is not None and int(row[0]) == 0:
+        empty = row is not None and int(row[0]) == 0
+        # Checked before anything is written (switching to WAL rewrites the header).
+        async with db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            # A downgrade: this code cannot know what the newer schema means, and
+            # writing to it could lose what the newer edged stored. The file is
+            # left as it is (it is not damaged, so it is not moved aside).
+            raise StoreError(
+                f"{self.path} has store schema version {version}, written by a newer edged; "
+                f"this edged ({__version__}) knows store schema versions up to "
+                f"{len(MIGRATIONS)}. Reinstall the newer edged, or restore the copy of the "
+                "database taken before the upgrade (docs/deployment.md#roll-back)"
+            )
+        if empty:
             # Only possible before the first table exists: freed pages can
             # then be handed back to the file system (Store.reclaim).
             await db.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -375,14 +391,6 @@ class Store:
         await db.execute("PRAGMA synchronous=FULL")
         await db.execute("PRAGMA foreign_keys=ON")
         await db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT_BYTES}")
-        async with db.execute("PRAGMA user_version") as cursor:
-            row = await cursor.fetchone()
-        version = int(row[0]) if row else 0
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"{self.path} has schema version {version}, newer than this edged "
-                f"({len(MIGRATIONS)}); upgrade edged or restore an older database"
-            )
         for target in range(version, len(MIGRATIONS)):
             await db.execute("BEGIN IMMEDIATE")
             await _execute_script(db, MIGRATIONS[target])

@@ -36,6 +36,8 @@ class Mosquitto:
     # Send each PUBACK at once instead of letting Nagle hold it for the
     # client's delayed ACK (the benchmarks measure the client, not that wait).
     tcp_nodelay: bool = False
+    # A mosquitto_passwd file: then only its users may connect (no anonymous).
+    password_file: Path | None = None
     # mosquitto ACL file text (anonymous clients: `topic write a/#` lines);
     # None: every topic allowed.
     acl: str | None = None
@@ -49,24 +51,28 @@ class Mosquitto:
         if binary is None:
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
         conf = self.workdir / "mosquitto.conf"
-        acl_line = ""
+        lines = [f"listener {self.port} 127.0.0.1"]
+        if self.password_file is not None:
+            lines += ["allow_anonymous false", f"password_file {self.password_file}"]
+        else:
+            lines.append("allow_anonymous true")
+        lines += [
+            "persistence false",
+            "max_queued_messages 1000000",
+            f"log_dest file {self.workdir / 'mosquitto.log'}",
+        ]
+        if self.tcp_nodelay:
+            lines.append("set_tcp_nodelay true")
         if self.acl is not None:
             acl_file = self.workdir / "mosquitto.acl"
             acl_file.write_text(self.acl)
-            acl_line = f"acl_file {acl_file}\n"
-            if os.geteuid() == 0:
-                # mosquitto drops root for user "mosquitto", which cannot read
-                # a test's private directory: stay who started it.
-                acl_line += "user root\n"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
-            "max_queued_messages 1000000\n"
-            f"log_dest file {self.workdir / 'mosquitto.log'}\n"
-            + ("set_tcp_nodelay true\n" if self.tcp_nodelay else "")
-            + acl_line
-        )
+            lines.append(f"acl_file {acl_file}")
+        if (self.acl is not None or self.password_file is not None) and os.geteuid() == 0:
+            # mosquitto drops root for user "mosquitto" before it reads the ACL
+            # and password files, which then lie in a directory only we may
+            # read (a test's tmp_path): stay who started it.
+            lines.append("user root")
+        conf.write_text("".join(line + "\n" for line in lines))
         self.process = subprocess.Popen(
             [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
