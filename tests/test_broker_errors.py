@@ -23,7 +23,7 @@ from edged.io.brokerdiag import explain_connect_error
 from edged.io.mqtt import Publisher
 from edged.io.store import OutboxMessage, Store
 from edged.sim.broker import Mosquitto, free_port, mosquitto_path
-from tests.test_cli import edged, populate
+from tests.support.store import edged, populate
 
 pytestmark = pytest.mark.integration
 

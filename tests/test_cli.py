@@ -14,12 +14,10 @@ import asyncio
 import csv
 import io
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,8 +29,6 @@ from hypothesis import strategies as st
 
 from edged.cli import main as cli
 from edged.config.load import load_settings
-from edged.core.engine import intervals as engine
-from edged.core.engine.intervals import ChannelState, IntervalContext
 from edged.core.export import (
     CSV_COLUMNS,
     LIST_SEPARATOR,
@@ -43,19 +39,9 @@ from edged.core.export import (
     start_of_local_day,
 )
 from edged.core.model import (
-    Interval,
-    Read,
-    ReadError,
-    ReadErrorKind,
-    TimeState,
     iso_utc,
     parse_iso_utc,
 )
-from edged.core.payloads import (
-    encode,
-    interval_payload,
-)
-from edged.core.schedule import next_boundary
 from edged.io.queries import (
     connect_readonly,
     evaluate_alarms,
@@ -63,145 +49,28 @@ from edged.io.queries import (
     status_json,
     store_status,
 )
-from edged.io.store import OutboxMessage, Store
-from tests.conftest import Broker
+from edged.io.store import Store
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.mqtt import Broker
+from tests.support.store import (
+    LAST_BOUNDARY,
+    LIVENESS,
+    NZ,
+    UNACKED,
+    Populated,
+    edged,
+    fixture_read,
+    populate,
+    write_cli_config,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-NZ = ZoneInfo("Pacific/Auckland")
 COMMANDS = ("run", "check-config", "demo", "status", "intervals", "replay")
-
-# 2026-09-26 23:50:00.5 NZST: the start-up read; 16 quarter hours follow, across
-# the DST change at 02:00 NZST (14:00Z).
-BASELINE_AT = datetime(2026, 9, 26, 11, 50, 0, 500_000, tzinfo=UTC)
-LAST_BOUNDARY = datetime(2026, 9, 26, 16, 0, tzinfo=UTC)
-UNIT2_FAILS_AT = datetime(2026, 9, 26, 13, 0, tzinfo=UTC)
-UNIT1_NOT_READ_AT = datetime(2026, 9, 26, 15, 0, tzinfo=UTC)  # the daemon was down
-UNACKED = 3  # outbox messages left unsent
-LIVENESS = "2026-09-26T16:00:01.250Z"
-
-CONFIG = """\
-site: cli-site
-timezone: Pacific/Auckland
-storage:
-  path: {db}
-status_every: 60s
-devices:
-  - id: unit1
-    interval: 15m
-    transport: {{type: tcp, host: 127.0.0.1, port: 1502, unit_id: 1}}
-    channels:
-      - {{name: energy_import, register: 0, type: uint32, multiplier: 0.144}}
-      - {{name: energy_export, register: 2, type: uint16, multiplier: 0.5}}
-  - id: unit2
-    interval: 15m
-    transport: {{type: tcp, host: 127.0.0.1, port: 1502, unit_id: 2}}
-    channels:
-      - {{name: energy_import, register: 0, type: uint32, multiplier: 0.001}}
-"""
-
-
-@dataclass(frozen=True)
-class Populated:
-    config: Path
-    db: Path
-    records: list[Interval]
-
-
-def _counts(device: str, t: datetime) -> dict[str, int]:
-    """Counters that grow with time; unit1's 16-bit export counter wraps."""
-    minutes = int((t - BASELINE_AT).total_seconds() // 60) + 10
-    if device == "unit1":
-        return {
-            "energy_import": 1_000_000 + 117 * minutes,
-            "energy_export": (65_000 + 13 * minutes) % 65_536,
-        }
-    return {"energy_import": 5_000 + 2_000 * minutes}
-
-
-def _read(device: str, boundary: datetime | None, at: datetime, ok: bool = True) -> Read:
-    lateness = None if boundary is None else (at - boundary).total_seconds() * 1000
-    if not ok:
-        return Read(
-            device,
-            boundary,
-            at,
-            lateness,
-            TimeState.SYNCED,
-            error=ReadError(ReadErrorKind.TIMEOUT, "no response in 1 s"),
-        )
-    return Read(device, boundary, at, lateness, TimeState.SYNCED, values=_counts(device, at))
-
-
-async def populate(tmp_path: Path) -> Populated:
-    db = tmp_path / "state" / "edged.db"
-    config = tmp_path / "edged.yaml"
-    config.write_text(CONFIG.format(db=db))
-    settings = load_settings(config)
-    store = await Store.open(db)
-    records: list[Interval] = []
-    seqs: list[int] = []
-    try:
-        states: dict[str, dict[str, ChannelState]] = {d.id: {} for d in settings.devices}
-        for device in settings.devices:
-            read = _read(device.id, None, BASELINE_AT)
-            states[device.id] = engine.baseline_device(states[device.id], read, device.channels)
-            await store.commit_boundary([read], [], _flat(device.id, states[device.id]), [])
-        boundary = next_boundary(BASELINE_AT, 900, NZ)
-        while boundary <= LAST_BOUNDARY:
-            for device in settings.devices:
-                if device.id == "unit1" and boundary == UNIT1_NOT_READ_AT:
-                    continue
-                at = boundary + timedelta(milliseconds=3)
-                read = _read(
-                    device.id,
-                    boundary,
-                    at,
-                    ok=not (device.id == "unit2" and boundary == UNIT2_FAILS_AT),
-                )
-                ctx = IntervalContext("cli-site", device, NZ)
-                step = engine.step_device(states[device.id], read, ctx)
-                states[device.id], new = dict(step.states), list(step.records)
-                pairs, messages = [], []
-                for record in new:
-                    seq = store.allocate_seq()
-                    payload = encode(interval_payload(record, seq))
-                    pairs.append((record, payload))
-                    topic = f"edged/cli-site/device/{record.device}/interval/{record.channel}"
-                    messages.append((seq, OutboxMessage(topic, payload)))
-                    seqs.append(seq)
-                records.extend(new)
-                await store.commit_boundary(
-                    [read], pairs, _flat(device.id, states[device.id]), messages
-                )
-            boundary = next_boundary(boundary, 900, NZ)
-        await store.ack(seqs[:-UNACKED])
-        await store.set_mark("liveness", LIVENESS)
-    finally:
-        await store.close()
-    return Populated(config, db, records)
-
-
-def _flat(device: str, states: dict[str, ChannelState]) -> dict[tuple[str, str], ChannelState]:
-    return {(device, channel): state for channel, state in states.items()}
 
 
 @pytest.fixture
 async def populated(tmp_path: Path) -> Populated:
     return await populate(tmp_path)
-
-
-def edged(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "edged.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def stored(db: Path) -> list[dict[str, Any]]:
@@ -478,7 +347,7 @@ def test_bad_times_are_usage_errors(
 @pytest.mark.integration
 def test_missing_store_is_reported(tmp_path: Path) -> None:
     config = tmp_path / "edged.yaml"
-    config.write_text(CONFIG.format(db=tmp_path / "nowhere.db"))
+    write_cli_config(config, tmp_path / "nowhere.db")
     for command in ("status", "intervals"):
         result = edged(command, "-c", str(config))
         assert result.returncode == 1
@@ -509,7 +378,7 @@ def test_invalid_config_is_reported(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_db_option_reads_another_store(populated: Populated, tmp_path: Path) -> None:
     config = tmp_path / "other.yaml"
-    config.write_text(CONFIG.format(db=tmp_path / "elsewhere.db"))
+    write_cli_config(config, tmp_path / "elsewhere.db")
     result = edged(
         "intervals",
         "-c",
@@ -666,7 +535,7 @@ async def test_status_counts_consecutive_failures(tmp_path: Path) -> None:
         failures = [good_at + timedelta(milliseconds=500)] + [
             LAST_BOUNDARY + timedelta(minutes=15 * i, milliseconds=2) for i in (1, 2)
         ]
-        reads = [_read("unit2", None, at, ok=False) for at in failures]
+        reads = [fixture_read("unit2", None, at, ok=False) for at in failures]
         await store.commit_boundary(reads, [], {}, [])
     finally:
         await store.close()
@@ -804,29 +673,25 @@ async def test_status_and_export_while_the_daemon_writes(tmp_path: Path, broker:
     async with MeterServer({1: sim}) as server:
         port = await server.start_tcp("127.0.0.1", 0)
         db = tmp_path / "state" / "edged.db"
-        config = tmp_path / "edged.yaml"
-        config.write_text(
-            f"site: live\ntimezone: Pacific/Auckland\nstorage: {{path: {db}}}\n"
-            f"mqtt: {{host: 127.0.0.1, port: {broker.port}}}\nlog: {{format: json}}\n"
-            "devices:\n  - id: unit1\n    interval: 1s\n"
-            f"    transport: {{type: tcp, host: 127.0.0.1, port: {port}, timeout: 500ms}}\n"
-            "    channels:\n      - {name: energy_import, register: 0, multiplier: 0.001}\n"
+        channel = {"name": "energy_import", "register": 0, "multiplier": 0.001}
+        config = site_config(
+            tmp_path,
+            devices=[tcp_device("unit1", port, channels=[channel])],
+            mqtt_port=broker.port,
+            site="live",
+            storage={"path": str(db)},
+            mqtt={"topic_prefix": None},
+            status_every=None,
         )
-        log = (tmp_path / "edged.log").open("wb")
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edged.cli.main", "run", "-c", str(config), stdout=log, stderr=log
-        )
-        try:
+        async with Daemon(config, tmp_path) as daemon:
             await asyncio.sleep(4.5)
             status = await asyncio.to_thread(edged, "status", "-c", str(config), "--format", "json")
             export = await asyncio.to_thread(
                 edged, "intervals", "-c", str(config), "--from=-1h", "--format", "csv"
             )
-            assert process.returncode is None  # still running, not disturbed
-        finally:
-            process.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(process.wait(), 15) == 0
-            log.close()
+            assert daemon.process is not None
+            assert daemon.process.returncode is None  # still running, not disturbed
+            assert await daemon.stop(signal.SIGTERM) == 0
     assert status.returncode == 0, status.stdout + status.stderr
     data = json.loads(status.stdout)
     device = data["devices"][0]

@@ -43,7 +43,7 @@ from edged.core.model import Flag, Interval, TimeState
 from edged.core.payloads import interval_payload
 from edged.core.virtual.plan import combine_meter, plan_virtual_meter
 from edged.io.sparkplug import device_specs
-from tests.schema_check import validate_payload
+from tests.support.schema import validate_payload
 
 END = datetime(2026, 11, 21, 0, 15, tzinfo=UTC)
 

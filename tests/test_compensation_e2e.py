@@ -25,9 +25,10 @@ import pytest
 
 from edged.sim.meter import CounterPoint, MeterServer, SimulatedMeter, StaticPoint
 from edged.sim.modbus_frames import DataType
-from tests.conftest import Broker, Collector, collect
-from tests.schema_check import validate_messages
-from tests.test_e2e import daemon
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.mqtt import Broker, Collector, collect
+from tests.support.schema import validate_messages
 
 pytestmark = pytest.mark.integration
 
@@ -38,65 +39,57 @@ LOSS_KW = 98.4  # 12 + 32.4 + 54
 def write_config(
     tmp_path: Path, broker: Broker, modbus_port: int, ntp_port: int, line_ohm: float = 0.05
 ) -> Path:
-    config = tmp_path / "edged.yaml"
-    config.write_text(
-        f"""\
-site: test-site
-timezone: Pacific/Auckland
-storage:
-  path: {tmp_path / "state" / "edged.db"}
-mqtt:
-  host: 127.0.0.1
-  port: {broker.port}
-log:
-  format: json
-status_every: 1s
-time:
-  source: ntp
-  ntp_servers: ["127.0.0.1:{ntp_port}"]
-  ntp_poll: 2s
-devices:
-  - id: unit1
-    interval: 1s
-    transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: 1, timeout: 500ms}}
-    channels:
-      - {{name: energy_export, register: 0, type: uint32, multiplier: 0.001}}
-      - {{name: reactive_export, register: 2, type: uint32, multiplier: 0.001, unit: kvarh}}
-    measurements:
-      every: 100ms
-      points:
-        # report by exception: the steady V and I are published once, but every
-        # poll still counts towards the operating point
-        - {{name: V, register: 10, type: float32, unit: V, deadband: 1}}
-        - {{name: I, register: 12, type: float32, unit: A, deadband: 1}}
-    compensation:
-      current: I
-      voltage: V
-      channels:
-        - {{name: energy_export, flow: received}}
-        - {{name: reactive_export, kind: reactive, flow: received}}
-      ct:
-        rated_current_a: 1000
-        points:
-          - {{percent: 5, ratio_error_pct: 0.30, phase_min: 15}}
-          - {{percent: 20, ratio_error_pct: 0.15, phase_min: 8}}
-          - {{percent: 100, ratio_error_pct: 0.05, phase_min: 3}}
-          - {{percent: 120, ratio_error_pct: 0.04, phase_min: 2}}
-      vt:
-        rated_voltage_v: 11000
-        points:
-          - {{percent: 80, ratio_error_pct: -0.10, phase_min: 4.5}}
-          - {{percent: 100, ratio_error_pct: -0.12, phase_min: 5.5}}
-      transformer: {{no_load_loss_kw: 12, rated_voltage_v: 11000, load_loss_kw: 90,
-                     rated_current_a: 1000}}
-      line: {{resistance_ohm: {line_ohm}}}
-virtual_meters:
-  - id: station
-    channels:
-      - {{name: export_total, add: [unit1.energy_export_compensated]}}
-"""
+    def point(percent: float, ratio_error_pct: float, phase_min: float) -> dict[str, float]:
+        return {"percent": percent, "ratio_error_pct": ratio_error_pct, "phase_min": phase_min}
+
+    unit1 = tcp_device(
+        "unit1",
+        modbus_port,
+        channels=[
+            {"name": "energy_export", "register": 0, "type": "uint32", "multiplier": 0.001},
+            {"name": "reactive_export", "register": 2, "type": "uint32", "multiplier": 0.001,
+             "unit": "kvarh"},
+        ],
+        measurements={
+            "every": "100ms",
+            # report by exception: the steady V and I are published once, but every
+            # poll still counts towards the operating point
+            "points": [
+                {"name": "V", "register": 10, "type": "float32", "unit": "V", "deadband": 1},
+                {"name": "I", "register": 12, "type": "float32", "unit": "A", "deadband": 1},
+            ],
+        },
+        compensation={
+            "current": "I",
+            "voltage": "V",
+            "channels": [
+                {"name": "energy_export", "flow": "received"},
+                {"name": "reactive_export", "kind": "reactive", "flow": "received"},
+            ],
+            "ct": {
+                "rated_current_a": 1000,
+                "points": [point(5, 0.30, 15), point(20, 0.15, 8), point(100, 0.05, 3),
+                           point(120, 0.04, 2)],
+            },
+            "vt": {
+                "rated_voltage_v": 11000,
+                "points": [point(80, -0.10, 4.5), point(100, -0.12, 5.5)],
+            },
+            "transformer": {"no_load_loss_kw": 12, "rated_voltage_v": 11000,
+                            "load_loss_kw": 90, "rated_current_a": 1000},
+            "line": {"resistance_ohm": line_ohm},
+        },
+    )  # fmt: skip
+    total = {"name": "export_total", "add": ["unit1.energy_export_compensated"]}
+    station = {"id": "station", "channels": [total]}
+    return site_config(
+        tmp_path,
+        devices=[unit1],
+        mqtt_port=broker.port,
+        ntp_port=ntp_port,
+        mqtt={"topic_prefix": None},
+        virtual_meters=[station],
     )
-    return config
 
 
 @contextlib.asynccontextmanager
@@ -126,7 +119,7 @@ async def test_compensated_channels_flow_end_to_end(
 ) -> None:
     async with meter() as port, collect(broker, "edged/#") as got:
         config = write_config(tmp_path, broker, port, ntp_port)
-        async with daemon(config, tmp_path) as d:
+        async with Daemon(config, tmp_path) as d:
             await got.wait_for(
                 lambda c: (
                     len(c.payloads("interval/energy_export_compensated")) >= 5
@@ -257,7 +250,7 @@ async def test_compensated_energy_is_conserved_across_a_daemon_restart(
 
     async with register_meter() as port, collect(broker, "edged/#") as got:
         config = write_register_config(tmp_path, broker, port, ntp_port)
-        async with daemon(config, tmp_path) as d:
+        async with Daemon(config, tmp_path) as d:
             await got.wait_for(lambda c: compensated(c) >= 3, 30, "3 compensated intervals")
             assert await d.stop() == 0
             before = compensated(got)
@@ -313,7 +306,7 @@ async def test_a_parameter_change_is_an_event_and_leaves_published_records_alone
 
     async with meter() as port, collect(broker, "edged/#") as got:
         config = write_config(tmp_path, broker, port, ntp_port)
-        async with daemon(config, tmp_path) as d:
+        async with Daemon(config, tmp_path) as d:
             await got.wait_for(lambda c: len(compensated(c)) >= 3, 30, "3 compensated intervals")
             write_config(tmp_path, broker, port, ntp_port, line_ohm=0.10)  # a new line figure
             assert d.process is not None

@@ -14,37 +14,9 @@ from edged.config.load import (
     load_settings,
 )
 from edged.core.units import parse_duration_s
+from tests.support.config import GOOD, write
 
 REPO = Path(__file__).resolve().parent.parent
-
-GOOD = """\
-site: demo-site
-timezone: Pacific/Auckland
-storage:
-  path: /var/lib/edged/edged.db
-mqtt:
-  host: 127.0.0.1
-  port: 1883
-  topic_prefix: edged
-devices:
-  - id: unit1
-    interval: 15m
-    transport: {type: tcp, host: 10.0.0.5, port: 502, unit_id: 1}
-    channels:
-      - name: energy_import
-        register: 0
-        type: uint32
-        word_order: big
-        unit: kWh
-        multiplier: 0.144
-        rollover: 4294967296
-"""
-
-
-def write(tmp_path: Path, text: str, name: str = "edged.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
 
 
 def problems(tmp_path: Path, text: str) -> list[str]:

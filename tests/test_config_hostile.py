@@ -16,17 +16,16 @@ import pytest
 from edged.cli.main import main
 from edged.config.load import ConfigError, load_settings
 from edged.sim.meter import MeterServer
-from tests.conftest import Broker, Collector, collect
-from tests.test_e2e import intervals
-from tests.test_process import (
-    NotifyDaemon,
+from tests.support.daemon import Daemon
+from tests.support.meters import KWH_PER_COUNT, pmc1_meter
+from tests.support.mqtt import (
+    Broker,
+    Collector,
     assert_unbroken,
+    collect,
     events,
-    notifications,
-    pmc1,
-    pmc1_meter,
+    intervals,
     series,
-    unit_config,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,6 +197,27 @@ def test_config_fuzzer_zero_tracebacks(tmp_path: Path, capsys: pytest.CaptureFix
 # SIGHUP with hostile files: the daemon keeps running the old config
 
 
+def good_text(tmp_path: Path, broker: Broker, port: int, ntp_port: int) -> str:
+    """A valid configuration as text in flow style: the hostile variants are
+    edits of this very text (a tag on the host, a merge key in the device)."""
+    return f"""\
+site: test-site
+timezone: Pacific/Auckland
+storage:
+  path: {tmp_path / "state" / "edged.db"}
+mqtt: {{host: 127.0.0.1, port: {broker.port}, topic_prefix: edged}}
+log: {{format: json}}
+status_every: 1s
+time: {{source: ntp, ntp_servers: ["127.0.0.1:{ntp_port}"], ntp_poll: 2s}}
+devices:
+  - id: unit1
+    interval: 1s
+    transport: {{type: tcp, host: 127.0.0.1, port: {port}, unit_id: 1, timeout: 500ms}}
+    channels:
+      - {{name: energy_import, register: 0, type: uint32, multiplier: {KWH_PER_COUNT}}}
+"""
+
+
 def rejections(n: int) -> Callable[[Collector], bool]:
     return lambda c: len(events(c, "config_rejected")) >= n
 
@@ -209,30 +229,25 @@ async def test_sighup_with_hostile_yaml_keeps_the_daemon_up(
     async with MeterServer({1: pmc1_meter()}) as server, collect(broker, "edged/#") as got:
         port = await server.start_tcp()
         config = tmp_path / "edged.yaml"
-        good = unit_config(port, ntp_port, broker, tmp_path, pmc1("unit1", port, 1))
+        good = good_text(tmp_path, broker, port, ntp_port)
         config.write_text(good)
-        async with notifications(tmp_path) as (socket_path, _notes):
-            d = NotifyDaemon(config, tmp_path / "edged.log", socket_path)
-            await d.start()
-            try:
-                await got.wait_for(lambda c: len(intervals(c)) >= 2, 20, "2 intervals")
-                hostile = [
-                    "base: &b {interval: 1s}\n" + good + "    <<: *b\n",
-                    good.replace("host: 127.0.0.1,", "host: !env HOST,", 1),
-                    good + "    ? [a, b]\n    : 1\n",
-                    BILLION_LAUGHS.replace(HEAD + DEVICE, "") + good,
-                ]
-                for n, text in enumerate(hostile, start=1):
-                    config.write_text(text)
-                    await d.reload()
-                    await got.wait_for(rejections(n), 15, f"reject {n}")
-                    assert d.process is not None
-                    assert d.process.returncode is None
-                before = len(intervals(got))
-                await got.wait_for(lambda c: len(intervals(c)) >= before + 2, 10, "intervals")
-                assert await d.stop() == 0
-            finally:
-                await d.ensure_stopped()
+        async with Daemon(config, tmp_path) as d:
+            await got.wait_for(lambda c: len(intervals(c)) >= 2, 20, "2 intervals")
+            hostile = [
+                "base: &b {interval: 1s}\n" + good + "    <<: *b\n",
+                good.replace("host: 127.0.0.1,", "host: !env HOST,", 1),
+                good + "    ? [a, b]\n    : 1\n",
+                BILLION_LAUGHS.replace(HEAD + DEVICE, "") + good,
+            ]
+            for n, text in enumerate(hostile, start=1):
+                config.write_text(text)
+                await d.reload()
+                await got.wait_for(rejections(n), 15, f"reject {n}")
+                assert d.process is not None
+                assert d.process.returncode is None
+            before = len(intervals(got))
+            await got.wait_for(lambda c: len(intervals(c)) >= before + 2, 10, "intervals")
+            assert await d.stop() == 0
     rejected = events(got, "config_rejected")
     assert len(rejected) == len(hostile)
     for event in rejected:

@@ -14,9 +14,11 @@ import pytest
 from edged.config.schema import MeasurementPoint, Measurements
 from edged.core.deadband import Deadband, Reported, moved, report
 from edged.sim.meter import CounterPoint, MeterServer, SimulatedMeter, StaticPoint
-from tests.conftest import Broker, collect
-from tests.schema_check import validate_messages
-from tests.test_e2e import KWH_PER_COUNT, LOAD_KW, daemon, intervals, write_config
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.meters import KWH_PER_COUNT, LOAD_KW
+from tests.support.mqtt import Broker, collect, intervals
+from tests.support.schema import validate_messages
 
 
 def test_absolute_and_percent_bands() -> None:
@@ -86,17 +88,21 @@ async def test_daemon_publishes_only_moved_values_and_every_interval(
     )  # fmt: skip
     async with MeterServer({1: sim}) as server, collect(broker, "edged/#") as got:
         port = await server.start_tcp()
-        config = write_config(tmp_path, broker, port, ntp_port)
-        with config.open("a") as f:
-            f.write(
-                "    measurements: {every: 100ms, points: "
-                "[{name: kw, register: 20, type: uint16, deadband: 5}]}\n"
-            )
+        measurements = {
+            "every": "100ms",
+            "points": [{"name": "kw", "register": 20, "type": "uint16", "deadband": 5}],
+        }
+        config = site_config(
+            tmp_path,
+            devices=[tcp_device("unit1", port, measurements=measurements)],
+            mqtt_port=broker.port,
+            ntp_port=ntp_port,
+        )
 
         def kw(c: Any) -> list[float]:
             return [p["values"]["kw"] for p in c.payloads("/measurement") if "kw" in p["values"]]
 
-        async with daemon(config, tmp_path) as d:
+        async with Daemon(config, tmp_path) as d:
             await got.wait_for(lambda c: kw(c) == [500], 20, "the first value")
             await asyncio.sleep(1.0)  # ten polls of an unchanged value
             sim.set_static("kw", 503)  # inside the band

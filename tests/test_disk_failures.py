@@ -33,15 +33,17 @@ from edged.core.model import Event
 from edged.core.payloads import Topics
 from edged.io.store import Store
 from edged.sim.meter import MeterServer
-from tests.conftest import Broker, collect
-from tests.test_e2e import Daemon, by_end, intervals
-from tests.test_process import (
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.meters import pmc1_meter
+from tests.support.mqtt import (
+    Broker,
     assert_unbroken,
+    by_end,
+    collect,
     events,
     gateway_status,
-    pmc1,
-    pmc1_meter,
-    unit_config,
+    intervals,
 )
 
 TOPICS = Topics("edged", "s1")
@@ -277,12 +279,16 @@ async def test_daemon_on_a_full_disk_stays_up_and_loses_nothing(
     interval is there, one unbroken series."""
     async with MeterServer({1: pmc1_meter()}) as server, collect(broker, "edged/#") as got:
         port = await server.start_tcp()
-        config = tmp_path / "edged.yaml"
-        body = unit_config(port, ntp_port, broker, tmpfs, pmc1("unit1", port, 1))
-        config.write_text(body)
-        d = Daemon(config, tmp_path / "edged.log")
-        await d.start()
+        config = site_config(
+            tmp_path,
+            devices=[tcp_device("unit1", port)],
+            mqtt_port=broker.port,
+            ntp_port=ntp_port,
+            storage={"path": str(tmpfs / "state" / "edged.db")},  # on the small tmpfs
+        )
+        d = Daemon(config, tmp_path)
         try:
+            await d.start()
             await got.wait_for(lambda c: len(intervals(c)) >= 2, 20, "2 intervals")
             filler = await asyncio.to_thread(fill, tmpfs)
             await got.wait_for(
@@ -301,7 +307,7 @@ async def test_daemon_on_a_full_disk_stays_up_and_loses_nothing(
             )  # fmt: skip
             assert await d.stop() == 0
         finally:
-            await d.ensure_stopped()
+            await d.close()
     series = sorted(by_end(intervals(got)).values(), key=lambda r: r["end"])[1:]
     assert_unbroken(series, "unit1 across the full disk")
     kinds = [e["details"].get("change") for e in events(got, "storage_error")]
@@ -314,11 +320,16 @@ async def test_daemon_stopped_on_a_full_disk_exits_cleanly_and_says_what_is_lost
 ) -> None:
     async with MeterServer({1: pmc1_meter()}) as server, collect(broker, "edged/#") as got:
         port = await server.start_tcp()
-        config = tmp_path / "edged.yaml"
-        config.write_text(unit_config(port, ntp_port, broker, tmpfs, pmc1("unit1", port, 1)))
-        d = Daemon(config, tmp_path / "edged.log")
-        await d.start()
+        config = site_config(
+            tmp_path,
+            devices=[tcp_device("unit1", port)],
+            mqtt_port=broker.port,
+            ntp_port=ntp_port,
+            storage={"path": str(tmpfs / "state" / "edged.db")},  # on the small tmpfs
+        )
+        d = Daemon(config, tmp_path)
         try:
+            await d.start()
             await got.wait_for(lambda c: len(intervals(c)) >= 1, 20, "an interval")
             await asyncio.to_thread(fill, tmpfs)
             await got.wait_for(
@@ -327,7 +338,7 @@ async def test_daemon_stopped_on_a_full_disk_exits_cleanly_and_says_what_is_lost
             )  # fmt: skip
             code = await d.stop()
         finally:
-            await d.ensure_stopped()
+            await d.close()
     assert code == 0
     log = (tmp_path / "edged.log").read_text()
     assert "shutdown with the store failing: held data not written" in log

@@ -177,7 +177,7 @@ def test_profile_examples_load(tmp_path: Path) -> None:
 
 
 def test_mqtt_md_documents_every_payload_field() -> None:
-    from tests.schema_check import load_schema
+    from tests.support.schema import load_schema
 
     text = (DOCS / "mqtt.md").read_text(encoding="utf-8")
     interval = load_schema("interval")["properties"]

@@ -4,135 +4,22 @@ process) -> real mosquitto -> a subscriber. Second-long intervals."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import os
 import signal
 import sqlite3
 import statistics
-import sys
-from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from edged.sim.meter import MeterServer, SimulatedMeter
-from tests.conftest import Broker, Collector, collect
-from tests.schema_check import validate_messages
+from tests.support.config import daemon_config
+from tests.support.daemon import Daemon
+from tests.support.meters import KWH_PER_COUNT, meter
+from tests.support.mqtt import Broker, by_end, collect, intervals
+from tests.support.schema import validate_messages
 
 pytestmark = pytest.mark.integration
-
-KWH_PER_COUNT = 0.001
-LOAD_KW = 3600.0  # 1 kWh per second: 1000 counts in a 1 s interval
-
-
-def write_config(
-    tmp_path: Path,
-    broker: Broker,
-    modbus_port: int,
-    ntp_port: int,
-    interval: str = "1s",
-    units: Sequence[int] = (1,),
-    mqtt_port: int | None = None,
-) -> Path:
-    """Device ``unit<N>`` for each simulated unit N, all on the one simulator;
-    the daemon connects to ``mqtt_port`` if given, else to the broker."""
-    devices = "".join(
-        f"""\
-  - id: unit{unit}
-    interval: {interval}
-    transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: {unit}, timeout: 500ms}}
-    channels:
-      - name: energy_import
-        register: 0
-        type: uint32
-        multiplier: {KWH_PER_COUNT}
-"""
-        for unit in units
-    )
-    config = tmp_path / "edged.yaml"
-    config.write_text(
-        f"""\
-site: test-site
-timezone: Pacific/Auckland
-storage:
-  path: {tmp_path / "state" / "edged.db"}
-mqtt:
-  host: 127.0.0.1
-  port: {mqtt_port or broker.port}
-  topic_prefix: edged
-log:
-  format: json
-status_every: 1s
-time:
-  source: ntp
-  ntp_servers: ["127.0.0.1:{ntp_port}"]
-  ntp_poll: 2s
-devices:
-"""
-        + devices
-    )
-    return config
-
-
-@contextlib.asynccontextmanager
-async def meter(units: Sequence[int] = (1,)) -> AsyncIterator[tuple[MeterServer, int]]:
-    sims = {
-        unit: SimulatedMeter.pmc1(
-            load_kw=LOAD_KW, kwh_per_count=KWH_PER_COUNT, initial_counts=10_000
-        )
-        for unit in units
-    }
-    async with MeterServer(sims) as server:
-        port = await server.start_tcp("127.0.0.1", 0)
-        yield server, port
-
-
-class Daemon:
-    def __init__(self, config: Path, log_path: Path) -> None:
-        self.config = config
-        self.log_path = log_path
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edged.cli.main", "run", "-c", str(self.config),
-            stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        log.close()
-
-    async def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.process is not None
-        self.process.send_signal(sig)
-        code = await asyncio.wait_for(self.process.wait(), 15)
-        self.process = None
-        return code
-
-    async def ensure_stopped(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-
-
-@contextlib.asynccontextmanager
-async def daemon(config: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
-    d = Daemon(config, tmp_path / "edged.log")
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.ensure_stopped()
-
-
-def intervals(collector: Collector) -> list[dict[str, Any]]:
-    return collector.payloads("/interval/")
-
-
-def by_end(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Latest record per interval end (consumers de-duplicate by id)."""
-    return {r["end"]: r for r in records}
 
 
 def assert_consistent_series(records: list[dict[str, Any]]) -> None:
@@ -153,8 +40,8 @@ async def test_daemon_publishes_consecutive_intervals(
     tmp_path: Path, broker: Broker, ntp_port: int
 ) -> None:
     async with meter() as (_server, port), collect(broker, "edged/#") as got:
-        config = write_config(tmp_path, broker, port, ntp_port)
-        async with daemon(config, tmp_path) as d:
+        config = daemon_config(tmp_path, broker.port, port, ntp_port)
+        async with Daemon(config, tmp_path) as d:
             await got.wait_for(lambda c: len(intervals(c)) >= 6, 20, "6 intervals")
             assert await d.stop() == 0
     validate_messages(got.messages)  # every message meets its JSON Schema
@@ -213,8 +100,8 @@ async def test_daemon_publishes_consecutive_intervals(
 
 async def test_broker_outage_loses_nothing(tmp_path: Path, broker: Broker, ntp_port: int) -> None:
     async with meter() as (_server, port):
-        config = write_config(tmp_path, broker, port, ntp_port)
-        async with daemon(config, tmp_path) as d:
+        config = daemon_config(tmp_path, broker.port, port, ntp_port)
+        async with Daemon(config, tmp_path) as d:
             async with collect(broker, "edged/+/device/+/interval/#") as before:
                 await before.wait_for(lambda c: len(intervals(c)) >= 2, 20, "2 intervals")
             broker.stop()
@@ -244,13 +131,13 @@ async def test_sigterm_and_restart_continue_the_series(
     tmp_path: Path, broker: Broker, ntp_port: int
 ) -> None:
     async with meter() as (_server, port), collect(broker, "edged/+/device/+/interval/#") as got:
-        config = write_config(tmp_path, broker, port, ntp_port)
-        async with daemon(config, tmp_path) as d:
+        config = daemon_config(tmp_path, broker.port, port, ntp_port)
+        async with Daemon(config, tmp_path) as d:
             await got.wait_for(lambda c: len(intervals(c)) >= 3, 20, "3 intervals")
             assert await d.stop(signal.SIGTERM) == 0
         stopped_after = len(intervals(got))
         await asyncio.sleep(0.3)
-        async with daemon(config, tmp_path) as d:
+        async with Daemon(config, tmp_path) as d:
             await got.wait_for(
                 lambda c: len(intervals(c)) >= stopped_after + 4, 20, "intervals after restart"
             )

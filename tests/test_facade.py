@@ -34,9 +34,11 @@ from edged.io.modbus import RtuBus, ScheduledLink, build_links
 from edged.sim.faults import Fault
 from edged.sim.meter import MeterServer, SimulatedMeter, StaticPoint, Table
 from edged.sim.modbus_frames import DataType
-from tests.conftest import Broker, Collector, collect
-from tests.schema_check import validate_messages
-from tests.test_e2e import KWH_PER_COUNT, daemon, intervals, write_config
+from tests.support.config import daemon_config
+from tests.support.daemon import Daemon
+from tests.support.meters import KWH_PER_COUNT
+from tests.support.mqtt import Broker, Collector, collect, intervals
+from tests.support.schema import validate_messages
 
 # -- framing (pure) -----------------------------------------------------------
 
@@ -467,24 +469,21 @@ async def test_daemon_serves_masters_and_a_dead_meter_is_0x0b_and_missing(
     facade_port = free_port()
     async with MeterServer({1: sim}) as server, collect(broker, "edged/#") as got:
         modbus_port = await server.start_tcp()
-        config = write_config(tmp_path, broker, modbus_port, ntp_port)
-        with config.open("a") as f:
-            f.write(
-                f"""\
-facade:
-  enabled: true
-  listeners:
-    - port: {facade_port}
-      devices:
-        - {{device: unit1}}
-        - device: unit1
-          unit_id: 2
-          mode: cache
-          max_age: 1500ms
-          blocks: [{{register: 0, count: 2, every: 250ms}}]
-"""
-            )
-        async with daemon(config, tmp_path) as d:
+        facade = {
+            "enabled": True,
+            "listeners": [
+                {
+                    "port": facade_port,
+                    "devices": [
+                        {"device": "unit1"},
+                        {"device": "unit1", "unit_id": 2, "mode": "cache", "max_age": "1500ms",
+                         "blocks": [{"register": 0, "count": 2, "every": "250ms"}]},
+                    ],
+                }
+            ],
+        }  # fmt: skip
+        config = daemon_config(tmp_path, broker.port, modbus_port, ntp_port, facade=facade)
+        async with Daemon(config, tmp_path) as d:
             await got.wait_for(lambda c: len(intervals(c)) >= 2, 20, "2 intervals")
             client = AsyncModbusTcpClient("127.0.0.1", port=facade_port, timeout=2, retries=0)
             await client.connect()
@@ -696,11 +695,12 @@ async def test_a_facade_that_cannot_bind_costs_no_billing_data(
     try:
         async with MeterServer({1: sim}) as server, collect(broker, "edged/#") as got:
             modbus_port = await server.start_tcp()
-            config = write_config(tmp_path, broker, modbus_port, ntp_port)
-            with config.open("a") as f:
-                f.write(f"facade: {{enabled: true, listeners: [{{port: {port}, "
-                        "devices: [{device: unit1}]}]}\n")  # fmt: skip
-            async with daemon(config, tmp_path) as d:
+            facade = {
+                "enabled": True,
+                "listeners": [{"port": port, "devices": [{"device": "unit1"}]}],
+            }
+            config = daemon_config(tmp_path, broker.port, modbus_port, ntp_port, facade=facade)
+            async with Daemon(config, tmp_path) as d:
                 await got.wait_for(lambda c: len(intervals(c)) >= 3, 20, "3 intervals")
                 assert await d.stop() == 0
     finally:

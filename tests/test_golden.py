@@ -25,6 +25,7 @@ from edged.config.schema import Device
 from edged.core.plan import plan_device
 from edged.core.registers import ReadPlan, ReadRequest, apply_plan, decode_response
 from edged.sim.golden import GoldenRow, GoldenTable, load_table, register_image
+from tests.support.golden import PREFIXES, expected_in
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 PROFILES = sorted(
@@ -79,10 +80,6 @@ def point_of(plan: ReadPlan, name: str) -> Any:
             if point.name == name:
                 return point
     raise AssertionError(f"{name} is not in the read plan")
-
-
-def expected_number(row: GoldenRow) -> Decimal:
-    return Decimal(repr(row.value)) if isinstance(row.value, float) else Decimal(row.value)
 
 
 def test_every_shipped_profile_has_a_golden_file() -> None:
@@ -150,18 +147,9 @@ def test_profile_decodes_the_golden_vectors(profile: str, row_name: str, tmp_pat
 
 # SunSpec point types as edged reads them (acc32 is an unsigned 32-bit counter).
 EDGED_TYPES = {"acc32": "uint32", "sunssf": "int16"}
+
+
 # A golden row in Wh/varh checked against a profile publishing kWh/kvarh.
-PREFIXES = {("wh", "kwh"): Decimal("0.001"), ("varh", "kvarh"): Decimal("0.001")}
-
-
-def expected_in(row: GoldenRow, unit: str) -> Decimal | None:
-    """The golden value in ``unit`` (the profile's), exactly; None: not implemented."""
-    if row.value is None:
-        return None
-    factor = PREFIXES.get(((row.unit or "").lower(), unit.lower()), Decimal(1))
-    return expected_number(row) * factor
-
-
 def check_rows(profile: str, device: Device, row_name: str, rows: list[GoldenRow]) -> None:
     """Decode each golden row through the device's plan and compare (asserts)."""
     # A SunSpec row gives its offset in the model: the model is where the row says.

@@ -4,6 +4,7 @@ the store, recorder and housekeeper on real SQLite files."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
@@ -39,7 +40,7 @@ from edged.core.payloads import (
 )
 from edged.core.units import parse_size_bytes
 from edged.io.store import Store
-from tests.schema_check import load_schema, validate_message
+from tests.support.schema import load_schema, validate_message
 
 T0 = datetime(2026, 11, 21, tzinfo=UTC)
 DAY_S = 86_400.0
@@ -362,15 +363,28 @@ async def test_recorder_batches_measurements_and_obeys_shedding(tmp_path: Path) 
     db = tmp_path / "edged.db"
     store = await Store.open(db)
     commits: list[int] = []
-    recorder = Recorder(store, on_committed=lambda: commits.append(1), measurement_flush_s=0.2)
+    loop = asyncio.get_running_loop()
+    committed_at: list[float] = []
+    committed = asyncio.Event()
+
+    def on_committed() -> None:
+        commits.append(1)
+        committed_at.append(loop.time())
+        committed.set()
+
+    recorder = Recorder(store, on_committed=on_committed, measurement_flush_s=0.2)
     task = asyncio.create_task(recorder.run())
     try:
+        added_at = loop.time()
         for i in range(10):
             recorder.add_measurement(Measurement("u1", T0 + timedelta(seconds=i), {"kw": 1.0}))
+        # The flush timer (0.2 s) cannot fire before this earlier one: no race.
         await asyncio.sleep(0.05)
         assert commits == []  # buffered, not one transaction per poll
-        await asyncio.sleep(0.4)
+        # Waits for the commit itself, however long a loaded machine takes.
+        await asyncio.wait_for(committed.wait(), 30)
         assert commits == [1]  # one flush for all ten
+        assert committed_at[0] - added_at >= 0.2  # held for measurement_flush_s
         assert _count(db, "measurements") == 10
         recorder.set_shedding(frozenset({"measurements", "reads"}))
         recorder.add_measurement(Measurement("u1", T0, {"kw": 1.0}))
@@ -459,6 +473,48 @@ async def test_housekeeper_free_space_alarm_comes_and_goes(tmp_path: Path) -> No
         await store.close()
     assert _count(db, "intervals") == 50
     assert _count(db, "reads") == 0  # shed in the alarm
+
+
+@pytest.mark.looptime
+async def test_housekeeper_checks_every_check_every_on_virtual_time(tmp_path: Path) -> None:
+    """`run()` on virtual time: a check at start and every `check_every` (30 s)
+    after; free space that drops at 50 s raises the alarm at the check at 60 s,
+    not before. The test waits on events only, so virtual time moves only when
+    the housekeeper sleeps (never while a store operation is in flight)."""
+    db = tmp_path / "edged.db"
+    store = await Store.open(db)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    checked_at: list[float] = []
+    changes: list[tuple[float, BudgetChange | None]] = []
+    four_checks = asyncio.Event()
+
+    def free_bytes() -> int:
+        at = round(loop.time() - t0, 6)
+        if at not in checked_at:
+            checked_at.append(at)
+        if len(checked_at) == 4:
+            four_checks.set()
+        return 10 if at >= 50 else 10**12
+
+    try:
+        storage = Storage(path=db, min_free=1000, check_every=30.0)
+        keeper = Housekeeper(
+            store, storage, FixedClock(T0), lambda _shed: None,
+            lambda d, _u: changes.append((round(loop.time() - t0, 6), d.change)),
+            free_bytes=free_bytes,
+        )  # fmt: skip
+        task = asyncio.create_task(keeper.run())
+        await four_checks.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        await store.close()
+    assert checked_at == [0.0, 30.0, 60.0, 90.0]
+    assert changes[0] == (60.0, BudgetChange.ENTERED)
+    assert {at for at, _ in changes} == {60.0}  # entered (and escalated) once, at 60 s
+    assert keeper.status().alarm is DiskAlarm.FREE_SPACE
 
 
 async def test_housekeeper_keeps_everything_on_assumed_time(tmp_path: Path) -> None:

@@ -19,8 +19,8 @@ from edged.config.schema import Mqtt
 from edged.io.mqtt import Publisher, Refusal
 from edged.io.store import OutboxMessage, Store
 from edged.sim.broker import Mosquitto, free_port, mosquitto_path
-from tests.conftest import collect
 from tests.fake_mqtt5 import FakeMqtt5Broker
+from tests.support.mqtt import collect
 
 pytestmark = pytest.mark.integration
 

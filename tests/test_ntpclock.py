@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -198,11 +199,22 @@ async def test_server_going_silent_is_holdover(ntp_server: tuple[NtpServer, str]
 
 
 async def test_queries_run_off_the_event_loop() -> None:
+    """Both servers are queried at once, in worker threads, while the loop runs
+    on: each blocking query waits at a barrier for the other (sequential
+    queries would never meet there) and then for the loop to tick 15 times."""
     calls: list[str] = []
+    problems: list[BaseException] = []
+    both_in_flight = threading.Barrier(2, timeout=30)
+    loop_ran = threading.Event()
 
     def slow_query(spec: str, timeout_s: float) -> NtpSample | None:
         calls.append(threading.current_thread().name)
-        time.sleep(0.3)  # a blocking socket wait
+        try:
+            both_in_flight.wait()  # a blocking socket wait, concurrently with the other
+            if not loop_ran.wait(30):
+                raise AssertionError("the event loop did not run during the query")
+        except BaseException as exc:  # the clock swallows query errors: keep them
+            problems.append(exc)
         return None
 
     clock = NtpReferenceClock(["a.example", "b.example:1123"], FAST, query=slow_query)
@@ -212,17 +224,89 @@ async def test_queries_run_off_the_event_loop() -> None:
         nonlocal ticks
         while True:
             ticks += 1
+            if ticks >= 15:
+                loop_ran.set()
             await asyncio.sleep(0.01)
 
     tick_task = asyncio.create_task(ticker())
-    started = time.monotonic()
     await clock.poll_once()
-    elapsed_s = time.monotonic() - started
     tick_task.cancel()
-    assert elapsed_s < 0.55  # both servers queried concurrently
+    assert problems == []  # both servers queried concurrently
     assert ticks >= 15  # the loop kept running meanwhile
     assert len(calls) == 2
     assert threading.main_thread().name not in calls
+
+
+@pytest.mark.looptime
+async def test_poll_schedule_holdover_and_recovery_on_virtual_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The poll and watch loops on virtual time, with every clock injected: polls
+    every poll_s (2 s) on an absolute schedule; the server falls silent after
+    the poll at 4 s, so confirmation is 9 s old (> holdover_after 8 s) at the
+    watch's observation at 13 s, not before; it answers again from 15 s and the
+    poll at 16 s re-syncs. The reference stays 3 s ahead throughout."""
+
+    async def on_the_loop(func: Callable[..., Any], /, *args: Any) -> Any:
+        return func(*args)
+
+    # The fake query answers at once: run it on the loop, so virtual time can
+    # never move while a query is in flight.
+    monkeypatch.setattr(asyncio, "to_thread", on_the_loop)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    epoch_s = 1_795_000_000.0  # the (injected) system clock at t0
+    answering = [True]
+    asked: list[float] = []
+
+    def query(spec: str, timeout_s: float) -> NtpSample | None:
+        at = loop.time()
+        asked.append(round(at - t0, 6))
+        if not answering[0]:
+            return None
+        return NtpSample(server=spec, mono_s=at, offset_s=3.0, delay_s=0.002, stratum=2)
+
+    states: list[tuple[float, TimeState]] = []
+    changed = asyncio.Event()
+
+    def on_transition(transition: TimeTransition) -> None:
+        if transition.kind is TransitionKind.STATE_CHANGED:
+            states.append((round(loop.time() - t0, 6), transition.state))
+            changed.set()
+
+    async def until_state(state: TimeState) -> None:
+        while not states or states[-1][1] is not state:
+            changed.clear()
+            await changed.wait()
+
+    def ahead_s() -> float:
+        return clock.now().timestamp() - (epoch_s + loop.time() - t0)
+
+    clock = NtpReferenceClock(
+        ["ntp.test"],
+        TimebaseConfig(poll_s=2.0, holdover_after_s=8.0),
+        system_now=lambda: epoch_s + loop.time() - t0,
+        monotonic=loop.time,
+        observe_interval_s=1.0,
+        query=query,
+        on_transition=on_transition,
+    )
+    task = asyncio.create_task(clock.run())
+    try:
+        await until_state(TimeState.SYNCED)
+        assert ahead_s() == pytest.approx(3.0, abs=1e-6)
+        await asyncio.sleep(5.0 - (loop.time() - t0))
+        answering[0] = False
+        await until_state(TimeState.HOLDOVER)
+        assert ahead_s() == pytest.approx(3.0, abs=1e-6)  # still on the model
+        await asyncio.sleep(15.0 - (loop.time() - t0))
+        answering[0] = True
+        await until_state(TimeState.SYNCED)
+    finally:
+        await cancel(task)
+    assert states == [(0.0, TimeState.SYNCED), (13.0, TimeState.HOLDOVER),
+                      (16.0, TimeState.SYNCED)]  # fmt: skip
+    assert asked == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0]
 
 
 @pytest.mark.integration

@@ -13,7 +13,7 @@ from edged.config.load import SHIPPED_PROFILES_DIR, load_settings
 from edged.core.probe import device_probes
 from edged.sim.golden import GoldenRow, golden_meter, load_table
 from edged.sim.meter import MeterServer, UnknownUnitPolicy
-from tests.test_golden import expected_in
+from tests.support.golden import expected_in
 
 pytestmark = pytest.mark.integration
 

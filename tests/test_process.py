@@ -4,16 +4,9 @@ invalid, against the real simulator and broker."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import itertools
-import os
 import re
-import signal
 import sqlite3
-import sys
-import time
-from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,10 +21,19 @@ from edged.config.load import (
 from edged.core.model import parse_iso_utc
 from edged.sim.meter import CounterPoint, MeterServer, SimulatedMeter, StaticPoint
 from edged.sim.modbus_frames import DataType
-from tests.conftest import Broker, Collector, collect
-from tests.schema_check import validate_messages
-from tests.test_e2e import KWH_PER_COUNT, LOAD_KW, Daemon, by_end, intervals
-from tests.test_sdnotify import datagrams
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.meters import pmc1_meter
+from tests.support.mqtt import (
+    Broker,
+    assert_unbroken,
+    collect,
+    events,
+    gateway_status,
+    intervals,
+    series,
+)
+from tests.support.schema import validate_messages
 
 pytestmark = pytest.mark.integration
 
@@ -42,76 +44,20 @@ BCPM_SCALE = -2  # ... said by each branch's power-of-ten scale register: 10**-2
 BCPM_MULTIPLIER = 1.0  # the bcpm profile's multiplier (the scale registers do the rest)
 
 
-class NotifyDaemon(Daemon):
-    """`edged run` with systemd's NOTIFY_SOCKET and WATCHDOG_USEC set."""
-
-    def __init__(self, config: Path, log_path: Path, notify_socket: Path) -> None:
-        super().__init__(config, log_path)
-        self.notify_socket = notify_socket
-        self.wrapper: list[str] = []  # a command to run edged under (a sandbox)
-
-    async def start(self) -> None:
-        log = self.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "NOTIFY_SOCKET": str(self.notify_socket),
-               "WATCHDOG_USEC": str(WATCHDOG_USEC)}  # fmt: skip
-        self.process = await asyncio.create_subprocess_exec(
-            *self.wrapper, sys.executable, "-m", "edged.cli.main", "run", "-c", str(self.config),
-            stdout=log, stderr=log, env=env,
-        )  # fmt: skip
-        log.close()
-
-    async def reload(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGHUP)
+def unit_config(
+    tmp_path: Path, broker: Broker, ntp_port: int, devices: list[dict[str, Any]], **overrides: Any
+) -> Path:
+    return site_config(
+        tmp_path, devices=devices, mqtt_port=broker.port, ntp_port=ntp_port, **overrides
+    )
 
 
-@contextlib.asynccontextmanager
-async def notifications(tmp_path: Path) -> AsyncIterator[tuple[Path, list[bytes]]]:
-    """A bound notify socket and every datagram it receives, in order."""
-    path = tmp_path / "notify.sock"
-    async with datagrams(path) as got:
-        yield path, got
+def pmc1(device_id: str, port: int, unit: int) -> dict[str, Any]:
+    return tcp_device(device_id, port, unit=unit)
 
 
-async def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-def unit_config(port: int, ntp_port: int, broker: Broker, tmp_path: Path, body: str) -> str:
-    return f"""\
-site: test-site
-timezone: Pacific/Auckland
-storage:
-  path: {tmp_path / "state" / "edged.db"}
-mqtt: {{host: 127.0.0.1, port: {broker.port}, topic_prefix: edged}}
-log: {{format: json}}
-status_every: 1s
-time: {{source: ntp, ntp_servers: ["127.0.0.1:{ntp_port}"], ntp_poll: 2s}}
-devices:
-{body}"""
-
-
-def pmc1(device_id: str, port: int, unit: int) -> str:
-    return f"""\
-  - id: {device_id}
-    interval: 1s
-    transport: {{type: tcp, host: 127.0.0.1, port: {port}, unit_id: {unit}, timeout: 500ms}}
-    channels:
-      - {{name: energy_import, register: 0, type: uint32, multiplier: {KWH_PER_COUNT}}}
-"""
-
-
-def bcpm(port: int, unit: int, channel_count: int) -> str:
-    return f"""\
-  - id: panel
-    profile: bcpm
-    channel_count: {channel_count}
-    interval: 1s
-    transport: {{type: tcp, host: 127.0.0.1, port: {port}, unit_id: {unit}, timeout: 500ms}}
-"""
+def bcpm(port: int, unit: int, channel_count: int) -> dict[str, Any]:
+    return tcp_device("panel", port, unit=unit, profile="bcpm", channel_count=channel_count)
 
 
 def bcpm_meter() -> SimulatedMeter:
@@ -134,35 +80,6 @@ def bcpm_meter() -> SimulatedMeter:
     ]
     points.append(StaticPoint("current01", 1335, 0, data_type=DataType.INT16))
     return SimulatedMeter(points, fill_gaps=True)  # unlisted registers below read 0
-
-
-def pmc1_meter() -> SimulatedMeter:
-    return SimulatedMeter.pmc1(load_kw=LOAD_KW, kwh_per_count=KWH_PER_COUNT, initial_counts=10_000)
-
-
-def series(got: Collector, device: str, channel: str) -> list[dict[str, Any]]:
-    records = [r for r in intervals(got) if r["device"] == device and r["channel"] == channel]
-    return sorted(by_end(records).values(), key=lambda r: r["end"])
-
-
-def assert_unbroken(records: Sequence[dict[str, Any]], what: str) -> None:
-    """Consecutive 1 s intervals, each continuing the previous counter, with no
-    MISSING, PARTIAL or LONG after the first record."""
-    assert len(records) >= 2, what
-    ends = [parse_iso_utc(r["end"]) for r in records]
-    gaps = {(b - a).total_seconds() for a, b in itertools.pairwise(ends)}
-    assert gaps == {1.0}, (what, [r["end"] for r in records])
-    for previous, record in itertools.pairwise(records):
-        assert not {"MISSING", "PARTIAL", "LONG"} & set(record["flags"]), (what, record)
-        assert record["counter_start"] == previous["counter_end"], (what, record)
-
-
-def events(got: Collector, kind: str) -> list[dict[str, Any]]:
-    return [p for p in got.payloads("/gateway/event") if p["kind"] == kind]
-
-
-def gateway_status(got: Collector) -> list[dict[str, Any]]:
-    return [p for t, p, _ in got.messages if t.endswith("/gateway/status")]
 
 
 def located_problems(config: Path) -> list[str]:
@@ -195,46 +112,38 @@ async def test_sighup_applies_device_changes_and_systemd_sees_it(
     meters = {1: pmc1_meter(), 2: bcpm_meter(), 3: pmc1_meter()}
     async with MeterServer(meters) as server, collect(broker, "edged/#") as got:
         port = await server.start_tcp()
-        config = tmp_path / "edged.yaml"
-        config.write_text(unit_config(port, ntp_port, broker, tmp_path,
-                                      pmc1("unit1", port, 1) + bcpm(port, 2, 4)))  # fmt: skip
+        config = unit_config(tmp_path, broker, ntp_port, [pmc1("unit1", port, 1), bcpm(port, 2, 4)])
         first_hash = config_hash(config)
-        async with notifications(tmp_path) as (socket_path, notes):
-            d = NotifyDaemon(config, tmp_path / "edged.log", socket_path)
-            await d.start()
-            try:
-                await wait_until(lambda: any(n.startswith(b"READY=1") for n in notes), 20, "READY")
-                ready_at = datetime.now().astimezone()
-                with sqlite3.connect(tmp_path / "state" / "edged.db") as conn:
-                    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-                assert {"intervals", "outbox", "channel_state"} <= tables
-                await got.wait_for(
-                    lambda c: (
-                        len(series(c, "unit1", "energy_import")) >= 3
-                        and len(series(c, "panel", "branch04_energy")) >= 3
-                    ),
-                    20,
-                    "intervals before the reload",
-                )
-                config.write_text(unit_config(port, ntp_port, broker, tmp_path,
-                                              pmc1("unit1", port, 1) + bcpm(port, 2, 8)
-                                              + pmc1("unit3", port, 3)))  # fmt: skip
-                notes_before_reload = len(notes)
-                await d.reload()
-                await got.wait_for(lambda c: bool(events(c, "config_reloaded")), 10, "reloaded")
-                before = len(series(got, "unit1", "energy_import"))
-                await got.wait_for(
-                    lambda c: (
-                        len(series(c, "unit3", "energy_import")) >= 3
-                        and len(series(c, "panel", "branch08_energy")) >= 3
-                        and len(series(c, "unit1", "energy_import")) >= before + 3
-                    ),
-                    20,
-                    "intervals after the reload",
-                )
-                assert await d.stop() == 0
-            finally:
-                await d.ensure_stopped()
+        async with Daemon(config, tmp_path, watchdog_usec=WATCHDOG_USEC) as d:
+            notes = d.notes
+            ready_at = datetime.now().astimezone()
+            with sqlite3.connect(tmp_path / "state" / "edged.db") as conn:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+            assert {"intervals", "outbox", "channel_state"} <= tables
+            await got.wait_for(
+                lambda c: (
+                    len(series(c, "unit1", "energy_import")) >= 3
+                    and len(series(c, "panel", "branch04_energy")) >= 3
+                ),
+                20,
+                "intervals before the reload",
+            )
+            grown = [pmc1("unit1", port, 1), bcpm(port, 2, 8), pmc1("unit3", port, 3)]
+            unit_config(tmp_path, broker, ntp_port, grown)
+            notes_before_reload = len(notes)
+            await d.reload()
+            await got.wait_for(lambda c: bool(events(c, "config_reloaded")), 10, "reloaded")
+            before = len(series(got, "unit1", "energy_import"))
+            await got.wait_for(
+                lambda c: (
+                    len(series(c, "unit3", "energy_import")) >= 3
+                    and len(series(c, "panel", "branch08_energy")) >= 3
+                    and len(series(c, "unit1", "energy_import")) >= before + 3
+                ),
+                20,
+                "intervals after the reload",
+            )
+            assert await d.stop() == 0
     validate_messages(got.messages)
 
     # systemd's view
@@ -297,38 +206,34 @@ async def test_sighup_with_an_invalid_config_keeps_the_running_one(
     which is reported as needing a restart."""
     async with MeterServer({1: pmc1_meter()}) as server, collect(broker, "edged/#") as got:
         port = await server.start_tcp()
-        config = tmp_path / "edged.yaml"
-        good = unit_config(port, ntp_port, broker, tmp_path, pmc1("unit1", port, 1))
-        config.write_text(good)
+        config = unit_config(tmp_path, broker, ntp_port, [pmc1("unit1", port, 1)])
+        good = config.read_text()
         first_hash = config_hash(config)
-        async with notifications(tmp_path) as (socket_path, notes):
-            d = NotifyDaemon(config, tmp_path / "edged.log", socket_path)
-            await d.start()
-            try:
-                await got.wait_for(lambda c: len(intervals(c)) >= 2, 20, "2 intervals")
-                config.write_text(good + "  - id: [unclosed\n")
-                expected = [located_problems(config)]
-                await d.reload()
-                await got.wait_for(lambda c: len(events(c, "config_rejected")) >= 1, 10, "1st")
-                config.write_text(good.replace("interval: 1s\n", "interval: 1s\n    colour: red\n"))
-                expected.append(located_problems(config))
-                await d.reload()
-                await got.wait_for(lambda c: len(events(c, "config_rejected")) >= 2, 10, "2nd")
-                rejected_at = len(intervals(got))
-                await got.wait_for(
-                    lambda c: len(intervals(c)) >= rejected_at + 3, 10, "intervals after"
-                )
-                config.write_text(good.replace("edged}", "edged, keepalive: 20s}"))
-                await d.reload()
-                await got.wait_for(lambda c: bool(events(c, "config_reloaded")), 10, "reloaded")
-                await got.wait_for(
-                    lambda c: gateway_status(c)[-1].get("restart_required") == ["mqtt"],
-                    5,
-                    "status saying a restart is required",
-                )
-                assert await d.stop() == 0
-            finally:
-                await d.ensure_stopped()
+        async with Daemon(config, tmp_path, watchdog_usec=WATCHDOG_USEC) as d:
+            notes = d.notes
+            await got.wait_for(lambda c: len(intervals(c)) >= 2, 20, "2 intervals")
+            config.write_text(good + "  - id: [unclosed\n")
+            expected = [located_problems(config)]
+            await d.reload()
+            await got.wait_for(lambda c: len(events(c, "config_rejected")) >= 1, 10, "1st")
+            unit_config(tmp_path, broker, ntp_port, [{**pmc1("unit1", port, 1), "colour": "red"}])
+            expected.append(located_problems(config))
+            await d.reload()
+            await got.wait_for(lambda c: len(events(c, "config_rejected")) >= 2, 10, "2nd")
+            rejected_at = len(intervals(got))
+            await got.wait_for(
+                lambda c: len(intervals(c)) >= rejected_at + 3, 10, "intervals after"
+            )
+            unit_config(tmp_path, broker, ntp_port, [pmc1("unit1", port, 1)],
+                        mqtt={"keepalive": "20s"})  # fmt: skip
+            await d.reload()
+            await got.wait_for(lambda c: bool(events(c, "config_reloaded")), 10, "reloaded")
+            await got.wait_for(
+                lambda c: gateway_status(c)[-1].get("restart_required") == ["mqtt"],
+                5,
+                "status saying a restart is required",
+            )
+            assert await d.stop() == 0
     validate_messages(got.messages)
     broken, unknown = events(got, "config_rejected")
     assert [broken["details"]["problems"], unknown["details"]["problems"]] == expected

@@ -24,7 +24,7 @@ from edged.io.modbus import (
 from edged.io.sunspec import discover
 from edged.sim.golden import golden_meter, load_table
 from edged.sim.meter import MeterServer
-from tests.test_golden import expected_in
+from tests.support.golden import expected_in
 
 PROFILES = sorted(
     p.name.removesuffix(".yaml") for p in SHIPPED_PROFILES_DIR.iterdir() if p.name.endswith(".yaml")

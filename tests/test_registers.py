@@ -396,11 +396,9 @@ def test_coalesce_argument_validation() -> None:
 @st.composite
 def point_sets(draw: st.DrawFn, max_address: int = 400) -> list[Point]:
     n = draw(st.integers(0, 40))
-    names = draw(
-        st.lists(st.text("abcdefgh", min_size=1, max_size=6), min_size=n, max_size=n, unique=True)
-    )
+    # Names only have to be unique: numbered, they cost no generation time.
     points = []
-    for name in names:
+    for name in (f"p{i}" for i in range(n)):
         data_type = draw(st.sampled_from(DATA_TYPES))
         word_order, byte_order = order_from_code(draw(st.sampled_from(ORDER_CODES)))
         points.append(
@@ -502,7 +500,10 @@ def test_decode_response_rejects_malformed(words: Sequence[Any]) -> None:
 
 @st.composite
 def register_images(draw: st.DrawFn) -> list[int]:
-    return draw(st.lists(words16, min_size=410, max_size=410))
+    # 410 words drawn as one block of bytes: the same images as a list of 410
+    # integers, generated in a fraction of the time.
+    raw = draw(st.binary(min_size=820, max_size=820))
+    return [int.from_bytes(raw[i : i + 2], "big") for i in range(0, 820, 2)]
 
 
 @given(point_sets(), register_images(), gaps)

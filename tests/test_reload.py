@@ -31,7 +31,7 @@ from edged.core.time.flags import TimeFlags
 from edged.io.clock import BoundaryWaiter, SystemClock
 from edged.io.store import Store
 from edged.sim.meter import MeterServer, SimulatedMeter
-from tests.schema_check import load_schema
+from tests.support.schema import load_schema
 
 BASE = """\
 site: lab
@@ -122,7 +122,7 @@ def test_sections_that_need_a_restart_are_reported_not_applied(tmp_path: Path) -
 
 def test_replanned_virtual_meters_keep_inputs_held_for_the_interval_in_progress() -> None:
     from edged.core.virtual.meters import VirtualMeters
-    from tests.test_virtual import AKL, END, rec, station
+    from tests.support.virtual import AKL, END, rec, station
 
     meters = VirtualMeters([station(["unit1.energy_export", "unit2.energy_export"])], "s", AKL)
     assert meters.add([rec("unit1", "energy_export", 5.0)]) == []  # unit2 not yet in

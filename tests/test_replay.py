@@ -11,19 +11,14 @@ and retained requests.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import aiomqtt
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+import yaml
 
 from edged.app.poller import Recorder, outbox_pending
 from edged.app.replay import (
@@ -49,15 +44,17 @@ from edged.io.mqtt import Publisher
 from edged.io.queries import IntervalQuery, connect_readonly, iter_interval_payloads
 from edged.io.store import OutboxMessage, Store
 from edged.sim.broker import free_port
-from tests.conftest import Broker, Collector, collect
-from tests.schema_check import (
+from tests.support.config import site_config, tcp_device, write_settings
+from tests.support.daemon import Daemon
+from tests.support.meters import meter
+from tests.support.mqtt import Broker, Collector, collect, requester
+from tests.support.schema import (
     SchemaViolation,
     validate_message,
     validate_messages,
     validate_payload,
 )
-from tests.test_cli import Populated, edged, populate
-from tests.test_e2e import daemon, meter
+from tests.support.store import Populated, edged, populate
 
 NZ = ZoneInfo("Pacific/Auckland")
 NOW = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)
@@ -218,69 +215,6 @@ async def test_a_replay_of_an_unsent_record_is_not_queued_twice(tmp_path: Path) 
 # -- the command, in process: copies drain as backlog behind live data ---------------
 
 
-@dataclass
-class Requester:
-    """An upstream system: publishes requests and keeps the answers it receives."""
-
-    client: aiomqtt.Client
-    answers: list[tuple[str, dict[str, Any], bytes | None]] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def send(
-        self,
-        topic: str,
-        payload: bytes | dict[str, Any],
-        *,
-        response_topic: str | None = None,
-        correlation: bytes | None = None,
-        retain: bool = False,
-    ) -> None:
-        properties = None
-        if response_topic is not None:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.ResponseTopic = response_topic
-            if correlation is not None:
-                properties.CorrelationData = correlation
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        await self.client.publish(topic, data, qos=1, retain=retain, properties=properties)
-
-    def of(self, request_id: str | None) -> list[dict[str, Any]]:
-        return [p for _t, p, _c in self.answers if p["request_id"] == request_id]
-
-    async def wait_for(self, request_id: str | None, status: str, timeout_s: float = 10) -> None:
-        async with asyncio.timeout(timeout_s):
-            while not any(p["status"] == status for p in self.of(request_id)):
-                self.arrived.clear()
-                await self.arrived.wait()
-
-
-@contextlib.asynccontextmanager
-async def requester(broker: Broker, *answers_on: str, v5: bool = False) -> AsyncIterator[Requester]:
-    protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
-    async with aiomqtt.Client(
-        broker.host, broker.port, identifier="upstream", protocol=protocol
-    ) as client:
-        req = Requester(client)
-        for topic_filter in answers_on:
-            await client.subscribe(topic_filter, qos=1)
-
-        async def receive() -> None:
-            async for message in client.messages:
-                props = message.properties
-                correlation = getattr(props, "CorrelationData", None) if props else None
-                payload = json.loads(bytes(message.payload))
-                req.answers.append((message.topic.value, payload, correlation))
-                req.arrived.set()
-
-        task = asyncio.create_task(receive())
-        try:
-            yield req
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
 def replays(got: Collector) -> list[dict[str, Any]]:
     return [p for p in got.payloads("/interval/") if p["replay"]]
 
@@ -295,14 +229,18 @@ async def test_replay_copies_drain_as_backlog_behind_live_data(
 ) -> None:
     """A restart with everything sent (empty outbox), then two requests: the copies
     go out as backlog at `backlog_rate`, and a live record overtakes them."""
-    config = tmp_path / "edged.yaml"
-    config.write_text(
-        f"site: s1\ntimezone: Pacific/Auckland\nstorage: {{path: {tmp_path / 'edged.db'}}}\n"
-        f"mqtt: {{host: 127.0.0.1, port: {broker.port}, protocol: '5', backlog_rate: 20,\n"
-        "       commands: {enabled: true, max_intervals: 100}}\n"
-        "devices:\n  - id: unit1\n    transport: {type: tcp, host: 127.0.0.1}\n"
-        "    channels: [{name: energy_import, register: 0}]\n"
-    )
+    config = write_settings(
+        tmp_path / "edged.yaml",
+        {
+            "site": "s1",
+            "timezone": "Pacific/Auckland",
+            "storage": {"path": str(tmp_path / "edged.db")},
+            "mqtt": {"host": "127.0.0.1", "port": broker.port, "protocol": "5",
+                     "backlog_rate": 20, "commands": {"enabled": True, "max_intervals": 100}},
+            "devices": [{"id": "unit1", "transport": {"type": "tcp", "host": "127.0.0.1"},
+                         "channels": [{"name": "energy_import", "register": 0}]}],
+        },
+    )  # fmt: skip
     settings = load_settings(config)
     store = await Store.open(settings.storage.path)
     ends = [NOW + timedelta(minutes=15 * i) for i in range(21)]
@@ -378,28 +316,18 @@ async def test_replay_copies_drain_as_backlog_behind_live_data(
 SITE = "replay-site"
 
 
-def daemon_config(tmp_path: Path, broker: Broker, modbus_port: int, commands: str) -> Path:
-    config = tmp_path / "edged.yaml"
-    config.write_text(
-        f"""\
-site: {SITE}
-timezone: Pacific/Auckland
-storage:
-  path: {tmp_path / "state" / "edged.db"}
-mqtt:
-  host: 127.0.0.1
-  port: {broker.port}
-{commands}log:
-  format: json
-devices:
-  - id: unit1
-    interval: 1s
-    transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: 1, timeout: 500ms}}
-    channels:
-      - {{name: energy_import, register: 0, type: uint32, multiplier: 0.001}}
-"""
+def daemon_config(
+    tmp_path: Path, broker: Broker, modbus_port: int, commands: dict[str, Any] | None
+) -> Path:
+    """unit1 on the simulator; `commands` is the mqtt.commands section, if any."""
+    return site_config(
+        tmp_path,
+        devices=[tcp_device("unit1", modbus_port)],
+        mqtt_port=broker.port,
+        site=SITE,
+        mqtt={"topic_prefix": None, "commands": commands},
+        status_every=None,
     )
-    return config
 
 
 @pytest.mark.integration
@@ -414,8 +342,8 @@ async def test_daemon_answers_replay_requests(tmp_path: Path, broker: Broker) ->
         # A retained request would replay at every reconnect: it is ignored.
         stale = {"request_id": "stale", "from": "-1h", "to": "now"}
         await upstream.send(command, stale, retain=True)
-        enabled = "  commands: {enabled: true, max_intervals: 2}\n"
-        async with daemon(daemon_config(tmp_path, broker, port, enabled), tmp_path) as d:
+        enabled = {"enabled": True, "max_intervals": 2}
+        async with Daemon(daemon_config(tmp_path, broker, port, enabled), tmp_path) as d:
             await got.wait_for(lambda c: len(live(c)) >= 3, 20, "3 intervals")
             first, second = live(got)[:2]
             start = iso_utc(parse_iso_utc(first["end"]) - timedelta(seconds=1))
@@ -465,9 +393,9 @@ async def test_commands_are_off_by_default(tmp_path: Path, broker: Broker) -> No
         collect(broker, f"edged/{SITE}/device/+/interval/#") as got,
         requester(broker, f"edged/{SITE}/gateway/response/#") as upstream,
     ):
-        config = daemon_config(tmp_path, broker, port, "")
+        config = daemon_config(tmp_path, broker, port, None)
         assert load_settings(config).mqtt.commands.enabled is False
-        async with daemon(config, tmp_path) as d:
+        async with Daemon(config, tmp_path) as d:
             await got.wait_for(lambda c: len(live(c)) >= 1, 20, "an interval")
             request = {"request_id": "r-off", "from": "-1h", "to": "now"}
             await upstream.send(topics.command("replay"), request)
@@ -488,9 +416,9 @@ async def populated(tmp_path: Path) -> Populated:
 
 
 def with_broker(populated: Populated, port: int) -> Path:
-    config = populated.config.with_name("replay.yaml")
-    config.write_text(populated.config.read_text() + f"mqtt: {{host: 127.0.0.1, port: {port}}}\n")
-    return config
+    settings = yaml.safe_load(populated.config.read_text())
+    settings["mqtt"] = {"host": "127.0.0.1", "port": port}
+    return write_settings(populated.config.with_name("replay.yaml"), settings)
 
 
 def stored_in(db: Path, query: IntervalQuery) -> list[dict[str, Any]]:

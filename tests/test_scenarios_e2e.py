@@ -11,9 +11,10 @@ import pytest
 from edged.core.model import parse_iso_utc
 from edged.sim.faults import Fault
 from edged.sim.meter import MeterServer, SimulatedMeter
-from tests.conftest import Broker, Collector, collect
-from tests.schema_check import validate_messages
-from tests.test_e2e import Daemon
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.mqtt import Broker, Collector, collect
+from tests.support.schema import validate_messages
 
 pytestmark = pytest.mark.integration
 
@@ -24,38 +25,42 @@ UNITS = {1: "steady", 2: "wrap", 3: "reset", 4: "exception", 5: "outage", 6: "st
          8: "limits", 9: "estimate"}  # fmt: skip
 
 
-def config_text(tmp_path: Path, broker: Broker, port: int, ntp_port: int) -> str:
+def write_config(tmp_path: Path, broker: Broker, port: int, ntp_port: int) -> Path:
     devices = []
     for unit, name in UNITS.items():
-        extra = ""
-        # 1 kWh per 1 s interval: a 0.5 kWh ceiling makes every interval OUT_OF_RANGE.
-        limits = ", limits: {max: 0.5}" if name == "limits" else ""
+        channel: dict[str, Any] = {"name": "energy", "register": 0, "type": "uint32",
+                                   "multiplier": KWH_PER_COUNT}  # fmt: skip
+        extra: dict[str, Any] = {}
+        if name == "limits":
+            # 1 kWh per 1 s interval: a 0.5 kWh ceiling makes every interval OUT_OF_RANGE.
+            channel["limits"] = {"max": 0.5}
         if name == "steady":
-            extra = (
-                "    measurements: {every: 500ms, points: "
-                "[{name: pulses, register: 0, type: uint32, unit: count}]}\n"
-            )
+            extra["measurements"] = {
+                "every": "500ms",
+                "points": [{"name": "pulses", "register": 0, "type": "uint32", "unit": "count"}],
+            }
         if name == "status":
-            extra = "    status: {register: 102, bits: {0: POWER_FAIL, 3: DEVICE_ERROR}}\n"
+            extra["status"] = {"register": 102, "bits": {0: "POWER_FAIL", 3: "DEVICE_ERROR"}}
         if name == "estimate":
-            extra = "    gaps: prorate\n    validation: amt_rule\n"
+            extra.update(gaps="prorate", validation="amt_rule")
         if name == "clock":
-            extra = "    clock: {format: epoch, register: 100}\n    clock_tolerance: 10s\n"
+            extra.update(clock={"format": "epoch", "register": 100}, clock_tolerance="10s")
         devices.append(
-            f"  - id: {name}\n"
-            f"    interval: 1s\n"
-            f"    transport: {{type: tcp, host: 127.0.0.1, port: {port}, unit_id: {unit},"
-            f" timeout: 300ms}}\n"
-            f"    channels: [{{name: energy, register: 0, type: uint32,"
-            f" multiplier: {KWH_PER_COUNT}{limits}}}]\n" + extra
+            tcp_device(name, port, unit=unit, timeout="300ms", channels=[channel], **extra)
         )
-    return (
-        f"site: flags\ntimezone: UTC\nstorage: {{path: {tmp_path / 'edged.db'}}}\n"
-        f"mqtt: {{host: 127.0.0.1, port: {broker.port}}}\nlog: {{format: json}}\n"
-        f"time: {{source: ntp, ntp_servers: ['127.0.0.1:{ntp_port}'], ntp_poll: 2s}}\n"
-        "devices:\n" + "".join(devices) + "virtual_meters:\n"
-        "  - id: station\n    channels:\n"
-        "      - {name: total, add: [steady.energy, wrap.energy], unit: kWh}\n"
+    station = {"id": "station", "channels": [
+        {"name": "total", "add": ["steady.energy", "wrap.energy"], "unit": "kWh"}]}  # fmt: skip
+    return site_config(
+        tmp_path,
+        devices=devices,
+        mqtt_port=broker.port,
+        ntp_port=ntp_port,
+        site="flags",
+        timezone="UTC",
+        storage={"path": str(tmp_path / "edged.db")},
+        status_every=None,
+        mqtt={"topic_prefix": None},
+        virtual_meters=[station],
     )
 
 
@@ -71,19 +76,28 @@ def flagged(got: Collector, device: str, flag: str) -> list[dict[str, Any]]:
 async def test_every_scenario_produces_its_flag(
     tmp_path: Path, broker: Broker, ntp_port: int
 ) -> None:
+    # The wrap meter stands still 1500 counts short of the modulus until the
+    # daemon has its baseline, then runs at 1 kWh/s: it wraps 1.5 s later
+    # whatever the daemon's start-up time (a counter that wrapped before the
+    # baseline read would show no rollover at all).
     meters = {
-        unit: SimulatedMeter.pmc1(load_kw=3600.0, kwh_per_count=KWH_PER_COUNT,
-                                  initial_counts=(MODULUS - 3500) if name == "wrap" else 50_000)
+        unit: SimulatedMeter.pmc1(load_kw=0.0 if name == "wrap" else 3600.0,
+                                  kwh_per_count=KWH_PER_COUNT,
+                                  initial_counts=(MODULUS - 1500) if name == "wrap" else 50_000)
         for unit, name in UNITS.items()
     }  # fmt: skip
     async with MeterServer(meters) as server, collect(broker, "edged/#") as got:
         port = await server.start_tcp("127.0.0.1", 0)
-        config = tmp_path / "edged.yaml"
-        config.write_text(config_text(tmp_path, broker, port, ntp_port))
-        daemon = Daemon(config, tmp_path / "edged.log")
-        await daemon.start()
+        config = write_config(tmp_path, broker, port, ntp_port)
+        daemon = Daemon(config, tmp_path)
         try:
-            await got.wait_for(lambda c: len(records(c, "steady")) >= 2, 20, "first intervals")
+            await daemon.start()
+            await got.wait_for(
+                lambda c: len(records(c, "steady")) >= 2 and len(records(c, "wrap")) >= 1,
+                20,
+                "first intervals",
+            )
+            meters[2].set_load(3600.0)  # the wrap meter starts counting towards its wrap
             meters[3].set_counts(10)  # meter replaced / counter cleared
             meters[4].set_fault(Fault.exception(4), for_s=1.5)  # server device failure
             meters[5].set_fault(Fault.silent(), for_s=2.2)  # outage
@@ -95,12 +109,14 @@ async def test_every_scenario_produces_its_flag(
                     len(flagged(c, "outage", "LONG")) >= 1
                     and len(flagged(c, "estimate", "ESTIMATED")) >= 2
                     and len(records(c, "station")) >= 4
+                    and len(flagged(c, "wrap", "ROLLOVER")) >= 1
                 ),
                 25,
                 "scenario flags",
             )
-        finally:
             assert await daemon.stop() == 0
+        finally:
+            await daemon.close()
     # Every message (intervals, events, statuses, peaks, measurements) meets its schema.
     validate_messages(got.messages)
     assert flagged(got, "wrap", "ROLLOVER"), records(got, "wrap")

@@ -3,18 +3,13 @@
 The schemas are the MQTT contract for consumers; these tests keep them and
 the code in step: every payload the builders produce validates, nothing else
 does (closed objects, enums from edged.core.flags / edged.core.model), and every
-message a real daemon publishes validates (`tests.schema_check`).
+message a real daemon publishes validates (`tests.support.schema`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
 import signal
-import sys
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,8 +28,10 @@ from edged.core.payloads import Topics, encode, event_payload, interval_payload
 from edged.io.store import OutboxDepth
 from edged.sim.faults import Fault
 from edged.sim.meter import MeterServer, SimulatedMeter
-from tests.conftest import Broker, Collector, collect
-from tests.schema_check import (
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.mqtt import Broker, Collector, collect
+from tests.support.schema import (
     SCHEMA_NAMES,
     SchemaViolation,
     load_schema,
@@ -43,7 +40,7 @@ from tests.schema_check import (
     validate_messages,
     validate_payload,
 )
-from tests.test_cli import CONFIG, populate
+from tests.support.store import populate, write_cli_config
 
 TOPICS = Topics("edged", "cli-site")
 
@@ -215,8 +212,7 @@ def test_any_event_payload_validates(
 
 
 def _app(tmp_path: Path) -> App:
-    config = tmp_path / "edged.yaml"
-    config.write_text(CONFIG.format(db=tmp_path / "edged.db"))
+    config = write_cli_config(tmp_path / "edged.yaml", tmp_path / "edged.db")
     return App(load_settings(config), config)
 
 
@@ -363,59 +359,16 @@ KWH_PER_COUNT = 0.001
 
 
 def write_config(tmp_path: Path, broker: Broker, modbus_port: int) -> Path:
-    config = tmp_path / "edged.yaml"
-    config.write_text(
-        f"""\
-site: schema-site
-timezone: Pacific/Auckland
-storage:
-  path: {tmp_path / "state" / "edged.db"}
-mqtt:
-  host: 127.0.0.1
-  port: {broker.port}
-  topic_prefix: edged/test
-  keepalive: 5s
-log:
-  format: json
-status_every: 1s
-devices:
-  - id: unit1
-    interval: 1s
-    transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: 1, timeout: 300ms}}
-    channels:
-      - name: energy_import
-        register: 0
-        type: uint32
-        multiplier: {KWH_PER_COUNT}
-  - id: unit2
-    profile: pmc-1
-    interval: 1s
-    transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: 2, timeout: 300ms}}
-"""
+    return site_config(
+        tmp_path,
+        devices=[
+            tcp_device("unit1", modbus_port, timeout="300ms"),
+            tcp_device("unit2", modbus_port, unit=2, timeout="300ms", profile="pmc-1"),
+        ],
+        mqtt_port=broker.port,
+        site="schema-site",
+        mqtt={"topic_prefix": "edged/test", "keepalive": "5s"},
     )
-    return config
-
-
-@contextlib.asynccontextmanager
-async def daemon(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    with log.open("ab") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "edged.cli.main",
-            "run",
-            "-c",
-            str(config),
-            stdout=out,
-            stderr=out,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 def _states(got: Collector, topic_part: str) -> list[str]:
@@ -431,28 +384,25 @@ async def test_every_message_of_a_running_daemon_validates(tmp_path: Path, broke
         1: SimulatedMeter.pmc1(load_kw=3600.0, kwh_per_count=KWH_PER_COUNT, initial_counts=10_000),
         2: SimulatedMeter.pmc1(load_kw=1000.0, kwh_per_count=0.144, initial_counts=1_000_000),
     }
-    log = tmp_path / "edged.log"
     async with MeterServer(meters) as server, collect(broker, "edged/test/#") as got:
         config = write_config(tmp_path, broker, await server.start_tcp("127.0.0.1", 0))
-        async with daemon(config, log) as first:
+        async with Daemon(config, tmp_path) as first:
             await got.wait_for(lambda c: len(c.payloads("/interval/")) >= 4, 20, "intervals")
             meters[2].set_fault(Fault.silent(), for_s=2.5)  # unit2 goes quiet
             await got.wait_for(lambda c: "offline" in _states(c, "unit2/status"), 10, "offline")
             await got.wait_for(
                 lambda c: _states(c, "unit2/status")[-1] == "online", 15, "unit2 back online"
             )
-            first.send_signal(signal.SIGKILL)  # the broker publishes the last will
-            await first.wait()
+            await first.stop(signal.SIGKILL)  # the broker publishes the last will
         await got.wait_for(
             lambda c: any(len(p) == 4 for p in c.payloads("gateway/status")), 10, "last will"
         )
         before_restart = len(got.payloads("/interval/"))
-        async with daemon(config, log) as second:
+        async with Daemon(config, tmp_path) as second:
             await got.wait_for(
                 lambda c: len(c.payloads("/interval/")) >= before_restart + 4, 20, "restart"
             )
-            second.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(second.wait(), 15) == 0
+            assert await second.stop(signal.SIGTERM) == 0
         await got.wait_for(
             lambda c: _states(c, "gateway/status")[-1] == "offline", 10, "offline status"
         )

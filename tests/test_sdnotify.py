@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -97,29 +97,6 @@ def test_notifier_outside_systemd_does_nothing_and_a_gone_socket_does_not_raise(
     assert not gone.watchdog()
     assert not gone.watchdog()  # logged once, still no exception
     gone.close()
-
-
-@contextlib.asynccontextmanager
-async def datagrams(path: Path) -> AsyncIterator[list[bytes]]:
-    """Every datagram sent to `path`, collected in the background."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.setblocking(False)
-    got: list[bytes] = []
-    loop = asyncio.get_running_loop()
-
-    async def receive() -> None:
-        while True:
-            got.append(await loop.sock_recv(sock, 4096))
-
-    task = asyncio.create_task(receive())
-    try:
-        yield got
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        sock.close()
 
 
 class RecordingNotifier(Notifier):

@@ -25,8 +25,7 @@ from edged.core.payloads import Topics
 from edged.core.units import parse_duration_s, parse_size_bytes
 from edged.io.mqtt import Publisher
 from edged.io.store import Store
-from tests.conftest import Broker
-from tests.test_replay import requester
+from tests.support.mqtt import Broker, requester
 
 NZ = ZoneInfo("Pacific/Auckland")
 NOW = datetime(2026, 11, 21, 3, 0, tzinfo=UTC)

@@ -384,7 +384,7 @@ async def test_sparkplug_rows_share_the_commit_and_only_their_session_sees_them(
 
 def test_sparkplug_config(tmp_path: Path) -> None:
     from edged.config.load import ConfigError, load_settings
-    from tests.test_config import GOOD, write
+    from tests.support.config import GOOD, write
 
     settings = load_settings(write(tmp_path, GOOD))
     assert not settings.sparkplug.enabled  # off unless asked for

@@ -25,8 +25,10 @@ import pytest
 from edged import __version__
 from edged.core.model import parse_iso_utc
 from tests import sparkplug_decoder as spb
-from tests.conftest import Broker
-from tests.test_e2e import KWH_PER_COUNT, daemon, meter
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.meters import meter
+from tests.support.mqtt import Broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,45 +43,22 @@ def write_config(
     broker: Broker,
     modbus_port: int,
     units: tuple[int, ...] = UNITS,
-    sparkplug: str = "",
+    sparkplug: dict[str, Any] | None = None,
 ) -> Path:
-    devices = "".join(
-        f"""\
-  - id: unit{unit}
-    interval: 1s
-    transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: {unit}, timeout: 500ms}}
-    channels:
-      - name: energy_import
-        register: 0
-        type: uint32
-        multiplier: {KWH_PER_COUNT}
-    measurements:
-      every: 100ms
-      points: [{{name: pulses, register: 0, type: uint32, unit: count}}]
-"""
+    pulses = {"name": "pulses", "register": 0, "type": "uint32", "unit": "count"}
+    devices = [
+        tcp_device(f"unit{unit}", modbus_port, unit=unit,
+                   measurements={"every": "100ms", "points": [pulses]})
         for unit in units
+    ]  # fmt: skip
+    return site_config(
+        tmp_path,
+        devices=devices,
+        mqtt_port=broker.port,
+        site=NODE,
+        mqtt={"topic_prefix": None},
+        sparkplug={"enabled": True, "group_id": GROUP, **(sparkplug or {})},
     )
-    config = tmp_path / "edged.yaml"
-    config.write_text(
-        f"""\
-site: {NODE}
-timezone: Pacific/Auckland
-storage:
-  path: {tmp_path / "state" / "edged.db"}
-mqtt:
-  host: 127.0.0.1
-  port: {broker.port}
-log:
-  format: json
-status_every: 1s
-sparkplug:
-  enabled: true
-  group_id: {GROUP}
-{sparkplug}devices:
-"""
-        + devices
-    )
-    return config
 
 
 @dataclass
@@ -197,7 +176,7 @@ async def test_sparkplug_session_end_to_end(tmp_path: Path, broker: Broker) -> N
         # The host listens before edged starts, so it sees the first births.
         async with contextlib.AsyncExitStack() as first:
             host = await first.enter_async_context(listen(broker, seen))
-            d = await stack.enter_async_context(daemon(config, tmp_path))
+            d = await stack.enter_async_context(Daemon(config, tmp_path))
             # -- births, data, and seq through 255 back to 0 ------------------
             await wait_for(
                 lambda: wrapped(seen.sparkplug), 60, "seq to wrap from 255 to 0", seen.summary
@@ -366,7 +345,7 @@ def check_against_json(seen: Seen) -> None:
     assert historical >= 1
 
 
-HOST = "  primary_host_id: scada\n"
+HOST = {"primary_host_id": "scada"}
 
 
 def state(online: bool) -> bytes:
@@ -382,7 +361,7 @@ async def test_births_wait_for_the_primary_host_and_devices_die_and_are_reborn(
     async with meter((1, 2)) as (server, port), listen(broker, seen) as host:
         config = write_config(tmp_path, broker, port, (1, 2), HOST)
         await host.publish("spBv1.0/STATE/scada", state(False), qos=1, retain=True)
-        async with daemon(config, tmp_path) as d:
+        async with Daemon(config, tmp_path) as d:
             # The host is offline: edged runs (JSON records flow) but stays unborn.
             await wait_for(lambda: len(json_intervals(seen)) >= 4, 20, "JSON records")
             assert seen.of("NBIRTH") == []
@@ -413,7 +392,7 @@ async def test_births_wait_for_the_primary_host_and_devices_die_and_are_reborn(
         # A restart continues bdSeq from the store: a host never sees the
         # number of a session it already knows come back for another.
         await host.publish("spBv1.0/STATE/scada", state(True), qos=1, retain=True)
-        async with daemon(config, tmp_path) as d:
+        async with Daemon(config, tmp_path) as d:
             await wait_for(lambda: len(seen.of("NBIRTH")) == 2, 15, "NBIRTH", seen.summary)
             # A reload that removes a device: births again, without it.
             config.write_text(write_config(tmp_path, broker, port, (1,), HOST).read_text())
@@ -446,8 +425,8 @@ async def test_sparkplug_instead_of_json_data(tmp_path: Path, broker: Broker) ->
     gateway status stays on JSON."""
     seen = Seen()
     async with meter((1,)) as (_server, port), listen(broker, seen):
-        config = write_config(tmp_path, broker, port, (1,), "  json_data: false\n")
-        async with daemon(config, tmp_path) as d:
+        config = write_config(tmp_path, broker, port, (1,), {"json_data": False})
+        async with Daemon(config, tmp_path) as d:
             await wait_for(
                 lambda: len(interval_metrics(seen)) >= 3, 20, "interval DDATA", seen.summary
             )

@@ -5,11 +5,7 @@ status cadence, not after every read."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +13,9 @@ import pytest
 from edged.app.poller import METER_CLOCK_REPUBLISH_S, DeviceHealth, HealthShown
 from edged.sim.faults import Fault
 from edged.sim.meter import MeterServer, SimulatedMeter
-from tests.conftest import Broker, Collector, collect
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.mqtt import Broker, Collector, collect
 
 ONLINE = DeviceHealth(reads=5, meter_clock_offset_s=0.2)
 
@@ -57,37 +55,17 @@ def test_meter_clock_offset_is_news_beyond_its_resolution() -> None:
 
 
 def write_config(tmp_path: Path, broker: Broker, port: int) -> Path:
-    config = tmp_path / "edged.yaml"
-    config.write_text(
-        f"""\
-site: status-site
-storage: {{path: {tmp_path / "edged.db"}}}
-mqtt: {{host: 127.0.0.1, port: {broker.port}}}
-log: {{format: json}}
-status_every: 3s
-devices:
-  - id: unit1
-    interval: 1s
-    transport: {{type: tcp, host: 127.0.0.1, port: {port}, unit_id: 1, timeout: 300ms}}
-    channels: [{{name: energy, register: 0, type: uint32, multiplier: 0.001}}]
-"""
+    channel = {"name": "energy", "register": 0, "type": "uint32", "multiplier": 0.001}
+    return site_config(
+        tmp_path,
+        devices=[tcp_device("unit1", port, timeout="300ms", channels=[channel])],
+        mqtt_port=broker.port,
+        site="status-site",
+        timezone=None,
+        storage={"path": str(tmp_path / "edged.db")},
+        mqtt={"topic_prefix": None},
+        status_every="3s",
     )
-    return config
-
-
-@contextlib.asynccontextmanager
-async def daemon(config: Path) -> AsyncIterator[None]:
-    with (config.parent / "edged.log").open("ab") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edged.cli.main", "run", "-c", str(config),
-            stdout=out, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-    try:
-        yield
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            await asyncio.wait_for(process.wait(), 15)
 
 
 def device_statuses(got: Collector) -> list[dict[str, object]]:
@@ -100,7 +78,7 @@ async def test_status_follows_comms_changes_and_the_cadence(tmp_path: Path, brok
     async with (
         MeterServer({1: meter}) as server,
         collect(broker, "edged/status-site/#") as got,
-        daemon(write_config(tmp_path, broker, await server.start_tcp("127.0.0.1", 0))),
+        Daemon(write_config(tmp_path, broker, await server.start_tcp("127.0.0.1", 0)), tmp_path),
     ):
         await got.wait_for(lambda c: len(device_statuses(c)) >= 1, 20, "first status")
         loop = asyncio.get_running_loop()

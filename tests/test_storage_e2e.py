@@ -16,35 +16,36 @@ from typing import Any
 import pytest
 
 from edged.io.queries import connect_readonly
-from tests.conftest import Broker, Collector, collect
-from tests.schema_check import validate_messages
-from tests.test_e2e import KWH_PER_COUNT, daemon, intervals, meter
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.meters import meter
+from tests.support.mqtt import Broker, Collector, collect, events, intervals
+from tests.support.schema import validate_messages
 
 pytestmark = pytest.mark.integration
 
 STATUS = "edged/disk-site/gateway/status"
 
 
-def write_config(tmp_path: Path, broker: Broker, modbus_port: int, storage: str) -> Path:
-    config = tmp_path / "edged.yaml"
-    config.write_text(
-        f"""\
-site: disk-site
-storage:
-  path: {tmp_path / "state" / "edged.db"}
-{storage}
-mqtt: {{host: 127.0.0.1, port: {broker.port}}}
-log: {{format: json}}
-status_every: 1s
-devices:
-  - id: unit1
-    interval: 1s
-    transport: {{type: tcp, host: 127.0.0.1, port: {modbus_port}, unit_id: 1, timeout: 500ms}}
-    channels: [{{name: energy_import, register: 0, type: uint32, multiplier: {KWH_PER_COUNT}}}]
-    measurements: {{every: 200ms, points: [{{name: pulses, register: 0, type: uint32}}]}}
-"""
+def write_config(tmp_path: Path, broker: Broker, modbus_port: int, **storage: Any) -> Path:
+    """unit1 with a fast-poll measurement every 200 ms; `storage` settings merged in."""
+    device = tcp_device(
+        "unit1",
+        modbus_port,
+        measurements={
+            "every": "200ms",
+            "points": [{"name": "pulses", "register": 0, "type": "uint32"}],
+        },
     )
-    return config
+    return site_config(
+        tmp_path,
+        devices=[device],
+        mqtt_port=broker.port,
+        site="disk-site",
+        timezone=None,
+        mqtt={"topic_prefix": None},
+        storage=storage,
+    )
 
 
 def counts(db: Path) -> dict[str, int]:
@@ -62,18 +63,14 @@ def statuses(got: Collector) -> list[dict[str, Any]]:
     return [p for t, p, _ in got.messages if t == STATUS]
 
 
-def events(got: Collector, kind: str) -> list[dict[str, Any]]:
-    return [p for p in got.payloads("/gateway/event") if p["kind"] == kind]
-
-
 async def test_disk_budget_reached_raises_the_alarm_and_sheds(
     tmp_path: Path, broker: Broker
 ) -> None:
     db = tmp_path / "state" / "edged.db"
-    storage = "  disk_budget: 16 kB\n  min_free: 0\n  check_every: 500ms"
+    storage = {"disk_budget": "16 kB", "min_free": 0, "check_every": "500ms"}
     async with meter() as (_server, port), collect(broker, "edged/#") as got:
-        config = write_config(tmp_path, broker, port, storage)
-        async with daemon(config, tmp_path) as d:
+        config = write_config(tmp_path, broker, port, **storage)
+        async with Daemon(config, tmp_path) as d:
             await got.wait_for(
                 lambda c: any(s.get("storage_shedding") == ["measurements", "reads"]
                               for s in statuses(c)),
@@ -122,8 +119,8 @@ async def test_damaged_database_is_moved_aside_and_reported(tmp_path: Path, brok
     garbage = b"\x00not an sqlite file\xff" * 300
     db.write_bytes(garbage)
     async with meter() as (_server, port), collect(broker, "edged/#") as got:
-        config = write_config(tmp_path, broker, port, "  check_every: 1s")
-        async with daemon(config, tmp_path) as d:
+        config = write_config(tmp_path, broker, port, check_every="1s")
+        async with Daemon(config, tmp_path) as d:
             await got.wait_for(lambda c: events(c, "store_corrupt") != [], 20, "store_corrupt")
             await got.wait_for(lambda c: len(intervals(c)) >= 2, 20, "intervals from the new db")
             await asyncio.sleep(1.5)  # a measurement flush rides on a boundary commit

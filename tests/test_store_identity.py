@@ -20,9 +20,10 @@ from edged.core.model import Event
 from edged.core.payloads import Topics
 from edged.io.store import Store, StoreReplaced
 from edged.sim.meter import MeterServer
-from tests.conftest import Broker, collect
-from tests.test_e2e import Daemon, intervals
-from tests.test_process import gateway_status, pmc1, pmc1_meter, unit_config
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.meters import pmc1_meter
+from tests.support.mqtt import Broker, collect, gateway_status, intervals
 
 TOPICS = Topics("edged", "s1")
 
@@ -76,11 +77,12 @@ async def test_daemon_stops_when_its_database_is_deleted(
 ) -> None:
     async with MeterServer({1: pmc1_meter()}) as server, collect(broker, "edged/#") as got:
         port = await server.start_tcp()
-        config = tmp_path / "edged.yaml"
-        config.write_text(unit_config(port, ntp_port, broker, tmp_path, pmc1("unit1", port, 1)))
-        d = Daemon(config, tmp_path / "edged.log")
-        await d.start()
+        config = site_config(
+            tmp_path, devices=[tcp_device("unit1", port)], mqtt_port=broker.port, ntp_port=ntp_port
+        )
+        d = Daemon(config, tmp_path)
         try:
+            await d.start()
             await got.wait_for(lambda c: len(intervals(c)) >= 2, 20, "2 intervals")
             db = tmp_path / "state" / "edged.db"
             for suffix in ("", "-wal", "-shm"):
@@ -89,7 +91,7 @@ async def test_daemon_stops_when_its_database_is_deleted(
             assert d.process is not None
             code = await asyncio.wait_for(d.process.wait(), 20)
         finally:
-            await d.ensure_stopped()
+            await d.close()
     assert code == 1
     log = (tmp_path / "edged.log").read_text()
     assert f"the store {db} was deleted while edged was running" in log

@@ -18,9 +18,10 @@ from edged.io.sunspec import discover
 from edged.sim.golden import load_table
 from edged.sim.meter import CounterPoint, MeterServer, SimulatedMeter, StaticPoint
 from edged.sim.modbus_frames import DataType
-from tests.conftest import Broker, collect
-from tests.schema_check import validate_messages
-from tests.test_e2e import daemon, intervals
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.mqtt import Broker, collect, intervals
+from tests.support.schema import validate_messages
 
 GOLDEN = Path(__file__).parent / "golden" / "sunspec.yaml"
 
@@ -171,16 +172,16 @@ async def test_the_daemon_discovers_and_reads_a_sunspec_meter(
 ) -> None:
     async with MeterServer({1: sunspec_meter()}) as server:
         port = await server.start_tcp()
-        config = tmp_path / "edged.yaml"
-        config.write_text(
-            f"site: test-site\nstorage: {{path: {tmp_path / 'edged.db'}}}\n"
-            f"mqtt: {{host: 127.0.0.1, port: {broker.port}, topic_prefix: edged}}\n"
-            "log: {format: json}\n"
-            f"time: {{source: ntp, ntp_servers: ['127.0.0.1:{ntp_port}'], ntp_poll: 2s}}\n"
-            "devices:\n  - id: pv\n    profile: sunspec\n    interval: 1s\n"
-            f"    transport: {{type: tcp, host: 127.0.0.1, port: {port}, timeout: 500ms}}\n"
+        config = site_config(
+            tmp_path,
+            devices=[tcp_device("pv", port, profile="sunspec")],
+            mqtt_port=broker.port,
+            ntp_port=ntp_port,
+            timezone=None,
+            storage={"path": str(tmp_path / "edged.db")},
+            status_every=None,
         )
-        async with collect(broker, "edged/#") as got, daemon(config, tmp_path) as d:
+        async with collect(broker, "edged/#") as got, Daemon(config, tmp_path) as d:
             await got.wait_for(
                 lambda c: sum(r["channel"] == "energy_import" for r in intervals(c)) >= 4,
                 20,

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from edged.sim.broker import Mosquitto
-from tests.conftest import collect
-from tests.test_e2e import intervals, meter, write_config
-from tests.test_process import NotifyDaemon, notifications
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.meters import meter
+from tests.support.mqtt import collect, intervals
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ("edged.service", "edged@.service")
@@ -161,16 +162,15 @@ async def test_daemon_runs_under_the_unit_sandbox(
     AF_UNIX, reads over Modbus TCP, publishes over MQTT and stops cleanly."""
     require_systemd_analyze()
     async with meter() as (_server, port), collect(broker, "edged/#") as got:
-        config = write_config(tmp_path, broker, port, ntp_port)
-        async with notifications(tmp_path) as (socket_path, messages):
-            daemon = NotifyDaemon(config, tmp_path / "edged.log", socket_path)
-            daemon.wrapper = sandboxed("edged.service")
-            await daemon.start()
-            try:
-                await got.wait_for(lambda c: len(intervals(c)) >= 3, 20, "3 intervals")
-                assert await daemon.stop(signal.SIGTERM) == 0
-            finally:
-                await daemon.ensure_stopped()
+        config = site_config(
+            tmp_path, devices=[tcp_device("unit1", port)], mqtt_port=broker.port, ntp_port=ntp_port
+        )
+        daemon = Daemon(config, tmp_path, watchdog_usec=1_000_000,
+                        wrapper=sandboxed("edged.service"))  # fmt: skip
+        async with daemon:  # READY=1 over AF_UNIX from inside the sandbox
+            messages = daemon.notes
+            await got.wait_for(lambda c: len(intervals(c)) >= 3, 20, "3 intervals")
+            assert await daemon.stop(signal.SIGTERM) == 0
     log = (tmp_path / "edged.log").read_text()
     assert "Traceback" not in log, log
     assert any(m.startswith(b"READY=1") for m in messages)

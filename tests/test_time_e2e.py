@@ -8,9 +8,10 @@ import pytest
 
 from edged.sim.meter import MeterServer, SimulatedMeter
 from edged.sim.ntp import NtpServer
-from tests.conftest import Broker, collect
-from tests.schema_check import validate_messages
-from tests.test_e2e import Daemon
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.mqtt import Broker, collect
+from tests.support.schema import validate_messages
 
 pytestmark = pytest.mark.integration
 
@@ -36,19 +37,28 @@ async def test_reads_follow_ntp_time_steps_are_flagged_and_silence_is_holdover(
     ):
         port = await server.start_tcp("127.0.0.1", 0)
         ntp_port = await ntp.start("127.0.0.1", 0)
-        config = tmp_path / "edged.yaml"
-        config.write_text(
-            f"site: timed\ntimezone: UTC\nstorage: {{path: {tmp_path / 'edged.db'}}}\n"
-            f"mqtt: {{host: 127.0.0.1, port: {broker.port}}}\nstatus_every: 1s\n"
-            f"time: {{source: ntp, ntp_servers: ['127.0.0.1:{ntp_port}'], ntp_poll: 1s,"
-            f" holdover_after: 3s}}\n"
-            "devices:\n  - id: m\n    interval: 1s\n"
-            f"    transport: {{type: tcp, host: 127.0.0.1, port: {port}, timeout: 300ms}}\n"
-            "    channels: [{name: energy, register: 0, multiplier: 0.001}]\n"
+        config = site_config(
+            tmp_path,
+            devices=[
+                tcp_device(
+                    "m",
+                    port,
+                    timeout="300ms",
+                    channels=[{"name": "energy", "register": 0, "multiplier": 0.001}],
+                )
+            ],
+            mqtt_port=broker.port,
+            ntp_port=ntp_port,
+            site="timed",
+            timezone="UTC",
+            storage={"path": str(tmp_path / "edged.db")},
+            log=None,
+            mqtt={"topic_prefix": None},
+            time={"ntp_poll": "1s", "holdover_after": "3s"},
         )
-        daemon = Daemon(config, tmp_path / "edged.log")
-        await daemon.start()
+        daemon = Daemon(config, tmp_path)
         try:
+            await daemon.start()
 
             def regular_synced_reads() -> list[dict[str, object]]:
                 # Measured on synced time with nothing irregular: the first NTP
@@ -99,8 +109,9 @@ async def test_reads_follow_ntp_time_steps_are_flagged_and_silence_is_holdover(
                 15,
                 "gateway status in holdover",
             )
-        finally:
             assert await daemon.stop() == 0
+        finally:
+            await daemon.close()
     validate_messages(got.messages)
     stepped = [p for p in got.payloads("/interval/") if "CLOCK_SET_FORWARD" in p["flags"]]
     assert stepped[0]["quality"] == "suspect"

@@ -17,9 +17,10 @@ import pytest
 
 from edged.sim.meter import MeterServer, SimulatedMeter
 from edged.sim.ntp import NtpServer
-from tests.conftest import Broker, Collector, collect
-from tests.schema_check import validate_messages
-from tests.test_e2e import Daemon
+from tests.support.config import site_config, tcp_device
+from tests.support.daemon import Daemon
+from tests.support.mqtt import Broker, Collector, collect
+from tests.support.schema import validate_messages
 
 pytestmark = pytest.mark.integration
 
@@ -44,18 +45,22 @@ async def test_backward_step_is_flagged_with_real_duration_and_no_phantom_peak(
     ):
         port = await server.start_tcp("127.0.0.1", 0)
         ntp_port = await ntp.start("127.0.0.1", 0)
-        config = tmp_path / "edged.yaml"
-        config.write_text(
-            f"site: steps\ntimezone: UTC\nstorage: {{path: {tmp_path / 'edged.db'}}}\n"
-            f"mqtt: {{host: 127.0.0.1, port: {broker.port}}}\nstatus_every: 1s\n"
-            f"time: {{source: ntp, ntp_servers: ['127.0.0.1:{ntp_port}'], ntp_poll: 1s}}\n"
-            "devices:\n  - id: m\n    interval: 1s\n"
-            f"    transport: {{type: tcp, host: 127.0.0.1, port: {port}, timeout: 300ms}}\n"
-            "    channels: [{name: energy, register: 0, multiplier: 0.001}]\n"
+        channel = {"name": "energy", "register": 0, "multiplier": 0.001}
+        config = site_config(
+            tmp_path,
+            devices=[tcp_device("m", port, timeout="300ms", channels=[channel])],
+            mqtt_port=broker.port,
+            ntp_port=ntp_port,
+            site="steps",
+            timezone="UTC",
+            storage={"path": str(tmp_path / "edged.db")},
+            log=None,
+            mqtt={"topic_prefix": None},
+            time={"ntp_poll": "1s"},
         )
-        daemon = Daemon(config, tmp_path / "edged.log")
-        await daemon.start()
+        daemon = Daemon(config, tmp_path)
         try:
+            await daemon.start()
 
             def actual() -> list[dict[str, Any]]:
                 return [r for r in latest(got) if r["quality"] == "actual"]
@@ -73,8 +78,9 @@ async def test_backward_step_is_flagged_with_real_duration_and_no_phantom_peak(
                 15,
                 "actual records after the step",
             )
-        finally:
             assert await daemon.stop() == 0
+        finally:
+            await daemon.close()
     validate_messages(got.messages)
     # Never one id with two contents.
     contents: dict[str, dict[str, Any]] = {}

@@ -20,7 +20,7 @@ import pytest
 from edged.config.schema import Mqtt
 from edged.io.mqtt import Publisher
 from edged.io.store import MIGRATIONS, Store, StoreError
-from tests.conftest import Broker, collect
+from tests.support.mqtt import Broker, collect
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store-v3.db"
 SITE = "fixture-site"

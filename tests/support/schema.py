@@ -2,7 +2,7 @@
 
 Integration tests can check every message they receive::
 
-    from tests.schema_check import validate_message
+    from tests.support.schema import validate_message
     for topic, payload, retained in collector.messages:
         validate_message(topic, payload, retained=retained)
 
