@@ -29,6 +29,7 @@ import pytest
 from edged.app.housekeeping import BudgetDecision, DiskAlarm, DiskUsage, Housekeeper
 from edged.app.poller import Recorder, outbox_pending
 from edged.config.schema import Storage
+from edged.core.backoff import Backoff
 from edged.core.model import Event
 from edged.core.payloads import Topics
 from edged.io.store import Store
@@ -91,6 +92,8 @@ async def test_recorder_holds_and_writes_everything_after_a_failure(tmp_path: Pa
     assert isinstance(store, FailingStore)
     committed: list[int] = []
     recorder = Recorder(store, on_committed=lambda: committed.append(1))
+    # The retries, not their 1 s / 2 s / 4 s pacing, are what this checks.
+    recorder.holding.retry_backoff = Backoff(first_s=0.01, max_s=0.05)
     changes: list[str | None] = []
     recorder.holding.on_change = changes.append
     task = asyncio.create_task(recorder.run())

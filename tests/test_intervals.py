@@ -47,6 +47,7 @@ from edged.core.model import (
     ReadErrorKind,
     TimeState,
 )
+from tests.support.examples import examples
 
 AKL = ZoneInfo("Pacific/Auckland")
 T0 = datetime(2026, 11, 21, 0, 0, tzinfo=UTC)
@@ -1043,7 +1044,7 @@ def _expected_total(sim: Sim, multiplier: float) -> Decimal:
     return counts * Decimal(repr(multiplier))
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 @example(  # down before the first counter, then a start-up baseline: MISSING kept
     {

@@ -63,7 +63,8 @@ class Holding(Generic[B]):
         self.dropped_reads = 0
         self.dropped_measurements = 0
         self.on_change: Callable[[str | None], None] | None = None
-        self._backoff = Backoff(first_s=RETRY_FIRST_S, max_s=RETRY_MAX_S)
+        # Public so a test can shorten it; the retries are what it checks.
+        self.retry_backoff = Backoff(first_s=RETRY_FIRST_S, max_s=RETRY_MAX_S)
         self._retry_at = 0.0
 
     def retry_in_s(self) -> float | None:
@@ -88,7 +89,7 @@ class Holding(Generic[B]):
             drop = len(measurements) - MAX_HELD_MEASUREMENTS
             del measurements[:drop]
             self.dropped_measurements += drop
-        delay_s = self._backoff.failed()
+        delay_s = self.retry_backoff.failed()
         self._retry_at = asyncio.get_running_loop().time() + delay_s
         text = describe(exc)
         first = self.error is None
@@ -102,7 +103,7 @@ class Holding(Generic[B]):
             log.warning("store still failing", error=text, retry_in_s=delay_s, **self.counts())
 
     def succeeded(self) -> None:
-        self._backoff.succeeded()
+        self.retry_backoff.succeeded()
         if self.error is None:
             return
         log.info("store writable again; held data written", error_was=self.error)
