@@ -12,6 +12,7 @@ import time
 from datetime import UTC, datetime
 from typing import Protocol
 
+from edged.bootid import kernel_boot_id
 from edged.model import TimeState
 
 # asyncio timers are only about a millisecond precise and may fire early, so
@@ -38,6 +39,7 @@ class SystemClock:
 
     def __init__(self, time_state: TimeState = TimeState.SYNCED) -> None:
         self._time_state = time_state
+        self.boot_id = kernel_boot_id()
 
     def now(self) -> datetime:
         return datetime.now(UTC)

@@ -461,6 +461,7 @@ class DevicePoller:
             error=result.error,
             meter_clock_offset_s=result.meter_clock_offset_s,
             mono_s=mono_s,
+            boot_id=getattr(self._clock, "boot_id", None),
             outages=outages,
         )
         self._update_health(read)

@@ -240,6 +240,7 @@ class TimeHistory(RuleBasedStateMachine):
     def check_reads(self) -> None:
         """Each valued record against the two reads it spans (true time)."""
         world = self.world
+        # (true time, boot, counter) of the read that gave the engine its counter
         last: dict[str, tuple[float, int, float | int] | None] = {"u1": None, "u2": None}
         for index, fact in enumerate(world.reads):
             closed = world.by_read.get(index, [])
@@ -250,14 +251,14 @@ class TimeHistory(RuleBasedStateMachine):
                 # A start-up read is the engine's counter only when it had
                 # none (a persisted counter takes precedence).
                 if before is None and fact.register is not None:
-                    last[fact.device] = (fact.true_s, fact.run, fact.register)
+                    last[fact.device] = (fact.true_s, fact.boot, fact.register)
                 continue
             if fact.register is not None:
-                last[fact.device] = (fact.true_s, fact.run, fact.register)
+                last[fact.device] = (fact.true_s, fact.boot, fact.register)
             if not valued or before is None:
                 continue
             record = valued[-1]
-            true_before, run_before, register_before = before
+            true_before, boot_before, register_before = before
             if record.counter_start != register_before:
                 continue  # baseline from a fresh start; not the previous read
             # The counts are what the meter counted between the two reads.
@@ -274,8 +275,8 @@ class TimeHistory(RuleBasedStateMachine):
             else:
                 off = abs(float(counts) - counted)
             assert off <= 1.0 + 1e-6, (record, counted)
-            if run_before != fact.run:
-                continue  # the monotonic clock does not compare across runs
+            if boot_before != fact.boot:
+                continue  # the monotonic clock does not compare across boots
             real_s = fact.true_s - true_before
             span_s = (record.end - record.start).total_seconds()
             if Flag.LONG not in record.flags and Flag.PARTIAL not in record.flags:
