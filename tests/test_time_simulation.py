@@ -7,7 +7,8 @@ counters are functions of true time. Rules draw NTP steps of either sign,
 slews, NTP silence, the system clock set by someone else, clean and unclean
 restarts (in-memory state dropped, persisted state kept) with the clock
 ahead of or behind the last mark, meters going offline, 16-bit counters that
-wrap, ``gaps: long`` and ``gaps: prorate``, DST zones (Pacific/Auckland,
+wrap, float32 registers near 2**24 (1-2 counts resolution), ``gaps: long``
+and ``gaps: prorate``, DST zones (Pacific/Auckland,
 America/New_York, Australia/Lord_Howe) around their transitions, and
 intervals from 1 s to 30 min, with a station (sum) and a net (difference)
 virtual meter across two devices.
@@ -27,6 +28,7 @@ happened (true time and counter of every read), not against the engine:
   the tolerance is not actual and reports the real time; an actual record has
   its nominal length and real time within the tolerance of it;
 * every time event with flags lands on the record its next read closes;
+* an actual record from a float32 register is within 0.1 % of the truth;
 * no phantom peak: the retained peak is at most the true demand over a
   record of nominal length plus the tolerance;
 * station = u1 + u2 and net = u1 - u2 over every virtual record's span.
@@ -89,7 +91,7 @@ class TimeHistory(RuleBasedStateMachine):
     @initialize(
         zone=st.sampled_from(ZONES),
         interval_s=st.sampled_from(INTERVALS),
-        counter=st.sampled_from(["uint32", "uint16"]),
+        counter=st.sampled_from(["uint32", "uint16", "float32"]),
         before=st.integers(min_value=2, max_value=12),
         gaps=st.sampled_from(["long", "prorate"]),
     )
@@ -101,6 +103,7 @@ class TimeHistory(RuleBasedStateMachine):
         self.gaps = gaps
         start_s = transition_s - before * interval_s
         devices = []
+        self.float32 = counter == "float32"
         for device_id, rate in (("u1", 1754.0), ("u2", 877.0)):
             device = make_device(device_id, interval_s, type_=counter, gaps=gaps)
             modulus = device.channels[0].rollover_counts
@@ -108,7 +111,15 @@ class TimeHistory(RuleBasedStateMachine):
                 # A quarter of the modulus per interval at most: wraps every
                 # few intervals, each plausible.
                 rate = min(rate, 16_384 / interval_s)
-            meter = Meter(rate=rate, origin_s=start_s - 0.25, start=60_000, rollover=modulus)
+            if self.float32:
+                # A float32 register near 2**24, where it resolves 1 or 2
+                # counts: u1 counts 30 per interval (below billing grade:
+                # ESTNEEDED), u2 20 000 (fine).
+                rate = (30.0 if device_id == "u1" else 20_000.0) / interval_s
+                meter = Meter(rate=rate, origin_s=start_s - 0.25, start=16_770_000.0,
+                              float32=True)  # fmt: skip
+            else:
+                meter = Meter(rate=rate, origin_s=start_s - 0.25, start=60_000, rollover=modulus)
             devices.append((device, meter))
         self.meters = {d.id: m for d, m in devices}
         self.world = World(
@@ -274,7 +285,12 @@ class TimeHistory(RuleBasedStateMachine):
                 off = min(off, meter.rollover - off)
             else:
                 off = abs(float(counts) - counted)
-            assert off <= 1.0 + 1e-6, (record, counted)
+            # One count of rounding either way; a float32 register near 2**24
+            # rounds to its resolution (2 counts above 2**24) at each end.
+            assert off <= (4.0 if self.float32 else 1.0) + 1e-6, (record, counted)
+            if self.float32 and quality(record.flags) is Quality.ACTUAL:
+                # An actual record is billing grade: within 0.1 % of the truth.
+                assert off <= 0.001 * counted + 1e-6, (record, counted)
             if boot_before != fact.boot:
                 continue  # the monotonic clock does not compare across boots
             real_s = fact.true_s - true_before
