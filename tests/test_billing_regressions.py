@@ -409,3 +409,23 @@ def test_sim3_a_regular_record_reports_its_nominal_length() -> None:
     assert record.flags == frozenset()
     assert record.duration_s == 900.0
     assert record.demand == pytest.approx(1010.304)
+
+
+def test_sim4_clean_restart_on_the_same_boot_after_the_reference_went_back_is_flagged() -> None:
+    # 10 s intervals, 10 counts/s x 0.144 = 1.44 kWh/s (5184 kW). edged stops
+    # cleanly after the 30 s read; while it is down the NTP source goes 15 s
+    # back; it starts again 1.5 s later on the same boot, synced at once.
+    device = make_device(interval_s=10)
+    world = World([(device, Meter(rate=10, origin_s=T0 - 0.25))])
+    world.run_until(T0 + 30.5)
+    world.set_ntp(err_s=-15.0)
+    world.restart(1.0, clean=True, reboot=False, confirmed=True)
+    world.run_until(T0 + 90)
+    records = world.channel_records()
+    # The 40 s boundary is reached at true 55 s: 25 s after the 30 s read.
+    closing = next(r for r in records if r.end == utc(T0 + 40))
+    assert closing.duration_s == pytest.approx(25.0, abs=0.01)
+    assert closing.value == pytest.approx(36.0, abs=ONE_COUNT)  # 250 counts
+    assert Flag.LONG in closing.flags
+    assert quality(closing.flags) is not Quality.ACTUAL
+    assert_no_phantom_peak(world, true_kw=5184.0, slack_kw=ONE_COUNT * 360)

@@ -120,7 +120,8 @@ class ReadFact:
     mono_s: float
     read_at: datetime
     register: int | float | None
-    run: int = 0  # which start of the daemon took it (monotonic times compare within one)
+    run: int = 0  # which start of the daemon took it
+    boot: int = 1  # which boot of the machine (monotonic times compare within one)
 
 
 @dataclass
@@ -192,6 +193,7 @@ class World:
         self._persisted: dict[str, dict[str, str]] = {}
         self._persisted_peaks: dict[str, dict[str, PeakState]] = {}
         self.run = 0
+        self.boot = 1
         self._start(confirmed_before_start)
 
     # -- clocks -------------------------------------------------------------------
@@ -257,6 +259,7 @@ class World:
         self.true_s += down_s
         if reboot:
             self.boot_s = self.true_s - 10.0
+            self.boot += 1
         if sys_err_after_s is not None:
             self.sys_err_s = sys_err_after_s
         system_now = utc(self.system_s)
@@ -305,7 +308,14 @@ class World:
         register = None if meter.offline else meter.register(self.true_s)
         self.reads.append(
             ReadFact(
-                poller.device.id, boundary, self.true_s, self.mono_s, read_at, register, self.run
+                poller.device.id,
+                boundary,
+                self.true_s,
+                self.mono_s,
+                read_at,
+                register,
+                self.run,
+                self.boot,
             )
         )
         flags: frozenset[Flag] = frozenset()
@@ -326,6 +336,7 @@ class World:
             error=None if register is not None else ReadError(ReadErrorKind.TIMEOUT, "offline"),
             flags=flags,
             mono_s=self.mono_s,
+            boot_id=f"boot-{self.boot}",
             outages=outages,
         )
 

@@ -579,12 +579,17 @@ class DevicePoller:
                 reference_s=read_at.timestamp(),
             )
         # On a shared bus the request may wait its turn: record when it went out.
+        woke_at = read_at
         read_at += timedelta(seconds=result.queued_s)
         mono_s += result.queued_s
         flags: frozenset[Flag] = result.flags
         outages: tuple[tuple[datetime, datetime], ...] = ()
         if boundary is not None:
-            timed = self._timing.boundary_read(boundary, read_at, mono_s, self._time_flags)
+            # Labelled by when it woke: waiting for a busy bus does not move a
+            # read to the next boundary; a step of the reference does.
+            timed = self._timing.boundary_read(
+                boundary, read_at, mono_s, self._time_flags, woke_at=woke_at
+            )
             boundary = timed.boundary
             flags |= timed.flags
             outages = timed.outages
@@ -606,6 +611,7 @@ class DevicePoller:
             error=result.error,
             meter_clock_offset_s=result.meter_clock_offset_s,
             mono_s=mono_s,
+            boot_id=getattr(self._clock, "boot_id", None),
             outages=outages,
         )
         self._update_health(read)

@@ -109,6 +109,9 @@ class Read:
     # Monotonic time (s) the request went out, for the real elapsed time
     # between two reads; None when the shell does not know it.
     mono_s: float | None = None
+    # The machine's boot (Linux boot_id) that mono_s belongs to; None when the
+    # monotonic clock is not the system's (tests) or unknown.
+    boot_id: str | None = None
     # Reference-time windows in which the gateway was down (POWER_FAIL on the
     # records, MISSING ones included, whose intervals overlap them).
     outages: tuple[tuple[datetime, datetime], ...] = ()

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from edged.core.model import TimeState
+from edged.io.bootid import kernel_boot_id
 
 # asyncio timers are only about a millisecond precise and may fire early, so
 # waits end this far before the target and the rest is settled by polling the
@@ -48,6 +49,7 @@ class SystemClock:
     ) -> None:
         self._time_state = time_state
         self._system_now = system_now
+        self.boot_id = kernel_boot_id()
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self._system_now(), UTC)

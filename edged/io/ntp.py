@@ -34,6 +34,7 @@ from edged.core.time.timebase import (
     TimeSource,
     TimeTransition,
 )
+from edged.io.bootid import kernel_boot_id
 
 log = structlog.get_logger("edged.io.ntp")
 
@@ -154,6 +155,8 @@ class _ReferenceClockBase:
         self._timebase = timebase
         self._system_now = system_now
         self._monotonic = monotonic
+        # The boot the monotonic clock counts from, when it is the system's.
+        self.boot_id = kernel_boot_id() if monotonic is time.monotonic else None
         self._on_transition = on_transition
         self._observe_interval_s = observe_interval_s
         self._transitions: asyncio.Queue[TimeTransition] = asyncio.Queue(TRANSITION_QUEUE_SIZE)

@@ -204,9 +204,11 @@ class ChannelState:
     gap: tuple[GapRun, ...] = ()  # MISSING records since counter_at
     rolling: tuple[RollingEntry, ...] = ()  # last intervals for rolling demand
     coarse: bool = False  # counter_resolution already reported
-    # Monotonic time of the read that gave `counter`, in this process only
-    # (never persisted: the monotonic clock restarts with the machine).
+    # Monotonic time of the read that gave `counter`, and the boot it was
+    # taken in (`Read.boot_id`): the monotonic clock runs across restarts of
+    # edged but restarts with the machine. Persisted only with a boot id.
     counter_mono: float | None = None
+    counter_boot: str | None = None
     # The last records were built on assumed time (AMT): the next record on
     # confirmed time is the one in which assumed time ended (TIME_ADJUSTED).
     assumed: bool = False
@@ -237,6 +239,11 @@ class ChannelState:
                 "coarse": self.coarse,
                 "assumed": self.assumed,
                 "carry": sorted(str(f) for f in self.carry),
+                **(
+                    {"mono": self.counter_mono, "boot": self.counter_boot}
+                    if self.counter_boot is not None and self.counter_mono is not None
+                    else {}
+                ),
             },
             separators=(",", ":"),
         )
@@ -269,6 +276,8 @@ class ChannelState:
             coarse=bool(data.get("coarse", False)),
             assumed=bool(data.get("assumed", False)),
             carry=frozenset(Flag(f) for f in data.get("carry", [])),
+            counter_mono=None if data.get("mono") is None else float(data["mono"]),
+            counter_boot=None if data.get("boot") is None else str(data["boot"]),
         )
 
 
@@ -604,7 +613,14 @@ def baseline(state: ChannelState | None, read: Read, channel: Channel) -> Channe
     value = _normalise(read.values.get(channel.name), channel) if read.ok else None
     if value is None or state.counter is not None:
         return state
-    return replace(state, counter=value, counter_at=read.read_at, gap=(), counter_mono=read.mono_s)
+    return replace(
+        state,
+        counter=value,
+        counter_at=read.read_at,
+        gap=(),
+        counter_mono=read.mono_s,
+        counter_boot=read.boot_id,
+    )
 
 
 def baseline_device(
@@ -875,7 +891,14 @@ def step_channel(
             gap = _extend_gap(state.gap, raw) if state.counter is not None else ()
             new = replace(state, gap=gap)
         else:  # the first good counter: a baseline taken on a boundary
-            new = replace(state, counter=value, counter_at=end, gap=(), counter_mono=read.mono_s)
+            new = replace(
+                state,
+                counter=value,
+                counter_at=end,
+                gap=(),
+                counter_mono=read.mono_s,
+                counter_boot=read.boot_id,
+            )
         return _finish(new, end, _time_adjusted(raw, state, read), events, channel, ctx)
 
     counter_at = state.counter_at
@@ -889,7 +912,14 @@ def step_channel(
         reset = build.bare(start, end, nominal_s, None, flags, read.time_state, read)
         raw.append(replace(reset, counter_start=state.counter, counter_end=value))
         events.append(_reset_event(ctx, channel, end, counter_at, state.counter, value, check))
-        new = replace(state, counter=value, counter_at=end, gap=(), counter_mono=read.mono_s)
+        new = replace(
+            state,
+            counter=value,
+            counter_at=end,
+            gap=(),
+            counter_mono=read.mono_s,
+            counter_boot=read.boot_id,
+        )
         return _finish(new, end, _time_adjusted(raw, state, read), events, channel, ctx)
 
     # Boundaries after the counter was taken had no good read: their energy is
@@ -910,7 +940,8 @@ def step_channel(
     # Real elapsed time between the two reads, when both were taken in this
     # process (the monotonic clock is not comparable across restarts).
     real_s = None
-    if read.mono_s is not None and state.counter_mono is not None:
+    same_boot = state.counter_boot == read.boot_id
+    if read.mono_s is not None and state.counter_mono is not None and same_boot:
         real_s = round(max(0.0, read.mono_s - state.counter_mono), 6)
     span_ref_s = (end - counter_at).total_seconds()
     moved = real_s is not None and abs(real_s - span_ref_s) > build.elapsed_tolerance(nominal_s)
@@ -940,7 +971,13 @@ def step_channel(
         coarse = True
         events.append(_resolution_event(ctx, channel, end, value, check))
     new = replace(
-        state, counter=value, counter_at=end, gap=(), coarse=coarse, counter_mono=read.mono_s
+        state,
+        counter=value,
+        counter_at=end,
+        gap=(),
+        coarse=coarse,
+        counter_mono=read.mono_s,
+        counter_boot=read.boot_id,
     )
     return _finish(new, end, _time_adjusted(raw, state, read), events, channel, ctx)
 

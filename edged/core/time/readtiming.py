@@ -63,9 +63,17 @@ class ReadTiming:
             self.since = read_at
 
     def boundary_read(
-        self, aimed: datetime, read_at: datetime, mono_s: float, time_flags: TimeFlags
+        self,
+        aimed: datetime,
+        read_at: datetime,
+        mono_s: float,
+        time_flags: TimeFlags,
+        woke_at: datetime | None = None,
     ) -> ReadTime:
-        boundary = label_read(aimed, read_at, self.interval_s, self.zone)
+        """`woke_at`: the reference time when the poller woke for the read
+        (before any wait for a shared bus), which labels it; default read_at."""
+        label_at = read_at if woke_at is None else woke_at
+        boundary = label_read(aimed, label_at, self.interval_s, self.zone)
         flags = time_flags.flags_for(self.since, read_at) | time_flags.events_between(
             self.mono_since, mono_s
         )
