@@ -15,11 +15,19 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from edged.sim.broker import Mosquitto, free_port, mosquitto_path
+from tests.support.examples import examples
 
 # Property tests judge the code, not the machine: no per-example deadline and no
 # "input generation too slow" health check, both wall-clock bounds that fail on
 # a loaded machine (explicit @settings on a test still override the rest).
-settings.register_profile("edged", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Hypothesis' 100 examples per property in CI; fewer in a local run
+# (tests/support/examples.py).
+settings.register_profile(
+    "edged",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    max_examples=examples(100),
+)
 settings.load_profile("edged")
 
 MOSQUITTO = mosquitto_path()

@@ -43,6 +43,7 @@ from edged.core.model import Flag, Interval, TimeState
 from edged.core.payloads import interval_payload
 from edged.core.virtual.plan import combine_meter, plan_virtual_meter
 from edged.io.sparkplug import device_specs
+from tests.support.examples import examples
 from tests.support.schema import validate_payload
 
 END = datetime(2026, 11, 21, 0, 15, tzinfo=UTC)
@@ -412,7 +413,7 @@ def test_config_validation(change: dict[str, object], message: str) -> None:
 energies = st.decimals(min_value=0, max_value=100_000, places=3).map(float)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     value=energies,
     q=st.decimals(min_value=-50_000, max_value=50_000, places=3),
@@ -444,7 +445,7 @@ def _compensated_export_kwh(current_a: float) -> float:
     return out.value
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(knot=st.sampled_from([50.0, 200.0, 1000.0]), side=st.sampled_from([-1, 1]))
 def test_correction_is_continuous_across_certificate_points(knot: float, side: int) -> None:
     # Approaching a certificate point (5 %, 20 %, 100 % of 1000 A) from either side
@@ -456,7 +457,7 @@ def test_correction_is_continuous_across_certificate_points(knot: float, side: i
     assert abs(near - at) < 0.01
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     power_kw=st.decimals(min_value=1, max_value=20_000, places=2),
     split_s=st.integers(min_value=1, max_value=899),
@@ -568,7 +569,7 @@ def certificates(draw: st.DrawFn) -> tuple[CertificatePoint, ...]:
     return tuple(CertificatePoint(p, draw(errors), draw(phases)) for p in percents)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(cert=certificates(), x=st.floats(min_value=0, max_value=200), h=st.floats(0, 1e-3))
 def test_interpolation_is_lipschitz_continuous(
     cert: tuple[CertificatePoint, ...], x: float, h: float

@@ -34,9 +34,9 @@ happened (true time and counter of every read), not against the engine:
 * station = u1 + u2 and net = u1 - u2 over every virtual record's span.
 
 Budget: ``EDGED_SIM_EXAMPLES`` histories; by default 1500 in CI (``CI=true``,
-about a minute on one core) and a fifth of that in a local run (the fast
-lane), derandomized so CI is deterministic; ``EDGED_SIM_EXAMPLES=100000`` for
-a long local run.
+about a minute on one core) and 100 in a local run (the fast lane),
+derandomized so CI is deterministic; ``EDGED_SIM_EXAMPLES=100000`` for a long
+local run.
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from edged.core.flags import quality
 from edged.core.model import Flag, Interval, Quality
-from tests.support.examples import examples
+from tests.support.examples import thorough
 from tests.timesim import Meter, World, make_device
 
-EXAMPLES = int(os.environ.get("EDGED_SIM_EXAMPLES", str(examples(1500))))
+# 1500 histories in CI; 100 in a local run (about 3 s) keep the fast lane fast.
+EXAMPLES = int(os.environ.get("EDGED_SIM_EXAMPLES", "1500" if thorough() else "100"))
 # A history takes about 0.1 s; pytest-timeout (120 s per test) would cut a
 # long local run short.
 pytestmark = pytest.mark.timeout(max(120.0, 0.5 * EXAMPLES))
