@@ -189,7 +189,7 @@ def broker(workdir: Path, *, tcp_nodelay: bool = True) -> Iterator[Mosquitto]:
     loopback (docs/performance.md)."""
     if mosquitto_path() is None:
         raise Skip("mosquitto is not on PATH (apt-get install -y mosquitto)")
-    b = Mosquitto(free_port(), workdir, tcp_nodelay=tcp_nodelay)
+    b = Mosquitto(port=free_port(), workdir=workdir, tcp_nodelay=tcp_nodelay)
     b.start()
     try:
         yield b

@@ -22,7 +22,7 @@ from edged.sim.signals import until_signalled
 def meter(registers: int) -> SimulatedMeter:
     base = SimulatedMeter.pmc1(load_kw=3600.0, kwh_per_count=0.001)
     block = [
-        StaticPoint(f"v{i:02d}", MEASURE_BASE_REGISTER + 2 * i, 230.0 + i,
+        StaticPoint(name=f"v{i:02d}", address=MEASURE_BASE_REGISTER + 2 * i, value=230.0 + i,
                     data_type=DataType.FLOAT32)
         for i in range(registers // 2)
     ]  # fmt: skip

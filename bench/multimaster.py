@@ -71,7 +71,7 @@ async def serve() -> None:
     """The simulated bus (own process): prints the client's pty path."""
     meters = {
         unit: SimulatedMeter(
-            [StaticPoint(f"r{i}", i, 1000 * unit + i, data_type=DataType.UINT16)
+            [StaticPoint(name=f"r{i}", address=i, value=1000 * unit + i, data_type=DataType.UINT16)
              for i in range(20)]
         )
         for unit in UNITS
@@ -146,7 +146,12 @@ class MeteredLink:
 
 
 def request(count: int) -> ReadRequest:
-    return ReadRequest("holding", 0, count, (Point("r0", "holding", 0, "uint16"),))
+    return ReadRequest(
+        function="holding",
+        address=0,
+        count=count,
+        points=(Point(name="r0", function="holding", address=0, data_type="uint16"),),
+    )
 
 
 async def boundary_reads(link: MeteredLink, seconds: float) -> dict[int, list[float]]:

@@ -48,7 +48,7 @@ NAMES = ("power", "voltage", "current", "frequency")
 
 
 async def serve(devices: int) -> None:
-    points = [StaticPoint(n, 2 * i, 100.0 + i, data_type=DataType.FLOAT32)
+    points = [StaticPoint(name=n, address=2 * i, value=100.0 + i, data_type=DataType.FLOAT32)
               for i, n in enumerate(NAMES)]  # fmt: skip
     async with MeterServer({1: SimulatedMeter(points)}) as server:
         ports = [await server.start_tcp("127.0.0.1", 0) for _ in range(devices)]

@@ -46,14 +46,22 @@ def char_s(baud: int) -> float:
 
 async def serve(baud: int, registers: int) -> None:
     """The simulator (run in its own process); prints the client's pty path."""
-    points = [StaticPoint(f"r{i}", i, i, data_type=DataType.UINT16) for i in range(registers)]
+    points = [
+        StaticPoint(name=f"r{i}", address=i, value=i, data_type=DataType.UINT16)
+        for i in range(registers)
+    ]
     async with MeterServer({1: SimulatedMeter(points)}) as server:
         print(await server.start_rtu_pty(baudrate=baud, parity=TIMING_PARITY), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
 async def run(baud: int, seconds: float, registers: int) -> dict[str, float]:
-    requests = coalesce([Point(f"r{i}", "holding", i, "uint16") for i in range(registers)])
+    requests = coalesce(
+        [
+            Point(name=f"r{i}", function="holding", address=i, data_type="uint16")
+            for i in range(registers)
+        ]
+    )
     request_bytes, reply_bytes = 8, 5 + 2 * registers
     gap_s = rtu_frame_gap_s(baud, TIMING_PARITY)
     ceiling = 1.0 / ((request_bytes + reply_bytes) * char_s(baud) + gap_s)

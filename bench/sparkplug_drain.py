@@ -46,7 +46,7 @@ def record(device: str, channel: str, end: datetime) -> Interval:
 
 async def run(boundaries: int, devices: int, channels: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="edged-bench-sp-"))
-    broker = Mosquitto(free_port(), work, tcp_nodelay=True)
+    broker = Mosquitto(port=free_port(), workdir=work, tcp_nodelay=True)
     broker.start()
     store = await Store.open(work / "edged.db")
     try:

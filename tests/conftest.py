@@ -87,7 +87,7 @@ class IntegrationOnly(BaseException):
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     if MOSQUITTO is None:
         pytest.fail("mosquitto is not installed (apt-get install -y mosquitto)")
-    b = Mosquitto(free_port(), tmp_path)
+    b = Mosquitto(port=free_port(), workdir=tmp_path)
     b.start()
     try:
         yield b

@@ -186,7 +186,9 @@ def test_obs8_local_meter_clock_through_the_repeated_dst_hour_is_not_clock_error
     from edged.core.registers import ClockSpec, ReadPlan, apply_plan
 
     points = ("y", "mo", "d", "h", "mi", "s")
-    clock = ClockSpec("ymdhms", points, ZoneInfo("Pacific/Auckland"), 10.0)
+    clock = ClockSpec(
+        format="ymdhms", points=points, zone=ZoneInfo("Pacific/Auckland"), tolerance_s=10.0
+    )
     plan = ReadPlan(requests=(), optional=(), values=(), clock=clock)
     # NZ daylight time ends 2026-04-05 03:00 NZDT -> 02:00 NZST: 02:30 local
     # happens twice, at 13:30Z (NZDT, +13) and at 14:30Z (NZST, +12).
@@ -235,8 +237,14 @@ def test_obs9b_16bit_counter_one_missed_read_keeps_its_energy() -> None:
     t0 = datetime(2026, 11, 21, tzinfo=UTC)
     state = ChannelState(counter=10_000, counter_at=t0, last_end=t0)
     # 20 000 Wh per quarter hour; the 00:15 read was missed: +40 000 counts by 00:30.
-    read = Read("unit1", t0 + timedelta(minutes=30), t0 + timedelta(minutes=30), 0.0,
-                TimeState.SYNCED, {"energy_import": 50_000})  # fmt: skip
+    read = Read(
+        device="unit1",
+        boundary=t0 + timedelta(minutes=30),
+        read_at=t0 + timedelta(minutes=30),
+        read_lateness_ms=0.0,
+        time_state=TimeState.SYNCED,
+        values={"energy_import": 50_000},
+    )
     step = step_channel(state, read, channel, ctx)
     assert [r.value for r in step.records] == [None, 40.0]
     assert Flag.COUNTER_RESET not in step.records[-1].flags
@@ -252,7 +260,11 @@ def test_obs9d_billing_period_closed_times_end_in_z() -> None:
     start = datetime(2026, 11, 1, tzinfo=UTC)
     end = datetime(2026, 12, 1, tzinfo=UTC)
     peak = Peak(1010.304, start, start + timedelta(minutes=15))
-    event = peak_event("unit1", {"energy_import": PeakState(start, end, peak, None)}, {})
+    event = peak_event(
+        "unit1",
+        {"energy_import": PeakState(period_start=start, period_end=end, block=peak, rolling=None)},
+        {},
+    )
     details = event.details["channels"]["energy_import"]  # type: ignore[index]
     assert details["period_start"] == "2026-11-01T00:00:00Z"
     assert details["period_end"] == "2026-12-01T00:00:00Z"
@@ -358,8 +370,14 @@ def test_sim1_counter_taken_after_the_boundary_never_gives_a_negative_duration()
     # A start-up read at 12:20 (reference), then, after a restart on a clock
     # 30 days behind and someone setting it, the next boundary read is 12:15.
     state = ChannelState(counter=1_000_000, counter_at=t + timedelta(minutes=20))
-    read = Read("unit1", t + timedelta(minutes=15), t + timedelta(minutes=15), 0.0,
-                TimeState.SYNCED, {"energy_import": 1_001_754})  # fmt: skip
+    read = Read(
+        device="unit1",
+        boundary=t + timedelta(minutes=15),
+        read_at=t + timedelta(minutes=15),
+        read_lateness_ms=0.0,
+        time_state=TimeState.SYNCED,
+        values={"energy_import": 1_001_754},
+    )
     step = step_channel(state, read, channel, ctx)  # type: ignore[arg-type]
     record = step.records[-1]
     assert record.duration_s == 0.0  # was -300.0
@@ -380,13 +398,25 @@ def test_sim2_time_flags_of_a_read_for_a_closed_boundary_go_on_the_next_record()
     state = ChannelState(counter=1_000_000, counter_at=t, last_end=t)
     # The reference went back behind the last record: the 11:45 read closes
     # nothing, but assumed time ended in it (TIME_ADJUSTED + CLOCK_SET_FORWARD).
-    flagged = Read("unit1", t - timedelta(minutes=15), t - timedelta(minutes=15), 0.0,
-                   TimeState.SYNCED, {"energy_import": 1_000_500},
-                   flags=frozenset({Flag.TIME_ADJUSTED, Flag.CLOCK_SET_FORWARD}))  # fmt: skip
+    flagged = Read(
+        device="unit1",
+        boundary=t - timedelta(minutes=15),
+        read_at=t - timedelta(minutes=15),
+        read_lateness_ms=0.0,
+        time_state=TimeState.SYNCED,
+        values={"energy_import": 1_000_500},
+        flags=frozenset({Flag.TIME_ADJUSTED, Flag.CLOCK_SET_FORWARD}),
+    )
     step = step_channel(state, flagged, channel, ctx)  # type: ignore[arg-type]
     assert step.records == ()
-    later = Read("unit1", t + timedelta(minutes=15), t + timedelta(minutes=15), 0.0,
-                 TimeState.SYNCED, {"energy_import": 1_001_754})  # fmt: skip
+    later = Read(
+        device="unit1",
+        boundary=t + timedelta(minutes=15),
+        read_at=t + timedelta(minutes=15),
+        read_lateness_ms=0.0,
+        time_state=TimeState.SYNCED,
+        values={"energy_import": 1_001_754},
+    )
     record = step_channel(step.state, later, channel, ctx).records[-1]  # type: ignore[arg-type]
     assert {Flag.TIME_ADJUSTED, Flag.CLOCK_SET_FORWARD} <= record.flags
     assert quality(record.flags) is not Quality.ACTUAL
@@ -403,8 +433,14 @@ def test_sim3_a_regular_record_reports_its_nominal_length() -> None:
     # A start-up read 1 microsecond after 12:00: the 12:15 record is 899.999999 s
     # by the reference, within tolerance: nominal, unflagged, 900 s.
     state = ChannelState(counter=1_000_000, counter_at=t + timedelta(microseconds=1))
-    read = Read("unit1", t + timedelta(minutes=15), t + timedelta(minutes=15), 0.0,
-                TimeState.SYNCED, {"energy_import": 1_001_754})  # fmt: skip
+    read = Read(
+        device="unit1",
+        boundary=t + timedelta(minutes=15),
+        read_at=t + timedelta(minutes=15),
+        read_lateness_ms=0.0,
+        time_state=TimeState.SYNCED,
+        values={"energy_import": 1_001_754},
+    )
     record = step_channel(state, read, channel, ctx).records[-1]  # type: ignore[arg-type]
     assert record.flags == frozenset()
     assert record.duration_s == 900.0

@@ -39,7 +39,7 @@ def locked_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     passwords = tmp_path / "passwd"
     subprocess.run([tool, "-b", "-c", str(passwords), USER, PASSWORD], check=True)
     passwords.chmod(0o600)
-    broker = Mosquitto(free_port(), tmp_path, password_file=passwords)
+    broker = Mosquitto(port=free_port(), workdir=tmp_path, password_file=passwords)
     broker.start()
     try:
         yield broker
@@ -132,7 +132,9 @@ async def test_the_right_password_connects_and_delivers(
         host=locked_broker.host, port=locked_broker.port, username=USER, password_file=right
     )
     seq = store.allocate_seq()
-    await store.commit_boundary([], [], {}, [(seq, OutboxMessage("edged/s/test", b"{}"))])
+    await store.commit_boundary(
+        [], [], {}, [(seq, OutboxMessage(topic="edged/s/test", payload=b"{}"))]
+    )
     publisher = Publisher(settings, store, "edged-test", "edged/s/gateway/status", b"{}")
     task = asyncio.create_task(publisher.run())
     try:

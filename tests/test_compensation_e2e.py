@@ -101,8 +101,8 @@ async def meter() -> AsyncIterator[int]:
                          initial_counts=10_000),
             CounterPoint(address=2, name="kvarh", kwh_per_count=0.001, load_kw=1800.0,
                          initial_counts=20_000),
-            StaticPoint("V", 10, 11000.0, data_type=DataType.FLOAT32),
-            StaticPoint("I", 12, 600.0, data_type=DataType.FLOAT32),
+            StaticPoint(name="V", address=10, value=11000.0, data_type=DataType.FLOAT32),
+            StaticPoint(name="I", address=12, value=600.0, data_type=DataType.FLOAT32),
         ]
     )  # fmt: skip
     async with MeterServer({1: sim}) as server:

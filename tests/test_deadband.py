@@ -83,7 +83,7 @@ async def test_daemon_publishes_only_moved_values_and_every_interval(
         [
             CounterPoint(address=0, kwh_per_count=KWH_PER_COUNT, load_kw=LOAD_KW,
                          initial_counts=10_000),
-            StaticPoint("kw", 20, 500),
+            StaticPoint(name="kw", address=20, value=500),
         ]
     )  # fmt: skip
     async with MeterServer({1: sim}) as server, collect(broker, "edged/#") as got:

@@ -90,7 +90,14 @@ def test_block_demand_through_the_engine_and_amt_suspends_it() -> None:
     state = ChannelState(counter=1_000_000, counter_at=T0, last_end=T0)
 
     def read(time_state: TimeState) -> Read:
-        return Read("unit1", T0 + Q, T0 + Q, 0.0, time_state, {"energy_import": 1_001_754})
+        return Read(
+            device="unit1",
+            boundary=T0 + Q,
+            read_at=T0 + Q,
+            read_lateness_ms=0.0,
+            time_state=time_state,
+            values={"energy_import": 1_001_754},
+        )
 
     (synced,) = step_channel(state, read(TimeState.SYNCED), channel, ctx).records
     (amt,) = step_channel(state, read(TimeState.ASSUMED), channel, ctx).records
@@ -190,7 +197,12 @@ def test_rolling_demand_through_the_engine() -> None:
     rolling = []
     for i, counter in enumerate([1_001_754, 1_003_508, 1_003_508], start=1):
         read = Read(
-            "unit1", T0 + i * Q, T0 + i * Q, 0.0, TimeState.SYNCED, {"energy_import": counter}
+            device="unit1",
+            boundary=T0 + i * Q,
+            read_at=T0 + i * Q,
+            read_lateness_ms=0.0,
+            time_state=TimeState.SYNCED,
+            values={"energy_import": counter},
         )
         step = step_channel(state, read, channel, ctx)
         state = step.state
@@ -199,7 +211,12 @@ def test_rolling_demand_through_the_engine() -> None:
     # The window survives a restart through the persisted state.
     restored = ChannelState.from_json(state.to_json())
     read = Read(
-        "unit1", T0 + 4 * Q, T0 + 4 * Q, 0.0, TimeState.SYNCED, {"energy_import": 1_005_262}
+        device="unit1",
+        boundary=T0 + 4 * Q,
+        read_at=T0 + 4 * Q,
+        read_lateness_ms=0.0,
+        time_state=TimeState.SYNCED,
+        values={"energy_import": 1_005_262},
     )
     (next_record,) = step_channel(restored, read, channel, ctx).records
     assert next_record.rolling_demand == 505.152

@@ -155,13 +155,20 @@ facade:
 # Register i of the simulated meters holds 100 * unit + i (holding) and
 # 200 * unit + i (input): values known by hand.
 REGISTERS = 20
-REQUEST_0 = (ReadRequest("holding", 0, 1, (Point("r0", "holding", 0, "uint16"),)),)
+REQUEST_0 = (
+    ReadRequest(
+        function="holding",
+        address=0,
+        count=1,
+        points=(Point(name="r0", function="holding", address=0, data_type="uint16"),),
+    ),
+)
 
 
 def meter(unit: int) -> SimulatedMeter:
-    points = [StaticPoint(f"h{i}", i, 100 * unit + i, data_type=DataType.UINT16)
+    points = [StaticPoint(name=f"h{i}", address=i, value=100 * unit + i, data_type=DataType.UINT16)
               for i in range(REGISTERS)]  # fmt: skip
-    points += [StaticPoint(f"i{i}", i, 200 * unit + i, table=Table.INPUT,
+    points += [StaticPoint(name=f"i{i}", address=i, value=200 * unit + i, table=Table.INPUT,
                            data_type=DataType.UINT16) for i in range(REGISTERS)]  # fmt: skip
     return SimulatedMeter(points)
 
@@ -601,7 +608,14 @@ async def test_a_flood_leaves_boundary_reads_on_time_and_other_masters_served() 
             client.close()
             return got
 
-        energy = (ReadRequest("holding", 0, 2, (Point("e", "holding", 0, "uint32"),)),)
+        energy = (
+            ReadRequest(
+                function="holding",
+                address=0,
+                count=2,
+                points=(Point(name="e", function="holding", address=0, data_type="uint32"),),
+            ),
+        )
         lateness: list[float] = []
         try:
             await bus.read(1, energy)  # open the port

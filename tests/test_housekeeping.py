@@ -270,7 +270,14 @@ def test_gateway_status_schema_lists_the_alarm_kinds() -> None:
 
 
 def _read(at: datetime) -> Read:
-    return Read("u1", at, at, 1.0, TimeState.SYNCED, values={"e": 1})
+    return Read(
+        device="u1",
+        boundary=at,
+        read_at=at,
+        read_lateness_ms=1.0,
+        time_state=TimeState.SYNCED,
+        values={"e": 1},
+    )
 
 
 def _interval(end: datetime) -> Interval:

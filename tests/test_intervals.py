@@ -870,8 +870,15 @@ def test_channel_state_json_round_trip() -> None:
         counter_at=T0,
         last_end=T0 + 2 * Q,
         gap=(
-            GapRun(T0 + Q, T0 + Q, frozenset({Flag.DEVICE_ERROR}), TimeState.SYNCED),
-            GapRun(T0 + 2 * Q, T0 + 2 * Q, frozenset(), TimeState.ASSUMED),
+            GapRun(
+                first=T0 + Q,
+                last=T0 + Q,
+                flags=frozenset({Flag.DEVICE_ERROR}),
+                time_state=TimeState.SYNCED,
+            ),
+            GapRun(
+                first=T0 + 2 * Q, last=T0 + 2 * Q, flags=frozenset(), time_state=TimeState.ASSUMED
+            ),
         ),
         rolling=(RollingEntry(T0 + Q, T0 + 2 * Q, None), RollingEntry(T0, T0 + Q, 252.576)),
         coarse=True,

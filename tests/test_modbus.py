@@ -568,4 +568,4 @@ def test_profile_static_point_type_names_match() -> None:
     assert {t.value for t in DataType} == {
         "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64"
     }  # fmt: skip
-    assert StaticPoint("x", 0, 1).register_count == 1
+    assert StaticPoint(name="x", address=0, value=1).register_count == 1

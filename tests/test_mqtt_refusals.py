@@ -32,7 +32,9 @@ EVENT_TOPIC = "edged/s1/gateway/event"
 def acl_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     if mosquitto_path() is None:
         pytest.fail("mosquitto is not installed (apt-get install -y mosquitto)")
-    broker = Mosquitto(free_port(), tmp_path, acl="topic readwrite edged/s1/gateway/#\n")
+    broker = Mosquitto(
+        port=free_port(), workdir=tmp_path, acl="topic readwrite edged/s1/gateway/#\n"
+    )
     broker.start()
     try:
         yield broker
@@ -54,8 +56,8 @@ async def test_refused_publish_stays_in_the_outbox_and_is_retried(
     device_seq, event_seq = store.allocate_seq(), store.allocate_seq()
     await store.commit_boundary(
         [], [], {},
-        [(device_seq, OutboxMessage(DEVICE_TOPIC, b'{"id":"r1"}')),
-         (event_seq, OutboxMessage(EVENT_TOPIC, b'{"kind":"x"}'))],
+        [(device_seq, OutboxMessage(topic=DEVICE_TOPIC, payload=b'{"id":"r1"}')),
+         (event_seq, OutboxMessage(topic=EVENT_TOPIC, payload=b'{"kind":"x"}'))],
     )  # fmt: skip
     settings = Mqtt.model_validate({"host": "127.0.0.1", "port": acl_broker.port, "protocol": "5"})
     publisher = Publisher(settings, store, "edged-s1", "edged/s1/gateway/status", b"{}")
@@ -97,7 +99,10 @@ async def test_quota_exceeded_from_a_fake_mqtt5_broker(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "edged.db")
     seqs = [store.allocate_seq() for _ in range(3)]
     await store.commit_boundary(
-        [], [], {}, [(s, OutboxMessage(DEVICE_TOPIC, f'{{"n":{s}}}'.encode())) for s in seqs]
+        [],
+        [],
+        {},
+        [(s, OutboxMessage(topic=DEVICE_TOPIC, payload=f'{{"n":{s}}}'.encode())) for s in seqs],
     )
     settings = Mqtt.model_validate({"host": "127.0.0.1", "port": port, "protocol": "5"})
     publisher = Publisher(settings, store, "edged-s1", "edged/s1/gateway/status", b"{}")

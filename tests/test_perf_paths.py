@@ -67,7 +67,9 @@ async def test_ack_deletes_more_rows_than_one_statement_takes(tmp_path: Path) ->
     store = await Store.open(tmp_path / "edged.db")
     try:
         count = 2 * ACK_CHUNK + 7
-        messages = [(store.allocate_seq(), OutboxMessage("t", b"{}")) for _ in range(count)]
+        messages = [
+            (store.allocate_seq(), OutboxMessage(topic="t", payload=b"{}")) for _ in range(count)
+        ]
         await store.commit_boundary([], [], {}, messages)
         keep = {messages[0][0], messages[ACK_CHUNK][0], messages[-1][0]}
         await store.ack(seq for seq, _ in messages if seq not in keep)

@@ -75,10 +75,12 @@ def bcpm_meter() -> SimulatedMeter:
         for i in range(BCPM_BRANCHES)
     ]
     points += [
-        StaticPoint(f"scale{i + 1:02d}", 1083 + i, BCPM_SCALE, data_type=DataType.INT16)
+        StaticPoint(
+            name=f"scale{i + 1:02d}", address=1083 + i, value=BCPM_SCALE, data_type=DataType.INT16
+        )
         for i in range(BCPM_BRANCHES)
     ]
-    points.append(StaticPoint("current01", 1335, 0, data_type=DataType.INT16))
+    points.append(StaticPoint(name="current01", address=1335, value=0, data_type=DataType.INT16))
     return SimulatedMeter(points, fill_gaps=True)  # unlisted registers below read 0
 
 

@@ -281,26 +281,26 @@ def test_decode_bits_property(word: int, bits: set[int]) -> None:
 
 
 def test_point_count_and_validation() -> None:
-    assert Point("p", "holding", 0, "float64").count == 4
-    assert Point("p", "input", 0xFFFE, "uint32").end == 0x10000
+    assert Point(name="p", function="holding", address=0, data_type="float64").count == 4
+    assert Point(name="p", function="input", address=0xFFFE, data_type="uint32").end == 0x10000
     with pytest.raises(ValueError, match="does not fit"):
-        Point("p", "input", 0xFFFF, "uint32")
+        Point(name="p", function="input", address=0xFFFF, data_type="uint32")
     with pytest.raises(ValueError, match="does not fit"):
-        Point("p", "input", -1, "uint16")
+        Point(name="p", function="input", address=-1, data_type="uint16")
     with pytest.raises(ValueError, match="unknown data type"):
-        Point("p", "input", 0, "uint8")  # type: ignore[arg-type]
+        Point(name="p", function="input", address=0, data_type="uint8")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown function"):
-        Point("p", "coil", 0, "uint16")  # type: ignore[arg-type]
+        Point(name="p", function="coil", address=0, data_type="uint16")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="empty"):
-        Point("", "input", 0, "uint16")
+        Point(name="", function="input", address=0, data_type="uint16")
 
 
 def test_point_value_semantics() -> None:
-    a = Point("e", "holding", 10, "uint32", "little")
-    b = Point("e", "holding", 10, "uint32", "little")
+    a = Point(name="e", function="holding", address=10, data_type="uint32", word_order="little")
+    b = Point(name="e", function="holding", address=10, data_type="uint32", word_order="little")
     assert a == b
     assert hash(a) == hash(b)
-    assert a != Point("e", "holding", 10, "uint32")
+    assert a != Point(name="e", function="holding", address=10, data_type="uint32")
     assert "codec" not in repr(a)
 
 
@@ -308,11 +308,11 @@ def test_point_value_semantics() -> None:
 
 
 def u16(name: str, address: int, function: Function = "holding") -> Point:
-    return Point(name, function, address, "uint16")
+    return Point(name=name, function=function, address=address, data_type="uint16")
 
 
 def u32(name: str, address: int, function: Function = "holding") -> Point:
-    return Point(name, function, address, "uint32")
+    return Point(name=name, function=function, address=address, data_type="uint32")
 
 
 def spans(requests: Sequence[ReadRequest]) -> list[tuple[str, int, int]]:
@@ -371,14 +371,20 @@ def test_overlapping_points_share_a_request() -> None:
 def test_wide_point_opens_new_request_at_equal_address() -> None:
     # At address 122 the uint64 cannot fit in the first request (0..125 > 125);
     # it opens the next one and the uint16 at the same address rides along.
-    requests = coalesce([u16("a", 0), u16("n", 122), Point("w", "holding", 122, "uint64")])
+    requests = coalesce(
+        [
+            u16("a", 0),
+            u16("n", 122),
+            Point(name="w", function="holding", address=122, data_type="uint64"),
+        ]
+    )
     assert spans(requests) == [("holding", 0, 1), ("holding", 122, 4)]
     assert [p.name for p in requests[1].points] == ["w", "n"]
 
 
 def test_point_larger_than_max_count_is_an_error() -> None:
     with pytest.raises(ValueError, match="more than max_count"):
-        coalesce([Point("f", "input", 0, "float64")], max_count=3)
+        coalesce([Point(name="f", function="input", address=0, data_type="float64")], max_count=3)
 
 
 def test_coalesce_argument_validation() -> None:
@@ -403,12 +409,12 @@ def point_sets(draw: st.DrawFn, max_address: int = 400) -> list[Point]:
         word_order, byte_order = order_from_code(draw(st.sampled_from(ORDER_CODES)))
         points.append(
             Point(
-                name,
-                draw(st.sampled_from(FUNCTIONS)),
-                draw(st.integers(0, max_address)),
-                data_type,
-                word_order,
-                byte_order,
+                name=name,
+                function=draw(st.sampled_from(FUNCTIONS)),
+                address=draw(st.integers(0, max_address)),
+                data_type=data_type,
+                word_order=word_order,
+                byte_order=byte_order,
             )
         )
     return points
@@ -461,10 +467,13 @@ def test_order_independent(data: st.DataObject, points: list[Point], max_gap: in
 
 
 def test_decode_response_slices_points() -> None:
-    voltage = Point("voltage_v", "input", 10, "float32", *order_from_code("CDAB"))
-    energy = Point("energy_wh", "input", 12, "uint64")
-    status = Point("status", "input", 18, "uint16")
-    current = Point("current_a", "input", 19, "float32", *order_from_code("BADC"))
+    cdab, badc = order_from_code("CDAB"), order_from_code("BADC")
+    voltage = Point(name="voltage_v", function="input", address=10, data_type="float32",
+                    word_order=cdab[0], byte_order=cdab[1])  # fmt: skip
+    energy = Point(name="energy_wh", function="input", address=12, data_type="uint64")
+    status = Point(name="status", function="input", address=18, data_type="uint16")
+    current = Point(name="current_a", function="input", address=19, data_type="float32",
+                    word_order=badc[0], byte_order=badc[1])  # fmt: skip
     (request,) = coalesce([status, energy, current, voltage])
     assert (request.address, request.count) == (10, 11)
     words = [
@@ -484,7 +493,7 @@ def test_decode_response_slices_points() -> None:
 
 
 def test_decode_response_returns_nan_as_is() -> None:
-    (request,) = coalesce([Point("pf", "input", 0, "float32")])
+    (request,) = coalesce([Point(name="pf", function="input", address=0, data_type="float32")])
     assert math.isnan(decode_response(request, [0x7FC0, 0])["pf"])
 
 
@@ -527,18 +536,20 @@ def test_decode_response_agrees_with_decode(
 def test_read_request_validation() -> None:
     a = u16("a", 5)
     with pytest.raises(ValueError, match="outside"):
-        ReadRequest("holding", 6, 2, (a,))
+        ReadRequest(function="holding", address=6, count=2, points=(a,))
     with pytest.raises(ValueError, match="outside"):
-        ReadRequest("holding", 0, 5, (a,))
+        ReadRequest(function="holding", address=0, count=5, points=(a,))
     with pytest.raises(ValueError, match="is input"):
-        ReadRequest("holding", 0, 10, (u16("i", 0, "input"),))
+        ReadRequest(function="holding", address=0, count=10, points=(u16("i", 0, "input"),))
     with pytest.raises(ValueError, match="count"):
-        ReadRequest("holding", 0, 126, (a,))
+        ReadRequest(function="holding", address=0, count=126, points=(a,))
     with pytest.raises(ValueError, match="at least one"):
-        ReadRequest("holding", 0, 1, ())
+        ReadRequest(function="holding", address=0, count=1, points=())
     with pytest.raises(ValueError, match="duplicate"):
-        ReadRequest("holding", 0, 10, (a, u16("a", 6)))
+        ReadRequest(function="holding", address=0, count=10, points=(a, u16("a", 6)))
     with pytest.raises(ValueError, match="address space"):
-        ReadRequest("holding", 0xFFFF, 2, (u16("z", 0xFFFF),))
+        ReadRequest(function="holding", address=0xFFFF, count=2, points=(u16("z", 0xFFFF),))
     # Built by hand (not via coalesce) it still decodes.
-    assert decode_response(ReadRequest("holding", 4, 3, (a,)), [0, 7, 0]) == {"a": 7}
+    assert decode_response(
+        ReadRequest(function="holding", address=4, count=3, points=(a,)), [0, 7, 0]
+    ) == {"a": 7}

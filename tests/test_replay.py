@@ -196,7 +196,10 @@ async def test_a_replay_of_an_unsent_record_is_not_queued_twice(tmp_path: Path) 
         await store.commit_boundary([], pending.intervals, {}, pending.messages)
         (sent_seq, _), (unsent_seq, unsent) = pending.messages
         await store.ack([sent_seq])
-        copies = [(seq, OutboxMessage(m.topic, b'{"copy":true}')) for seq, m in pending.messages]
+        copies = [
+            (seq, OutboxMessage(topic=m.topic, payload=b'{"copy":true}'))
+            for seq, m in pending.messages
+        ]
         await store.commit_boundary([], [], {}, [], replays=copies)
         rows = await store.outbox_batch(10)
         assert [(r.seq, r.payload) for r in rows] == [
@@ -204,7 +207,7 @@ async def test_a_replay_of_an_unsent_record_is_not_queued_twice(tmp_path: Path) 
             (unsent_seq, unsent.payload),  # still waiting: sent once, as it is
         ]
         assert await store.outbox_last_seq() == unsent_seq
-        query = IntervalQuery(NOW - timedelta(hours=1), NOW, ("unit2",))
+        query = IntervalQuery(start=NOW - timedelta(hours=1), end=NOW, devices=("unit2",))
         assert await store.count_intervals(query) == 1
         [(_rowid, text)] = await store.interval_payloads(query, 0, 10)
         assert json.loads(text)["seq"] == unsent_seq
@@ -434,10 +437,10 @@ async def test_cli_replays_exactly_the_stored_range(populated: Populated, broker
     config = with_broker(populated, broker.port)
     # The local day 2026-09-27 (it starts in NZST and moves to NZDT at 02:00)
     query = IntervalQuery(
-        datetime(2026, 9, 26, 12, 0, tzinfo=UTC),
-        datetime(2026, 9, 26, 15, 0, tzinfo=UTC),  # 2026-09-27 04:00 NZDT
-        ("unit1",),
-        ("energy_import",),
+        start=datetime(2026, 9, 26, 12, 0, tzinfo=UTC),
+        end=datetime(2026, 9, 26, 15, 0, tzinfo=UTC),  # 2026-09-27 04:00 NZDT
+        devices=("unit1",),
+        channels=("energy_import",),
     )
     expected = stored_in(populated.db, query)
     assert len(expected) >= 8
@@ -457,7 +460,7 @@ async def test_cli_replays_exactly_the_stored_range(populated: Populated, broker
         assert topic == f"edged/cli-site/device/unit1/interval/{payload['channel']}"
     validate_messages(got.messages)
     # every device and channel, only counted
-    everything = stored_in(populated.db, IntervalQuery(query.start, query.end))
+    everything = stored_in(populated.db, IntervalQuery(start=query.start, end=query.end))
     dry = edged("replay", "-c", str(config), "--from", "2026-09-27", "--to",
                 "2026-09-27 04:00", "--dry-run", check=True)  # fmt: skip
     assert f"would replay {len(everything)} interval(s) of all devices" in dry.stdout

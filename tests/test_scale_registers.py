@@ -38,19 +38,24 @@ Q = timedelta(minutes=15)
 def test_scale_factor_is_applied_exactly(
     raw: int | float, exponent: int, expected: int | float
 ) -> None:
-    spec = ValueSpec("v", "v", sf_point="sf")
+    spec = ValueSpec(name="v", point="v", sf_point="sf")
     assert scaled_value(spec, {"v": raw, "sf": exponent}) == expected
 
 
 def test_not_implemented_scale_factor_gives_no_value() -> None:
-    spec = ValueSpec("v", "v", sf_point="sf")
+    spec = ValueSpec(name="v", point="v", sf_point="sf")
     assert scaled_value(spec, {"v": 123, "sf": -32768}) is None  # SunSpec "not implemented"
 
 
 def test_apply_plan_reports_the_exponent_each_value_was_read_with() -> None:
-    points = [Point("a", "holding", 0, "uint32"), Point("sf", "holding", 2, "int16"),
-              Point("b", "holding", 3, "uint16")]  # fmt: skip
-    plan = build_plan(points, [ValueSpec("a", "a", sf_point="sf"), ValueSpec("b", "b")])
+    points = [
+        Point(name="a", function="holding", address=0, data_type="uint32"),
+        Point(name="sf", function="holding", address=2, data_type="int16"),
+        Point(name="b", function="holding", address=3, data_type="uint16"),
+    ]
+    plan = build_plan(
+        points, [ValueSpec(name="a", point="a", sf_point="sf"), ValueSpec(name="b", point="b")]
+    )
     result = apply_plan(plan, {"a": 7, "sf": -3, "b": 1})
     assert result.values == {"a": 0.007, "b": 1}
     assert result.scale_factors == {"a": -3}
@@ -104,11 +109,11 @@ async def test_a_scale_register_change_is_seen_between_two_reads(tmp_path: Path)
     circuit 1 energy 1168-1169, its scale at 1084; circuit 2 at 1170 / 1085."""
     meter = SimulatedMeter(
         [
-            StaticPoint("kwh1", 1167, 123456, data_type=DataType.UINT32),
-            StaticPoint("kwh2", 1169, 12345, data_type=DataType.UINT32),
-            StaticPoint("sf1", 1083, -1, data_type=DataType.INT16),
-            StaticPoint("sf2", 1084, 0, data_type=DataType.INT16),
-            StaticPoint("amps1", 1335, 25, data_type=DataType.INT16),
+            StaticPoint(name="kwh1", address=1167, value=123456, data_type=DataType.UINT32),
+            StaticPoint(name="kwh2", address=1169, value=12345, data_type=DataType.UINT32),
+            StaticPoint(name="sf1", address=1083, value=-1, data_type=DataType.INT16),
+            StaticPoint(name="sf2", address=1084, value=0, data_type=DataType.INT16),
+            StaticPoint(name="amps1", address=1335, value=25, data_type=DataType.INT16),
         ],
         fill_gaps=True,
     )

@@ -261,22 +261,21 @@ def test_device_status_payloads_validate(tmp_path: Path) -> None:
 
 
 def test_peak_payloads_validate() -> None:
-    from edged.core import payloads
+    from edged.core.demand import Peak, PeakState
+    from edged.core.payloads import peak_payload
 
-    demand = pytest.importorskip("edged.core.demand")
-    peak_payload = getattr(payloads, "peak_payload", None)
-    if peak_payload is None:
-        pytest.skip("no peak payload in edged.core.payloads")
     start = datetime(2026, 11, 1, 0, 0, tzinfo=UTC)
-    best = demand.Peak(1010.304, start, start + timedelta(minutes=15))
+    best = Peak(1010.304, start, start + timedelta(minutes=15))
     states = [
-        demand.PeakState(),
-        demand.PeakState(start, start + timedelta(days=30), best, None),
-        demand.PeakState(
-            start,
-            start + timedelta(days=30),
-            best,
-            demand.Peak(990.5, start, start + timedelta(minutes=30)),
+        PeakState(),
+        PeakState(
+            period_start=start, period_end=start + timedelta(days=30), block=best, rolling=None
+        ),
+        PeakState(
+            period_start=start,
+            period_end=start + timedelta(days=30),
+            block=best,
+            rolling=Peak(990.5, start, start + timedelta(minutes=30)),
         ),
     ]
     topic = TOPICS.peak("unit1", "energy_import")
@@ -326,7 +325,11 @@ def test_payload_must_agree_with_its_topic() -> None:
     with pytest.raises(SchemaViolation, match="never retained"):
         validate_message(interval_topic(payload), payload, retained=True)
     event = received(
-        event_payload(Event("unit1", "clock_step", datetime.now(UTC), "m"), "cli-site", 1)
+        event_payload(
+            Event(device="unit1", kind="clock_step", at=datetime.now(UTC), message="m"),
+            "cli-site",
+            1,
+        )
     )
     with pytest.raises(SchemaViolation, match="gateway event must have device null"):
         validate_message(TOPICS.event(None), {**event, "id": event["id"]})

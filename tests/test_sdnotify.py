@@ -129,7 +129,7 @@ async def test_watchdog_pings_only_while_no_heartbeat_is_stalled() -> None:
     def now() -> datetime:  # the reference clock, on the same virtual time
         return epoch + timedelta(seconds=loop.time() - t0)
 
-    beat = Heartbeat("poller:unit1")
+    beat = Heartbeat(name="poller:unit1")
     beat.waiting_for(now() + timedelta(seconds=1))  # idle: waiting for a boundary
 
     def stalls() -> list[str]:
@@ -164,7 +164,7 @@ async def test_watchdog_pings_only_while_no_heartbeat_is_stalled() -> None:
 
 def test_heartbeat_tells_idle_from_hung() -> None:
     boundary = datetime(2026, 11, 21, 0, 15, tzinfo=UTC)
-    beat = Heartbeat("poller:m1")
+    beat = Heartbeat(name="poller:m1")
     assert beat.stall(boundary, 100.0) is None  # nothing yet
     beat.waiting_for(boundary)
     # Waiting 15 minutes for the boundary is idle, however long.
@@ -189,7 +189,7 @@ def test_heartbeat_tells_idle_from_hung() -> None:
 
 @pytest.mark.parametrize("limit_s", [0.5, 60.0])
 def test_heartbeat_limit_is_a_bound_not_a_constant(limit_s: float) -> None:
-    beat = Heartbeat("recorder")
+    beat = Heartbeat(name="recorder")
     beat.busy(0.0)
     assert beat.stall(datetime.now(UTC), limit_s * 0.9, limit_s) is None
     assert beat.stall(datetime.now(UTC), limit_s * 1.1, limit_s) is not None

@@ -302,7 +302,9 @@ def test_counter_rolls_over_resets_and_jumps(clock: FakeClock) -> None:
 
 def test_register_map_validation(clock: FakeClock) -> None:
     with pytest.raises(ValueError, match="overlaps"):
-        SimulatedMeter([CounterPoint(address=0), StaticPoint("x", 1, 5)], now_s=clock)
+        SimulatedMeter(
+            [CounterPoint(address=0), StaticPoint(name="x", address=1, value=5)], now_s=clock
+        )
     with pytest.raises(ValueError, match="unique"):
         SimulatedMeter([CounterPoint(), CounterPoint(address=10)], now_s=clock)
     with pytest.raises(ValueError, match="address"):
@@ -413,8 +415,8 @@ async def test_tcp_types_orders_tables_clock_and_status(clock: FakeClock) -> Non
                 rollover=2**64,
                 load_kw=0,
             ),
-            StaticPoint("voltage", 20, -5, data_type=DataType.INT16),
-            StaticPoint("frequency", 21, 50.0, data_type=DataType.FLOAT64),
+            StaticPoint(name="voltage", address=20, value=-5, data_type=DataType.INT16),
+            StaticPoint(name="frequency", address=21, value=50.0, data_type=DataType.FLOAT64),
             ClockPoint(address=30),
             StatusPoint(address=32, initial_bits=0x8001),
         ],
@@ -458,7 +460,9 @@ async def test_tcp_exception_responses(clock: FakeClock) -> None:
         r = await client.read_coils(0, count=1, device_id=1)  # function 1 unsupported
         assert_exception(r, 1)
         assert await read_u32(client) == 0  # the connection is still good
-    gaps = SimulatedMeter([CounterPoint(), StaticPoint("x", 5, 9)], now_s=clock, fill_gaps=True)
+    gaps = SimulatedMeter(
+        [CounterPoint(), StaticPoint(name="x", address=5, value=9)], now_s=clock, fill_gaps=True
+    )
     async with serve({1: gaps}) as (_server, port), tcp_client(port) as client:
         r = await client.read_holding_registers(0, count=6, device_id=1)
         assert r.registers == [0, 0, 0, 0, 0, 9]

@@ -351,7 +351,8 @@ async def test_sparkplug_rows_share_the_commit_and_only_their_session_sees_them(
         def tap(records: Sequence[Interval]) -> list[OutboxMessage]:
             return [
                 OutboxMessage(
-                    "spBv1.0/g/DDATA/tekapo-a/unit1", row_payload("unit1", interval_metric(r))
+                    topic="spBv1.0/g/DDATA/tekapo-a/unit1",
+                    payload=row_payload("unit1", interval_metric(r)),
                 )
                 for r in records
             ]
@@ -424,7 +425,8 @@ async def test_sparkplug_instead_of_json_rows_take_the_records_seqs(tmp_path: Pa
         def tap(records: Sequence[Interval]) -> list[OutboxMessage]:
             return [
                 OutboxMessage(
-                    f"spBv1.0/g/DDATA/n/{r.device}", row_payload(r.device, interval_metric(r))
+                    topic=f"spBv1.0/g/DDATA/n/{r.device}",
+                    payload=row_payload(r.device, interval_metric(r)),
                 )
                 for r in records
             ]

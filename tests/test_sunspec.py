@@ -86,13 +86,15 @@ def test_an_unknown_point_is_a_profile_error(tmp_path: Path) -> None:
 
 def chain(base: int, models: list[tuple[int, int]]) -> list[StaticPoint]:
     """'SunS' at ``base`` then (id, length) models, each followed by its registers."""
-    points = [StaticPoint("marker", base, 0x53756E53, data_type=DataType.UINT32)]
+    points = [StaticPoint(name="marker", address=base, value=0x53756E53, data_type=DataType.UINT32)]
     address = base + 2
     for model_id, length in models:
-        points.append(StaticPoint(f"id{address}", address, model_id))
-        points.append(StaticPoint(f"len{address}", address + 1, length))
+        points.append(StaticPoint(name=f"id{address}", address=address, value=model_id))
+        points.append(StaticPoint(name=f"len{address}", address=address + 1, value=length))
         address += 2 + length
-    points.append(StaticPoint("end", address, 0xFFFF0000, data_type=DataType.UINT32))  # id, L 0
+    points.append(
+        StaticPoint(name="end", address=address, value=0xFFFF0000, data_type=DataType.UINT32)
+    )  # id, L 0
     return points
 
 
@@ -132,7 +134,10 @@ def _device(port: int) -> Device:
 @pytest.mark.parametrize(
     ("points", "message"),
     [
-        ([StaticPoint("x", 0, 1)], "no SunSpec marker 'SunS' at 0, 40000 or 50000"),
+        (
+            [StaticPoint(name="x", address=0, value=1)],
+            "no SunSpec marker 'SunS' at 0, 40000 or 50000",
+        ),
         (chain(40000, [(1, 66), (101, 50)]), "SunSpec chain at 40000 has models [1, 101]"),
     ],
 )
@@ -155,14 +160,18 @@ def sunspec_meter() -> SimulatedMeter:
     1 Wh per count (TotWh_SF 0), 3600 kW, i.e. 1 kWh per second."""
     table = load_table(GOLDEN)
     points: list[StaticPoint | CounterPoint] = [
-        StaticPoint(f"r{address}", address, word)
+        StaticPoint(name=f"r{address}", address=address, value=word)
         for (_function, address), word in sorted(table.extra_registers.items())
     ]
     points.append(CounterPoint(address=40116, name="TotWhImp", kwh_per_count=0.001,
                                load_kw=3600.0, initial_counts=5_000_000))  # fmt: skip
-    points.append(StaticPoint("TotWhExp", 40108, 12345, data_type=DataType.UINT32))
-    points.append(StaticPoint("TotVArhImpQ1", 40142, 1000, data_type=DataType.UINT32))
-    points.append(StaticPoint("TotVArh_SF", 40174, 0, data_type=DataType.INT16))
+    points.append(
+        StaticPoint(name="TotWhExp", address=40108, value=12345, data_type=DataType.UINT32)
+    )
+    points.append(
+        StaticPoint(name="TotVArhImpQ1", address=40142, value=1000, data_type=DataType.UINT32)
+    )
+    points.append(StaticPoint(name="TotVArh_SF", address=40174, value=0, data_type=DataType.INT16))
     return SimulatedMeter(points, fill_gaps=True)
 
 
@@ -203,7 +212,9 @@ async def test_the_daemon_discovers_and_reads_a_sunspec_meter(
 async def test_probe_says_when_no_sunspec_model_is_found(tmp_path: Path) -> None:
     from edged.cli.probe import run_probe
 
-    async with MeterServer({1: SimulatedMeter([StaticPoint("x", 0, 1)], fill_gaps=True)}) as s:
+    async with MeterServer(
+        {1: SimulatedMeter([StaticPoint(name="x", address=0, value=1)], fill_gaps=True)}
+    ) as s:
         device = load_settings(write(tmp_path, await s.start_tcp())).devices[0]
         text, ok = await run_probe(device)
     assert not ok

@@ -72,7 +72,12 @@ class SimClocks:
         leap: int = 0,
     ) -> NtpSample:
         return NtpSample(
-            server, self.mono_s, -self.system_error_s + error_s, delay_s, stratum, leap
+            server=server,
+            mono_s=self.mono_s,
+            offset_s=-self.system_error_s + error_s,
+            delay_s=delay_s,
+            stratum=stratum,
+            leap=leap,
         )
 
     def ntp(self, tb: Timebase, *samples: NtpSample) -> list[TimeTransition]:
@@ -299,7 +304,9 @@ def test_samples_measured_across_a_step_are_aligned_or_dropped() -> None:
     clocks.advance(0.5)
     clocks.observe(tb)  # the last observation before the step
     clocks.advance(0.2)
-    straddling = NtpSample("b", clocks.mono_s, 99.0, 0.4, 2)  # exchange spans the step
+    straddling = NtpSample(
+        server="b", mono_s=clocks.mono_s, offset_s=99.0, delay_s=0.4, stratum=2
+    )  # exchange spans the step
     clocks.step_system(10.0)
     clocks.advance(0.3)
     clocks.observe(tb)  # finds the step
@@ -501,13 +508,20 @@ def test_two_disagreeing_servers_have_no_majority() -> None:
 def test_a_sample_with_huge_delay_is_rejected() -> None:
     model = NtpModel()
     for i in range(4):
-        model.add_round([NtpSample("a", 64.0 * i, 0.0, 0.020, 2)], 64.0 * i)
-    result = model.add_round([NtpSample("a", 256.0, 0.4, 0.800, 2)], 256.0)
+        model.add_round(
+            [NtpSample(server="a", mono_s=64.0 * i, offset_s=0.0, delay_s=0.020, stratum=2)],
+            64.0 * i,
+        )
+    result = model.add_round(
+        [NtpSample(server="a", mono_s=256.0, offset_s=0.4, delay_s=0.800, stratum=2)], 256.0
+    )
     assert result.accepted == ()
     assert [r for _, r in result.rejected] == [RejectReason.DELAY]
     assert model.predict_offset(256.0) == pytest.approx(0.0)
     # Absolute limit even on the first sample from a server.
-    first = model.add_round([NtpSample("z", 300.0, 0.0, 1.5, 2)], 300.0)
+    first = model.add_round(
+        [NtpSample(server="z", mono_s=300.0, offset_s=0.0, delay_s=1.5, stratum=2)], 300.0
+    )
     assert [r for _, r in first.rejected] == [RejectReason.DELAY]
 
 
@@ -524,7 +538,19 @@ def test_a_sample_with_huge_delay_is_rejected() -> None:
 def test_unsynchronised_and_bogus_samples_are_rejected(
     stratum: int, leap: int, delay_s: float, offset_s: float, reason: RejectReason
 ) -> None:
-    result = NtpModel().add_round([NtpSample("a", 0.0, offset_s, delay_s, stratum, leap)], 0.0)
+    result = NtpModel().add_round(
+        [
+            NtpSample(
+                server="a",
+                mono_s=0.0,
+                offset_s=offset_s,
+                delay_s=delay_s,
+                stratum=stratum,
+                leap=leap,
+            )
+        ],
+        0.0,
+    )
     assert result.accepted == ()
     assert [r for _, r in result.rejected] == [reason]
     assert result.fit is None

@@ -32,9 +32,9 @@ def test_plan_resolves_inputs() -> None:
     assert plan.meter_id == "station"
     assert plan.interval_s == 900
     assert plan.channels[0].inputs == (
-        VirtualInput("unit1.energy_export", "unit1", "energy_export", 1),
-        VirtualInput("unit2.energy_export", "unit2", "energy_export", 1),
-        VirtualInput("aux.energy_import", "aux", "energy_import", -1),
+        VirtualInput(ref="unit1.energy_export", device="unit1", channel="energy_export", sign=1),
+        VirtualInput(ref="unit2.energy_export", device="unit2", channel="energy_export", sign=1),
+        VirtualInput(ref="aux.energy_import", device="aux", channel="energy_import", sign=-1),
     )
 
 

@@ -231,7 +231,10 @@ class World:
             }
             known = [s.counter_at for s in states.values() if s.counter_at is not None]
             timing = ReadTiming(
-                device.interval_s, self.zone, min(known) if known else None, self.mono_s
+                interval_s=device.interval_s,
+                zone=self.zone,
+                since=min(known) if known else None,
+                mono_since=self.mono_s,
             )
             poller = Poller(device, meter, states, timing)
             poller.peaks = dict(self._persisted_peaks.get(device.id, {}))

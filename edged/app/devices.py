@@ -52,7 +52,7 @@ log = structlog.get_logger("edged.app.devices")
 POLLER_RESTART_S = 5.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PollerContext:
     """What every poller shares."""
 
@@ -70,7 +70,7 @@ class PollerContext:
     on_measurement: Callable[[str, dict[str, Any]], bool]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class _Running:
     poller: DevicePoller
     link: ScheduledLink
@@ -187,7 +187,7 @@ class DeviceSet:
             on_measurement=ctx.on_measurement,
             health=health,
         )
-        running = _Running(poller, link)
+        running = _Running(poller=poller, link=link)
         name = f"poller:{device.id}"
         task = self._group.create_task(supervised(poller.run, name, running.stop), name=name)
         running.tasks.append((task, poller.heartbeat))

@@ -20,7 +20,7 @@ from datetime import datetime
 STALL_AFTER_S = 120.0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Heartbeat:
     name: str
     due_at: datetime | None = None  # waiting for this reference instant (a boundary)

@@ -133,7 +133,7 @@ def decide_budget(usage: DiskUsage, limits: BudgetLimits, state: BudgetState) ->
     return BudgetDecision(BudgetState(alarm, shed), purge, change)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DiskStatus:
     """What the gateway status shows about the store."""
 

@@ -81,7 +81,7 @@ MEASUREMENT_FLUSH_S = 5.0
 MEASUREMENT_BATCH_ROWS = 1000
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Pending:
     """What one poller step hands to the recorder."""
 
@@ -106,12 +106,19 @@ def outbox_pending(
         payload = encode(interval_payload(record, seq, store_id=store.store_id))
         pending.intervals.append((record, payload))
         pending.messages.append(
-            (seq, OutboxMessage(topics.interval(record.device, record.channel), payload))
+            (
+                seq,
+                OutboxMessage(
+                    topic=topics.interval(record.device, record.channel), payload=payload
+                ),
+            )
         )
     for event in events:
         seq = store.allocate_seq()
         payload = encode(event_payload(event, site, seq, store.store_id))
-        pending.messages.append((seq, OutboxMessage(topics.event(event.device), payload)))
+        pending.messages.append(
+            (seq, OutboxMessage(topic=topics.event(event.device), payload=payload))
+        )
     return pending
 
 
@@ -151,7 +158,7 @@ class Recorder:
         # Told when the store file was replaced or deleted under the daemon.
         self.on_fatal: Callable[[StoreReplaced], None] | None = None
         self._queue: asyncio.Queue[Pending | asyncio.Future[None] | None] = asyncio.Queue()
-        self.heartbeat = Heartbeat("recorder")
+        self.heartbeat = Heartbeat(name="recorder")
         self._measurement_flush_s = measurement_flush_s
         self._measurements: list[Measurement] = []
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -312,7 +319,7 @@ class Recorder:
                 return
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class DeviceHealth:
     """Comms state of a device, published retained on its status topic."""
 
@@ -335,7 +342,7 @@ class DeviceHealth:
 METER_CLOCK_REPUBLISH_S = 1.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HealthShown:
     """What a published device status said, to tell whether a new one is news.
 
@@ -350,8 +357,13 @@ class HealthShown:
 
     @classmethod
     def of(cls, health: DeviceHealth) -> HealthShown:
-        return cls(health.comms, health.consecutive_errors, health.errors, health.last_error,
-                   health.meter_clock_offset_s)  # fmt: skip
+        return cls(
+            comms=health.comms,
+            consecutive_errors=health.consecutive_errors,
+            errors=health.errors,
+            last_error=health.last_error,
+            meter_clock_offset_s=health.meter_clock_offset_s,
+        )
 
     def news(self, now: HealthShown) -> bool:
         """Whether `now` says something this did not (pure)."""
@@ -410,7 +422,10 @@ class DevicePoller:
         # time, flag the record the next boundary read closes.
         known = [st.counter_at for st in states.values() if st.counter_at is not None]
         self._timing = ReadTiming(
-            device.interval_s, zone, min(known) if known else None, clock.monotonic()
+            interval_s=device.interval_s,
+            zone=zone,
+            since=min(known) if known else None,
+            mono_since=clock.monotonic(),
         )
         self._stop = asyncio.Event()
         self._wakes: set[asyncio.Future[None]] = set()
@@ -424,8 +439,8 @@ class DevicePoller:
         # read give the interval's operating point.
         self._compensation = params_of(device)
         self._samples = NO_SAMPLES
-        self.heartbeat = Heartbeat(f"poller:{device.id}")
-        self.measure_heartbeat = Heartbeat(f"measure:{device.id}")
+        self.heartbeat = Heartbeat(name=f"poller:{device.id}")
+        self.measure_heartbeat = Heartbeat(name=f"measure:{device.id}")
 
     async def run_measurements(self) -> None:
         """Fast polling on an absolute schedule; boundary reads on the same link
@@ -569,7 +584,16 @@ class DevicePoller:
             lateness_ms = (read_at - boundary) / timedelta(milliseconds=1)
         error = await self._locate()
         if error is not None:
-            result = DeviceRead({}, frozenset(), None, (), error, 0.0, 0.0, ())
+            result = DeviceRead(
+                values={},
+                flags=frozenset(),
+                meter_clock_offset_s=None,
+                registers=(),
+                error=error,
+                queued_s=0.0,
+                duration_s=0.0,
+                notes=(),
+            )
         else:
             result = await read_device(
                 self._link,

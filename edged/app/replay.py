@@ -61,7 +61,7 @@ MAX_WAITING_REQUESTS = 16
 # -- requests (pure) ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ReplayRequest:
     request_id: str
     start: datetime  # records whose end lies in (start, end]
@@ -71,7 +71,9 @@ class ReplayRequest:
 
     @property
     def query(self) -> IntervalQuery:
-        return IntervalQuery(self.start, self.end, self.devices, self.channels)
+        return IntervalQuery(
+            start=self.start, end=self.end, devices=self.devices, channels=self.channels
+        )
 
 
 class RequestError(EdgedError, ValueError):
@@ -138,7 +140,9 @@ def parse_request(
     for channel in channels:
         if channel not in offered:
             raise RequestError(f"unknown channel {channel!r}", request_id)
-    return ReplayRequest(request_id, start, end, devices, channels)
+    return ReplayRequest(
+        request_id=request_id, start=start, end=end, devices=devices, channels=channels
+    )
 
 
 def response_topic_for(requested: str | None, topics: Topics) -> str:
@@ -164,7 +168,7 @@ def response_topic_for(requested: str | None, topics: Topics) -> str:
 # -- the daemon's command handler -----------------------------------------------------
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class _Replay:
     request: ReplayRequest
     topic: str
@@ -265,7 +269,7 @@ class ReplayCommands:
                 f"mqtt.commands.max_intervals ({self._max_intervals}); ask for a shorter range",
                 request.request_id,
             )
-        replay = _Replay(request, topic, command.correlation_data)
+        replay = _Replay(request=request, topic=topic, correlation=command.correlation_data)
         self._replays.append(replay)
         log.info("replay requested", request_id=request.request_id, intervals=count,
                  start=request.start.isoformat(), end=request.end.isoformat())  # fmt: skip
@@ -287,8 +291,8 @@ class ReplayCommands:
     async def _queue(self, stored: Sequence[dict[str, Any]], replay: _Replay) -> None:
         """Commit one page of copies to the outbox and wait until it is durable."""
         messages = [
-            (p["seq"], OutboxMessage(self._topics.interval(p["device"], p["channel"]),
-                                     encode(replay_copy(p))))
+            (p["seq"], OutboxMessage(topic=self._topics.interval(p["device"], p["channel"]),
+                                     payload=encode(replay_copy(p))))
             for p in stored
         ]  # fmt: skip
         seqs = [seq for seq, _ in messages]

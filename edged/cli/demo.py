@@ -58,7 +58,7 @@ async def demo_broker(workdir: Path) -> AsyncIterator[DemoBroker]:
 
     port = free_port()
     if mosquitto_path():
-        mosquitto = Mosquitto(port, workdir)
+        mosquitto = Mosquitto(port=port, workdir=workdir)
         await asyncio.to_thread(mosquitto.start)
         try:
             yield DemoBroker(mosquitto.host, port, "mosquitto")
@@ -155,7 +155,7 @@ sparkplug:
 """
 
 
-@dataclass
+@dataclass(kw_only=True)
 class View:
     """What the demo shows: the latest intervals per device and the gateway state."""
 

@@ -226,7 +226,9 @@ def _intervals(args: argparse.Namespace) -> int:
     conn = _open_store(args, settings)
     if conn is None:
         return 1
-    query = IntervalQuery(start, end, tuple(args.device), tuple(args.channel))
+    query = IntervalQuery(
+        start=start, end=end, devices=tuple(args.device), channels=tuple(args.channel)
+    )
     out = sys.stdout if args.output is None else args.output.open("w", encoding="utf-8", newline="")
     plotted: list[dict[str, Any]] = []
     count = 0
@@ -279,7 +281,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     conn = _open_store(args, settings)
     if conn is None:
         return 1
-    query = IntervalQuery(start, end, tuple(args.device), tuple(args.channel))
+    query = IntervalQuery(
+        start=start, end=end, devices=tuple(args.device), channels=tuple(args.channel)
+    )
     what = ", ".join(args.device) or "all devices"
     if args.channel:
         what += f" ({', '.join(args.channel)})"

@@ -54,7 +54,7 @@ def _duplicates(items: Any, key: str) -> Iterator[tuple[int, str]]:
             seen.add(name)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Problem:
     file: str
     line: int | None
@@ -97,17 +97,30 @@ def _load_yaml(path: Path | Traversable) -> _Located:
         size = path.stat().st_size if isinstance(path, Path) else 0
         if size > _YAML_LIMITS.max_bytes:
             raise ConfigError(
-                [Problem(name, None, "", f"file larger than {_YAML_LIMITS.max_bytes} bytes")]
+                [
+                    Problem(
+                        file=name,
+                        line=None,
+                        key_path="",
+                        message=f"file larger than {_YAML_LIMITS.max_bytes} bytes",
+                    )
+                ]
             )
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([Problem(name, None, "", f"cannot read: {exc.strerror}")]) from None
+        raise ConfigError(
+            [Problem(file=name, line=None, key_path="", message=f"cannot read: {exc.strerror}")]
+        ) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError([Problem(name, None, "", f"not UTF-8 text: {exc.reason}")]) from None
+        raise ConfigError(
+            [Problem(file=name, line=None, key_path="", message=f"not UTF-8 text: {exc.reason}")]
+        ) from None
     try:
         data, lines = safe_yaml.build(text, _YAML_LIMITS)
     except safe_yaml.YamlRefused as exc:
-        raise ConfigError([Problem(name, exc.line, "", exc.message)]) from None
+        raise ConfigError(
+            [Problem(file=name, line=exc.line, key_path="", message=exc.message)]
+        ) from None
     return _Located(name, data, lines)
 
 
@@ -315,7 +328,9 @@ def _merge_profile(
         problems.extend(exc.problems)
         return device
     if not isinstance(profile.data, dict):
-        problems.append(Problem(profile.file, 1, "", "a profile must be a mapping"))
+        problems.append(
+            Problem(file=profile.file, line=1, key_path="", message="a profile must be a mapping")
+        )
         return device
     for key in profile.data:
         if key not in PROFILE_KEYS:
@@ -484,7 +499,9 @@ def _device_template(
 
 
 def _problem(doc: _Located, path: KeyPath, message: str) -> Problem:
-    return Problem(doc.file, _line_of(doc, path), format_key_path(path), message)
+    return Problem(
+        file=doc.file, line=_line_of(doc, path), key_path=format_key_path(path), message=message
+    )
 
 
 def _line_of(doc: _Located, path: KeyPath) -> int | None:
@@ -502,8 +519,13 @@ def _locate(path: KeyPath, doc: _Located, origins: Mapping[KeyPath, _Origin]) ->
         origin = origins.get(path[:end])
         if origin is not None:
             source_path = origin.path + path[end:]
-            return Problem(origin.doc.file, _line_of(origin.doc, source_path), "", "")
-    return Problem(doc.file, _line_of(doc, path), "", "")
+            return Problem(
+                file=origin.doc.file,
+                line=_line_of(origin.doc, source_path),
+                key_path="",
+                message="",
+            )
+    return Problem(file=doc.file, line=_line_of(doc, path), key_path="", message="")
 
 
 def _pydantic_problems(
@@ -521,7 +543,9 @@ def _pydantic_problems(
         )
         message = _message(error)
         where = _locate(path, doc, origins)
-        yield Problem(where.file, where.line, format_key_path(path), message)
+        yield Problem(
+            file=where.file, line=where.line, key_path=format_key_path(path), message=message
+        )
 
 
 def _is_consequential(error: Any, unloaded_profiles: set[int]) -> bool:
@@ -578,7 +602,12 @@ def load_settings_with_warnings(path: Path | str) -> tuple[Settings, tuple[Probl
     except ConfigError:
         raise
     except (Exception, RecursionError) as exc:
-        problem = Problem(str(path), None, "", f"cannot load: {type(exc).__name__}: {exc}")
+        problem = Problem(
+            file=str(path),
+            line=None,
+            key_path="",
+            message=f"cannot load: {type(exc).__name__}: {exc}",
+        )
         raise ConfigError([problem]) from exc
 
 
@@ -586,7 +615,9 @@ def _load_settings(config_path: Path) -> tuple[Settings, tuple[Problem, ...]]:
     warnings: list[Problem] = []
     doc = _load_yaml(config_path)
     if not isinstance(doc.data, dict):
-        raise ConfigError([Problem(doc.file, 1, "", "the file must be a YAML mapping")])
+        raise ConfigError(
+            [Problem(file=doc.file, line=1, key_path="", message="the file must be a YAML mapping")]
+        )
     problems: list[Problem] = []
     origins: dict[KeyPath, _Origin] = {}
     unloaded_profiles: set[int] = set()
@@ -616,10 +647,10 @@ def _load_settings(config_path: Path) -> tuple[Settings, tuple[Problem, ...]]:
                 where = _locate(key, doc, origins)
                 problems.append(
                     Problem(
-                        where.file,
-                        where.line,
-                        format_key_path(key),
-                        f"duplicate channel name {name!r}",
+                        file=where.file,
+                        line=where.line,
+                        key_path=format_key_path(key),
+                        message=f"duplicate channel name {name!r}",
                     )
                 )
             measurements = device.get("measurements") if isinstance(device, dict) else None
@@ -629,10 +660,10 @@ def _load_settings(config_path: Path) -> tuple[Settings, tuple[Problem, ...]]:
                 where = _locate(key, doc, origins)
                 problems.append(
                     Problem(
-                        where.file,
-                        where.line,
-                        format_key_path(key),
-                        f"duplicate measurement point name {name!r}",
+                        file=where.file,
+                        line=where.line,
+                        key_path=format_key_path(key),
+                        message=f"duplicate measurement point name {name!r}",
                     )
                 )
         problems.extend(_virtual_meter_ids(doc, data.get("virtual_meters"), merged_devices))
@@ -647,7 +678,11 @@ def _load_settings(config_path: Path) -> tuple[Settings, tuple[Problem, ...]]:
         raise ConfigError(sorted(set(problems), key=_problem_sort_key))
     for key_path, hint in _address_hints(data):
         where = _locate(key_path, doc, origins)
-        warnings.append(Problem(where.file, where.line, format_key_path(key_path), hint))
+        warnings.append(
+            Problem(
+                file=where.file, line=where.line, key_path=format_key_path(key_path), message=hint
+            )
+        )
     warnings.extend(_warnings(settings, doc))
     return settings, tuple(sorted(set(warnings), key=lambda w: (*_problem_sort_key(w), w.message)))
 

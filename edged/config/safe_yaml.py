@@ -38,7 +38,7 @@ _NO_MERGE = "merge keys (<<) are not supported: write the keys out"
 _PLAIN_KEYS = "a key must be a plain value, not a list or mapping (complex key)"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
     """Bounds on the work one file may ask for."""
 

@@ -184,7 +184,7 @@ class Peak:
     end: datetime  # its label (the record id's timestamp)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PeakState:
     """Peak demand of one channel in the current billing period.
 
@@ -275,18 +275,18 @@ def update_peak(
     state = state or PeakState()
     closed: PeakState | None = None
     if state.period_start is None:
-        state = PeakState(period.start, period.end)
+        state = PeakState(period_start=period.start, period_end=period.end)
     elif period.start < state.period_start:
         return state, None
     elif period.start > state.period_start:
         closed = state
-        state = PeakState(period.start, period.end)
+        state = PeakState(period_start=period.start, period_end=period.end)
     if usable_for_demand(record):
         state = PeakState(
-            state.period_start,
-            state.period_end,
-            _higher(state.block, record.demand, record),
-            _higher(state.rolling, record.rolling_demand, record),
+            period_start=state.period_start,
+            period_end=state.period_end,
+            block=_higher(state.block, record.demand, record),
+            rolling=_higher(state.rolling, record.rolling_demand, record),
         )
     return state, closed
 

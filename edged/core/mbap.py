@@ -55,7 +55,7 @@ class FrameError(EdgedError, ValueError):
     """The byte stream is not Modbus TCP: close the connection."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MbapHeader:
     transaction_id: int
     protocol_id: int
@@ -97,7 +97,9 @@ def parse_header(data: bytes) -> MbapHeader:
         raise FrameError(f"protocol id {protocol_id} is not Modbus (0)")
     if not MIN_LENGTH <= length <= MAX_LENGTH:
         raise FrameError(f"MBAP length {length} is outside {MIN_LENGTH}..{MAX_LENGTH}")
-    return MbapHeader(transaction_id, protocol_id, length, unit_id)
+    return MbapHeader(
+        transaction_id=transaction_id, protocol_id=protocol_id, length=length, unit_id=unit_id
+    )
 
 
 def parse_pdu(pdu: bytes) -> ReadPdu | RefusedPdu:

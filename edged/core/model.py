@@ -83,7 +83,7 @@ def _frozen_mapping(values: Mapping[str, float | int] | None) -> Mapping[str, fl
     return MappingProxyType(dict(values or {}))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Read:
     """One boundary (or start-up baseline) read of a device.
 
@@ -124,7 +124,7 @@ class Read:
         return self.error is None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Interval:
     """One interval record of one channel, labelled by its (nominal) end."""
 
@@ -155,7 +155,7 @@ class Interval:
         return f"{self.site}/{self.device}/{self.channel}/{iso_utc(self.end)}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
     """Something an operator or upstream system should know about."""
 

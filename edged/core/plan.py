@@ -74,7 +74,7 @@ def check_links(devices: Iterable[Device]) -> list[str]:
     return problems
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DevicePlan:
     """Everything a poller needs to read one device."""
 
@@ -85,8 +85,14 @@ class DevicePlan:
 
 
 def _point(name: str, spec: _RegisterMap, base: int = 0) -> Point:
-    return Point(name, spec.function, base + spec.address, spec.type, spec.word_order,
-                 spec.byte_order)  # fmt: skip
+    return Point(
+        name=name,
+        function=spec.function,
+        address=base + spec.address,
+        data_type=spec.type,
+        word_order=spec.word_order,
+        byte_order=spec.byte_order,
+    )
 
 
 def _sf_name(function: str, address: int) -> str:
@@ -104,18 +110,28 @@ def _register_plan(
         if spec.scale_register is not None:
             sf = spec.scale_register
             sf_point = _sf_name(sf.function, base + sf.address)
-            points[sf_point] = Point(sf_point, sf.function, base + sf.address, sf.type)
+            points[sf_point] = Point(
+                name=sf_point, function=sf.function, address=base + sf.address, data_type=sf.type
+            )
         na = spec.not_implemented
         if counters:
             # Counters stay in counts: scale and CT/VT live in Channel.multiplier.
-            values.append(ValueSpec(spec.name, spec.name, sf_point=sf_point,
+            values.append(ValueSpec(name=spec.name, point=spec.name, sf_point=sf_point,
                                     m10k=spec.encoding == "m10k", not_implemented=na))  # fmt: skip
         else:
             assert isinstance(spec, MeasurementPoint)
             factor = spec.scale * spec.ratio_factor
-            values.append(ValueSpec(spec.name, spec.name, scale=factor, offset=spec.offset,
-                                    sf_point=sf_point, m10k=spec.encoding == "m10k",
-                                    not_implemented=na))  # fmt: skip
+            values.append(
+                ValueSpec(
+                    name=spec.name,
+                    point=spec.name,
+                    scale=factor,
+                    offset=spec.offset,
+                    sf_point=sf_point,
+                    m10k=spec.encoding == "m10k",
+                    not_implemented=na,
+                )
+            )
     return list(points.values()), values
 
 
@@ -133,22 +149,47 @@ def plan_device(device: Device, *, base_address: int = 0) -> DevicePlan:
     status: list[StatusSpec] = []
     for word in device.status:
         name = f"_status.{word.function}.{word.address}"
-        optional.append(Point(name, word.function, word.address, word.type,
-                              word.word_order, word.byte_order))  # fmt: skip
+        optional.append(
+            Point(
+                name=name,
+                function=word.function,
+                address=word.address,
+                data_type=word.type,
+                word_order=word.word_order,
+                byte_order=word.byte_order,
+            )
+        )
         status.append(StatusSpec(name, dict(word.bits)))
     clock_spec = None
     if (clock := device.clock) is not None:
         if clock.format == "epoch":
             names = ["_clock.epoch"]
-            optional.append(Point(names[0], clock.function, clock.address, clock.type,
-                                  clock.word_order, clock.byte_order))  # fmt: skip
+            optional.append(
+                Point(
+                    name=names[0],
+                    function=clock.function,
+                    address=clock.address,
+                    data_type=clock.type,
+                    word_order=clock.word_order,
+                    byte_order=clock.byte_order,
+                )
+            )
         else:
             fields = 6 if clock.format == "ymdhms" else 4
             names = [f"_clock.{i}" for i in range(fields)]
             for i, name in enumerate(names):
-                optional.append(Point(name, clock.function, clock.address + i, "uint16"))
+                optional.append(
+                    Point(
+                        name=name,
+                        function=clock.function,
+                        address=clock.address + i,
+                        data_type="uint16",
+                    )
+                )
         zone = UTC if clock.timezone == "UTC" else ZoneInfo(clock.timezone)
-        clock_spec = ClockSpec(clock.format, tuple(names), zone, device.clock_tolerance)
+        clock_spec = ClockSpec(
+            format=clock.format, points=tuple(names), zone=zone, tolerance_s=device.clock_tolerance
+        )
     boundary = build_plan(
         points,
         values,
@@ -165,7 +206,12 @@ def plan_device(device: Device, *, base_address: int = 0) -> DevicePlan:
         )
         measurements = build_plan(m_points, m_values, max_gap=device.max_gap)
         every = device.measurements.every
-    return DevicePlan(device.transport.unit_id, boundary, measurements, every)
+    return DevicePlan(
+        unit_id=device.transport.unit_id,
+        boundary=boundary,
+        measurements=measurements,
+        measure_every_s=every,
+    )
 
 
 def _dedupe(points: Sequence[Point]) -> list[Point]:

@@ -62,8 +62,14 @@ class ProbeRow:
 
 
 def _register_point(name: str, spec: Channel | MeasurementPoint, base: int) -> Point:
-    return Point(name, spec.function, base + spec.address, spec.type, spec.word_order,
-                 spec.byte_order)  # fmt: skip
+    return Point(
+        name=name,
+        function=spec.function,
+        address=base + spec.address,
+        data_type=spec.type,
+        word_order=spec.word_order,
+        byte_order=spec.byte_order,
+    )
 
 
 def _value_probe(kind: Kind, spec: Channel | MeasurementPoint, base: int) -> Probe:
@@ -74,16 +80,18 @@ def _value_probe(kind: Kind, spec: Channel | MeasurementPoint, base: int) -> Pro
         sf = spec.scale_register
         scale_address = base + sf.address
         sf_point = f"_sf.{sf.function}.{scale_address}"
-        points.append(Point(sf_point, sf.function, scale_address, sf.type))
+        points.append(
+            Point(name=sf_point, function=sf.function, address=scale_address, data_type=sf.type)
+        )
     m10k = spec.encoding == "m10k"
     na = spec.not_implemented
     if isinstance(spec, Channel):
-        values = [ValueSpec(spec.name, spec.name, sf_point=sf_point, m10k=m10k,
+        values = [ValueSpec(name=spec.name, point=spec.name, sf_point=sf_point, m10k=m10k,
                             not_implemented=na)]  # fmt: skip
         multiplier, unit = spec.multiplier, spec.unit
     else:
         factor = spec.scale * spec.ratio_factor
-        values = [ValueSpec(spec.name, spec.name, scale=factor, offset=spec.offset,
+        values = [ValueSpec(name=spec.name, point=spec.name, scale=factor, offset=spec.offset,
                             sf_point=sf_point, m10k=m10k, not_implemented=na)]  # fmt: skip
         multiplier, unit = 1.0, spec.unit
     return Probe(
@@ -109,16 +117,36 @@ def device_probes(device: Device, *, base_address: int = 0) -> list[Probe]:
                    for p in device.measurements.points]  # fmt: skip
     if (clock := device.clock) is not None:
         if clock.format == "epoch":
-            points = [Point("_clock.epoch", clock.function, clock.address, clock.type,
-                            clock.word_order, clock.byte_order)]  # fmt: skip
+            points = [
+                Point(
+                    name="_clock.epoch",
+                    function=clock.function,
+                    address=clock.address,
+                    data_type=clock.type,
+                    word_order=clock.word_order,
+                    byte_order=clock.byte_order,
+                )
+            ]
             data_type: str = clock.type
         else:
             count = 6 if clock.format == "ymdhms" else 4
-            points = [Point(f"_clock.{i}", clock.function, clock.address + i, "uint16")
-                      for i in range(count)]  # fmt: skip
+            points = [
+                Point(
+                    name=f"_clock.{i}",
+                    function=clock.function,
+                    address=clock.address + i,
+                    data_type="uint16",
+                )
+                for i in range(count)
+            ]
             data_type = f"{clock.format} ({count} x uint16)"
         zone = UTC if clock.timezone == "UTC" else ZoneInfo(clock.timezone)
-        spec = ClockSpec(clock.format, tuple(p.name for p in points), zone, device.clock_tolerance)
+        spec = ClockSpec(
+            format=clock.format,
+            points=tuple(p.name for p in points),
+            zone=zone,
+            tolerance_s=device.clock_tolerance,
+        )
         probes.append(
             Probe(
                 kind="clock",
@@ -133,8 +161,14 @@ def device_probes(device: Device, *, base_address: int = 0) -> list[Probe]:
         )
     for i, word in enumerate(device.status):
         name = f"_status.{word.function}.{word.address}"
-        point = Point(name, word.function, word.address, word.type, word.word_order,
-                      word.byte_order)  # fmt: skip
+        point = Point(
+            name=name,
+            function=word.function,
+            address=word.address,
+            data_type=word.type,
+            word_order=word.word_order,
+            byte_order=word.byte_order,
+        )
         probes.append(
             Probe(
                 kind="status",

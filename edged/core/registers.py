@@ -113,7 +113,7 @@ class MalformedResponse(EdgedError, ValueError):
     error; it must never crash a poller."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class _Codec:
     """Precomputed ``struct`` plan for one (data type, word order, byte order).
 
@@ -247,7 +247,7 @@ def decode_bits(word: int, bit_map: Mapping[int, T]) -> frozenset[T]:
     return frozenset(result)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Point:
     """One value to read: where it lives and how it is encoded."""
 
@@ -288,7 +288,7 @@ class Point:
 _Slice = tuple[str, int, Callable[[bytes, int], tuple[int | float, ...]], bool]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ReadRequest:
     """One Modbus read covering one or more points (which may overlap)."""
 
@@ -391,9 +391,15 @@ def coalesce(
                 members.append(p)
                 end = new_end
             else:
-                requests.append(ReadRequest(function, start, end - start, tuple(members)))
+                requests.append(
+                    ReadRequest(
+                        function=function, address=start, count=end - start, points=tuple(members)
+                    )
+                )
                 start, end, members = p.address, p.end, [p]
-        requests.append(ReadRequest(function, start, end - start, tuple(members)))
+        requests.append(
+            ReadRequest(function=function, address=start, count=end - start, points=tuple(members))
+        )
     return tuple(requests)
 
 
@@ -432,7 +438,7 @@ def decode_response(request: ReadRequest, words: Sequence[int]) -> dict[str, int
 # without sockets.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ValueSpec:
     """How one output value is computed from the decoded points of a read.
 
@@ -465,7 +471,7 @@ ClockFormat = Literal["epoch", "ymdhms", "datetime4"]
 _CLOCK_POINTS: Final[dict[str, int]] = {"epoch": 1, "ymdhms": 6, "datetime4": 4}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ClockSpec:
     """The meter clock: ``epoch`` (one point, seconds since 1970 UTC), ``ymdhms``
     (six points: year, month, day, hour, minute, second in ``zone``) or
@@ -483,7 +489,7 @@ class ClockSpec:
                              f" points, got {len(self.points)}")  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ReadPlan:
     """A device's read: ``requests`` must all succeed; ``optional`` requests
     (status, clock) are read after them and their failure only loses what
@@ -500,7 +506,7 @@ class ReadPlan:
         return len(self.requests) + len(self.optional)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PlanResult:
     values: dict[str, int | float]
     flags: frozenset[Flag]
@@ -539,7 +545,13 @@ def build_plan(
     for name in [s.point for s in status] + list(clock.points if clock else ()):
         if name not in known and name not in known_optional:
             raise ValueError(f"status/clock point {name!r} is not read")
-    return ReadPlan(required, optional, tuple(values), tuple(status), clock)
+    return ReadPlan(
+        requests=required,
+        optional=optional,
+        values=tuple(values),
+        status=tuple(status),
+        clock=clock,
+    )
 
 
 def m10k(value: int | float, signed: bool) -> int | float:
@@ -663,4 +675,11 @@ def apply_plan(
             offset_s = clock_s - reference_s
             if abs(offset_s) > clock.tolerance_s:
                 flags.add(Flag.CLOCK_ERROR)
-    return PlanResult(values, frozenset(flags), clock_s, offset_s, tuple(problems), scale_factors)
+    return PlanResult(
+        values=values,
+        flags=frozenset(flags),
+        meter_clock_s=clock_s,
+        meter_clock_offset_s=offset_s,
+        problems=tuple(problems),
+        scale_factors=scale_factors,
+    )

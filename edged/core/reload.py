@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # only annotations: the engine loads no pydantic at run time
 RESTART_FIELDS = ("site", "timezone", "storage", "mqtt", "time", "sparkplug", "facade")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeviceDiff:
     """Device ids by what a reload does to them (each in config order)."""
 

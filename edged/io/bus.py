@@ -66,7 +66,7 @@ class Priority(IntEnum):
     PASS_THROUGH = 2  # reads other masters forward through the facade
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class UnitBackoff:
     """Failure bookkeeping of one unit id on one link (pure: times are passed in)."""
 
@@ -113,7 +113,7 @@ class UnitBackoff:
             self.last_attempt_s = now_s
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, kw_only=True)
 class Job(Generic[T]):
     unit_id: int
     priority: Priority
@@ -125,7 +125,7 @@ class Job(Generic[T]):
     started_s: float = 0.0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class BusStats:
     transactions: int = 0  # jobs that reached the wire
     failures: int = 0
@@ -144,7 +144,7 @@ class _Wave:
     devices: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class _UnitInfo:
     rank: int
     timeout_s: float

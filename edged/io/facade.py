@@ -92,7 +92,7 @@ def p99(samples: Sequence[float]) -> float | None:
     return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class ClientStats:
     """What one client address did (all its connections)."""
 
@@ -120,7 +120,7 @@ class ClientStats:
         }
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class _Block:
     config: FacadeBlock
     words: tuple[int, ...] | None = None
@@ -144,8 +144,8 @@ class _Target:
 def _request(table: str, address: int, count: int) -> ReadRequest:
     """A raw read: one uint16 point anchors the request (RawRead.registers has the words)."""
     function: Literal["holding", "input"] = "holding" if table == "holding" else "input"
-    point = Point(f"r{address}", function, address, "uint16")
-    return ReadRequest(function, address, count, (point,))
+    point = Point(name=f"r{address}", function=function, address=address, data_type="uint16")
+    return ReadRequest(function=function, address=address, count=count, points=(point,))
 
 
 def _words(raw: RawRead, count: int) -> tuple[int, ...] | None:
@@ -188,7 +188,7 @@ class FacadeServer:
                     raise ValueError(f"facade: no device {entry.device!r}")
                 if unit in units:  # check-config says so with file:line
                     raise ValueError(f"facade: unit id {unit} twice on one listener")
-                units[unit] = _Target(entry, [_Block(b) for b in entry.blocks])
+                units[unit] = _Target(entry, [_Block(config=b) for b in entry.blocks])
             self._targets.append(units)
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[Any]] = set()

@@ -104,7 +104,7 @@ GUARD_S = 0.5
 SPIN_BELOW_S = 0.05
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RawRead:
     """What one device's requests returned (decoded, not yet scaled).
 
@@ -308,18 +308,18 @@ class _Connection:
         """A device's requests in order; the first failure of a required one ends it."""
         client = await self._connected()
         if isinstance(client, ReadError):
-            return RawRead({}, (), client)
+            return RawRead(values={}, registers=(), error=client)
         values: dict[str, int | float] = {}
         registers: list[tuple[int, tuple[int, ...]]] = []
         for request in payload.requests:
             words = await self._exchange(client, unit_id, request, timeout_s)
             if isinstance(words, ReadError):
-                return RawRead(values, tuple(registers), words)
+                return RawRead(values=values, registers=tuple(registers), error=words)
             try:
                 values.update(decode_response(request, words))
             except MalformedResponse as exc:
                 error = ReadError(ReadErrorKind.MALFORMED, str(exc))
-                return RawRead(values, tuple(registers), error)
+                return RawRead(values=values, registers=tuple(registers), error=error)
             registers.append((request.address, words))
         notes: list[str] = []
         for request in payload.optional:
@@ -333,7 +333,7 @@ class _Connection:
                 notes.append(f"{request.function} {request.address}+{request.count}: {exc}")
                 if isinstance(words, ReadError) and words.kind is not ReadErrorKind.EXCEPTION:
                     break  # the unit went quiet or the line broke: stop here
-        return RawRead(values, tuple(registers), None, notes=tuple(notes))
+        return RawRead(values=values, registers=tuple(registers), error=None, notes=tuple(notes))
 
     async def _quiet(self) -> None:
         """Keep the inter-frame silence (RTU) / configured gap before sending,
@@ -507,10 +507,18 @@ class ScheduledLink:
     ) -> RawRead:
         """Queue a device's read and wait for it; never raises (but may be cancelled)."""
         if self._closed:
-            return RawRead({}, (), ReadError(ReadErrorKind.CONNECTION, f"{self.name} is closed"))
+            return RawRead(
+                values={},
+                registers=(),
+                error=ReadError(ReadErrorKind.CONNECTION, f"{self.name} is closed"),
+            )
         reason = self._scheduler.admit(unit_id, priority)
         if reason is not None:
-            return RawRead({}, (), ReadError(ReadErrorKind.BACKOFF, f"unit {unit_id}: {reason}"))
+            return RawRead(
+                values={},
+                registers=(),
+                error=ReadError(ReadErrorKind.BACKOFF, f"unit {unit_id}: {reason}"),
+            )
         if not self._workers:
             self._workers = [
                 asyncio.get_running_loop().create_task(self._work(c), name=f"link {c.name}")
@@ -727,7 +735,7 @@ def _new_link(transport: AnyTransport) -> ScheduledLink:
 # Reading one device
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeviceRead:
     """One device read, scaled: what the poller turns into a `Read`."""
 
@@ -759,13 +767,29 @@ async def read_device(
     """
     raw = await link.read(unit_id, plan.requests, priority=priority, optional=plan.optional)
     if raw.error is not None:
-        return DeviceRead({}, frozenset(), None, raw.registers, raw.error, raw.queued_s,
-                          raw.duration_s, raw.notes)  # fmt: skip
+        return DeviceRead(
+            values={},
+            flags=frozenset(),
+            meter_clock_offset_s=None,
+            registers=raw.registers,
+            error=raw.error,
+            queued_s=raw.queued_s,
+            duration_s=raw.duration_s,
+            notes=raw.notes,
+        )
     at_s = None if reference_s is None else reference_s + raw.queued_s
     result = apply_plan(plan, raw.values, at_s)
-    return DeviceRead(result.values, result.flags, result.meter_clock_offset_s, raw.registers,
-                      None, raw.queued_s, raw.duration_s, raw.notes + result.problems,
-                      result.scale_factors)  # fmt: skip
+    return DeviceRead(
+        values=result.values,
+        flags=result.flags,
+        meter_clock_offset_s=result.meter_clock_offset_s,
+        registers=raw.registers,
+        error=None,
+        queued_s=raw.queued_s,
+        duration_s=raw.duration_s,
+        notes=raw.notes + result.problems,
+        scale_factors=result.scale_factors,
+    )
 
 
 def _short(exc: Exception) -> str:

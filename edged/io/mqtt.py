@@ -150,7 +150,7 @@ def mqtt_client(
     return client
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class IncomingCommand:
     """A request received on the command topic."""
 

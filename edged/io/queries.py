@@ -86,7 +86,7 @@ def _whole_second(t: datetime) -> str:
 # -- intervals ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class IntervalQuery:
     """Records whose end lies in (start, end] - the store's convention:
     `--from 2026-11-21 --to 2026-11-22` is that local day's intervals."""
@@ -139,7 +139,7 @@ def iter_interval_payloads(
 # -- status ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LastRead:
     read_at: datetime
     ok: bool
@@ -149,7 +149,7 @@ class LastRead:
     time_state: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ChannelSummary:
     channel: str
     last_end: datetime | None
@@ -157,7 +157,7 @@ class ChannelSummary:
     last_flags: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeviceSummary:
     device: str
     interval_s: int
@@ -189,7 +189,7 @@ class Alarm:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StoreStatus:
     site: str
     store: Path
@@ -276,11 +276,16 @@ def device_summary(
             (device, channel),
         ).fetchone()
         if row is None:
-            channel_summaries.append(ChannelSummary(channel, None, None, ()))
+            channel_summaries.append(
+                ChannelSummary(channel=channel, last_end=None, last_quality=None, last_flags=())
+            )
         else:
             channel_summaries.append(
                 ChannelSummary(
-                    channel, parse_iso_utc(row[0]), str(row[1]), tuple(json.loads(row[2]))
+                    channel=channel,
+                    last_end=parse_iso_utc(row[0]),
+                    last_quality=str(row[1]),
+                    last_flags=tuple(json.loads(row[2])),
                 )
             )
     quality = dict(

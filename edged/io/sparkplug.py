@@ -159,8 +159,8 @@ class SparkplugPublisher:
         """The outbox rows of interval records (committed with their JSON rows)."""
         return [
             OutboxMessage(
-                topic(self._group, MessageType.DDATA, self.node, r.device),
-                row_payload(r.device, interval_metric(r)),
+                topic=topic(self._group, MessageType.DDATA, self.node, r.device),
+                payload=row_payload(r.device, interval_metric(r)),
             )
             for r in records
         ]

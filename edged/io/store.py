@@ -170,7 +170,7 @@ _UNSENT_INTERVAL = (
 ACK_CHUNK = 500
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OutboxMessage:
     topic: str
     payload: bytes
@@ -178,7 +178,7 @@ class OutboxMessage:
     retain: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OutboxRow:
     seq: int
     topic: str
@@ -206,7 +206,7 @@ class StoreCorrupt(StoreError):
     """The file is not a database, or SQLite found it damaged."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CorruptStore:
     """A damaged database found at start-up and moved aside (never deleted)."""
 
@@ -340,7 +340,7 @@ class Store:
         log.error("database damaged; moved aside and starting a fresh one",
                   path=str(path), moved_to=[str(p) for p in moved], error=error)  # fmt: skip
         store = await cls._open_checked(path, busy_timeout_s, now)
-        store.recovered_from = CorruptStore(moved[0], moved, error, at)
+        store.recovered_from = CorruptStore(moved_to=moved[0], moved=moved, error=error, at=at)
         return store
 
     @classmethod
@@ -650,7 +650,14 @@ class Store:
         ):
             rows = await cursor.fetchall()
         return [
-            OutboxRow(int(r[0]), str(r[1]), bytes(r[2]), int(r[3]), bool(r[4]), parse_iso_utc(r[5]))
+            OutboxRow(
+                seq=int(r[0]),
+                topic=str(r[1]),
+                payload=bytes(r[2]),
+                qos=int(r[3]),
+                retain=bool(r[4]),
+                created_at=parse_iso_utc(r[5]),
+            )
             for r in rows
         ]
 

@@ -21,9 +21,16 @@ from edged.io.modbus import Link
 
 
 def _pair(address: int) -> ReadRequest:
-    points = (Point(f"_sunspec.{address}", "holding", address, "uint16"),
-              Point(f"_sunspec.{address + 1}", "holding", address + 1, "uint16"))  # fmt: skip
-    return ReadRequest("holding", address, 2, points)
+    points = (
+        Point(name=f"_sunspec.{address}", function="holding", address=address, data_type="uint16"),
+        Point(
+            name=f"_sunspec.{address + 1}",
+            function="holding",
+            address=address + 1,
+            data_type="uint16",
+        ),
+    )
+    return ReadRequest(function="holding", address=address, count=2, points=points)
 
 
 async def _words(link: Link, unit_id: int, address: int) -> tuple[int, ...] | ReadError:

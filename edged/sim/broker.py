@@ -26,7 +26,7 @@ def free_port() -> int:
         return port
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Mosquitto:
     """mosquitto on 127.0.0.1:port; may be stopped and started again on the same port."""
 

@@ -16,7 +16,7 @@ class FaultKind(StrEnum):
     OFFLINE = "offline"  # the unit is gone: handled like an unknown unit id
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Fault:
     kind: FaultKind
     delay_s: float = 0.0  # DELAY
@@ -36,28 +36,28 @@ class Fault:
 
     @classmethod
     def silent(cls) -> Fault:
-        return cls(FaultKind.SILENT)
+        return cls(kind=FaultKind.SILENT)
 
     @classmethod
     def delay(cls, delay_s: float) -> Fault:
-        return cls(FaultKind.DELAY, delay_s=delay_s)
+        return cls(kind=FaultKind.DELAY, delay_s=delay_s)
 
     @classmethod
     def exception(cls, code: int = 4) -> Fault:
-        return cls(FaultKind.EXCEPTION, code=code)
+        return cls(kind=FaultKind.EXCEPTION, code=code)
 
     @classmethod
     def garbage(cls) -> Fault:
-        return cls(FaultKind.GARBAGE)
+        return cls(kind=FaultKind.GARBAGE)
 
     @classmethod
     def truncated(cls) -> Fault:
-        return cls(FaultKind.TRUNCATED)
+        return cls(kind=FaultKind.TRUNCATED)
 
     @classmethod
     def split(cls, pieces: int = 3, pause_s: float = 0.02) -> Fault:
-        return cls(FaultKind.SPLIT, pieces=pieces, pause_s=pause_s)
+        return cls(kind=FaultKind.SPLIT, pieces=pieces, pause_s=pause_s)
 
     @classmethod
     def offline(cls) -> Fault:
-        return cls(FaultKind.OFFLINE)
+        return cls(kind=FaultKind.OFFLINE)

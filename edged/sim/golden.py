@@ -72,7 +72,7 @@ class Template:
     n_last: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GoldenTable:
     profile: str
     path: Path
@@ -255,7 +255,13 @@ def golden_meter(table: GoldenTable, rows: Sequence[GoldenRow] | None = None) ->
     chosen = [r for r in (table.rows if rows is None else rows) if r.variant is None]
     image = {**table.extra_registers, **register_image(chosen)}
     points = [
-        StaticPoint(f"{function}.{address}", address, word, Table(function), DataType.UINT16)
+        StaticPoint(
+            name=f"{function}.{address}",
+            address=address,
+            value=word,
+            table=Table(function),
+            data_type=DataType.UINT16,
+        )
         for (function, address), word in sorted(image.items())
     ]
     return SimulatedMeter(points, fill_gaps=True)

@@ -107,7 +107,7 @@ def _check_address(address: int, data_type: DataType) -> None:
         raise ValueError(f"address {address} does not fit {data_type} in 0..65535")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CounterPoint:
     """An energy pulse counter advancing with ``load_kw``."""
 
@@ -138,7 +138,7 @@ class CounterPoint:
         return self.data_type.register_count
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StaticPoint:
     """A value that only changes when told to (:meth:`SimulatedMeter.set_static`)."""
 
@@ -158,7 +158,7 @@ class StaticPoint:
         return self.data_type.register_count
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ClockPoint:
     """The meter's clock: floor(now + clock offset) as epoch seconds."""
 
@@ -177,7 +177,7 @@ class ClockPoint:
         return self.data_type.register_count
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StatusPoint:
     """A uint16 status bit field (alarm, tamper, low battery… as the test likes)."""
 

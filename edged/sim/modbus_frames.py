@@ -200,7 +200,7 @@ def exception_pdu(function_code: int, code: int) -> bytes:
 MBAP_HEADER_BYTES = 7
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MbapHeader:
     transaction_id: int
     protocol_id: int
@@ -216,7 +216,7 @@ def parse_mbap_header(header: bytes) -> MbapHeader:
     if len(header) != MBAP_HEADER_BYTES:
         raise ValueError(f"MBAP header is {MBAP_HEADER_BYTES} bytes, got {len(header)}")
     tid, pid, length, unit = struct.unpack(">HHHB", header)
-    return MbapHeader(tid, pid, length, unit)
+    return MbapHeader(transaction_id=tid, protocol_id=pid, length=length, unit_id=unit)
 
 
 def mbap_frame(transaction_id: int, unit_id: int, pdu: bytes) -> bytes:

@@ -83,7 +83,7 @@ class ActionKind(StrEnum):
             return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Action:
     at_s: float
     kind: ActionKind
@@ -201,7 +201,7 @@ def parse_action(item: Mapping[str, Any], source: str = "") -> Action:
     if (fault_kind := kind.fault_kind) is not None:
         try:
             fault = Fault(
-                fault_kind,
+                kind=fault_kind,
                 delay_s=field("delay", parse_duration) if "delay" in item else 0.0,
                 code=field("code", lambda v: _integer(v, 1, 255)) if "code" in item else 4,
                 pieces=field("pieces", lambda v: _integer(v, 2, 64)) if "pieces" in item else 3,

@@ -98,14 +98,21 @@ def fixture_read(device: str, boundary: datetime | None, at: datetime, ok: bool 
     lateness = None if boundary is None else (at - boundary).total_seconds() * 1000
     if not ok:
         return Read(
-            device,
-            boundary,
-            at,
-            lateness,
-            TimeState.SYNCED,
+            device=device,
+            boundary=boundary,
+            read_at=at,
+            read_lateness_ms=lateness,
+            time_state=TimeState.SYNCED,
             error=ReadError(ReadErrorKind.TIMEOUT, "no response in 1 s"),
         )
-    return Read(device, boundary, at, lateness, TimeState.SYNCED, values=counts_at(device, at))
+    return Read(
+        device=device,
+        boundary=boundary,
+        read_at=at,
+        read_lateness_ms=lateness,
+        time_state=TimeState.SYNCED,
+        values=counts_at(device, at),
+    )
 
 
 async def populate(tmp_path: Path) -> Populated:
@@ -142,7 +149,7 @@ async def populate(tmp_path: Path) -> Populated:
                     payload = encode(interval_payload(record, seq))
                     pairs.append((record, payload))
                     topic = f"edged/cli-site/device/{record.device}/interval/{record.channel}"
-                    messages.append((seq, OutboxMessage(topic, payload)))
+                    messages.append((seq, OutboxMessage(topic=topic, payload=payload)))
                     seqs.append(seq)
                 records.extend(new)
                 await store.commit_boundary(

@@ -303,7 +303,7 @@ def _loss_dict(loss: Losses) -> dict[str, float]:
     }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Samples:
     """Fast-poll samples since the last boundary read: sums of squares, so the
     mean square over the interval is known however many polls were missed."""
@@ -324,7 +324,9 @@ class Samples:
         if i is not None and math.isfinite(i):
             sum_i2 += dec(i) ** 2
             count_i += 1
-        return Samples(self.count + 1, sum_v2, sum_i2, count_v, count_i)
+        return Samples(
+            count=self.count + 1, sum_v2=sum_v2, sum_i2=sum_i2, count_v=count_v, count_i=count_i
+        )
 
 
 NO_SAMPLES = Samples()

@@ -78,7 +78,7 @@ def interpolate(points: Sequence[CertificatePoint], percent: float) -> Transform
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Correction:
     """The result at one operating point: the true power from the measured."""
 

@@ -179,7 +179,7 @@ Counter = int | float
 # State
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GapRun:
     """Consecutive MISSING records since the last good counter that share flags.
 
@@ -196,7 +196,7 @@ class GapRun:
     time_state: TimeState
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ChannelState:
     counter: int | float | None = None  # last good raw counter value (counts)
     counter_at: datetime | None = None  # boundary (or baseline read time) of that counter
@@ -260,10 +260,10 @@ class ChannelState:
             last_end=_parse_time(data.get("last_end")),
             gap=tuple(
                 GapRun(
-                    _require_time(first),
-                    _require_time(last),
-                    frozenset(Flag(f) for f in flags),
-                    TimeState(ts),
+                    first=_require_time(first),
+                    last=_require_time(last),
+                    flags=frozenset(Flag(f) for f in flags),
+                    time_state=TimeState(ts),
                 )
                 for first, last, flags, ts in data.get("gap", [])
             ),
@@ -416,7 +416,7 @@ def default_max_demand(channel: Channel, interval_s: int) -> float | None:
         return float(_energy(half, channel.multiplier) / (Decimal(interval_s) / 3600))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeltaCheck:
     """A counter step judged for plausibility."""
 
@@ -803,7 +803,9 @@ def _extend_gap(gap: tuple[GapRun, ...], records: Iterable[Interval]) -> tuple[G
         if last is not None and last.flags == flags and last.time_state is record.time_state:
             runs[-1] = replace(last, last=record.end)
         else:
-            runs.append(GapRun(record.end, record.end, flags, record.time_state))
+            runs.append(
+                GapRun(first=record.end, last=record.end, flags=flags, time_state=record.time_state)
+            )
     return tuple(runs)
 
 

@@ -48,7 +48,7 @@ class ReadTime:
     outages: tuple[tuple[datetime, datetime], ...]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class ReadTiming:
     """A poller's memory of its previous read (see the module docstring)."""
 

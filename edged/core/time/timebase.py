@@ -78,7 +78,7 @@ class KernelSync(StrEnum):
     UNKNOWN = "unknown"  # not Linux, or the call failed: neither confirms nor denies
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TimebaseConfig:
     """Tuning of the time model. Defaults follow ntpd/chrony practice.
 
@@ -167,7 +167,7 @@ class TimebaseConfig:
 # -- NTP samples and the offset model ---------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NtpSample:
     """One NTP exchange, measured against the system clock edged reads."""
 
@@ -212,7 +212,7 @@ class LinearOffset:
         return replace(self, offset_s=self.offset_s + delta_s)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OffsetFit:
     """Least-squares line through recent accepted samples.
 
@@ -267,10 +267,17 @@ def fit_offset(
     # With a fixed slope the least-squares line still passes through the mean.
     residuals = [o - (offset_mean + slope * (m - mono_mean)) for m, o in points]
     rms = math.sqrt(math.fsum(r * r for r in residuals) / n)
-    return OffsetFit(offset_mean, mono_mean, slope / PPM, n, span_s, rms)
+    return OffsetFit(
+        offset_s=offset_mean,
+        mono_ref_s=mono_mean,
+        drift_ppm=slope / PPM,
+        samples=n,
+        span_s=span_s,
+        residual_rms_s=rms,
+    )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RoundResult:
     """What one poll round did to the model."""
 
@@ -374,7 +381,7 @@ class NtpModel:
                 self._pending.append((round_offset, tuple(accepted)))
                 if len(self._pending) < cfg.stepout_rounds:
                     rejected.extend((s, RejectReason.SPIKE) for s in accepted)
-                    return RoundResult((), tuple(rejected), self._fit)
+                    return RoundResult(accepted=(), rejected=tuple(rejected), fit=self._fit)
                 # The offset really moved (the server or the path changed):
                 # restart the history from the rounds that agree on it.
                 self._samples.clear()
@@ -382,7 +389,7 @@ class NtpModel:
                     self._samples.extend(round_)
                 reset = True
         if not accepted:
-            return RoundResult((), tuple(rejected), self._fit)
+            return RoundResult(accepted=(), rejected=tuple(rejected), fit=self._fit)
         self._pending.clear()
         self._samples.extend(accepted)
         self._fit = fit_offset(
@@ -391,7 +398,9 @@ class NtpModel:
             max_drift_ppm=cfg.max_drift_ppm,
             prior_drift_ppm=None if self._fit is None else self._fit.drift_ppm,
         )
-        return RoundResult(tuple(accepted), tuple(rejected), self._fit, reset=reset)
+        return RoundResult(
+            accepted=tuple(accepted), rejected=tuple(rejected), fit=self._fit, reset=reset
+        )
 
     def _prune(self, mono_s: float) -> None:
         oldest_s = mono_s - self._config.fit_window_limit_s
@@ -476,7 +485,7 @@ class OffsetSlewer:
 # -- system clock steps ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ClockStep:
     """The system clock jumped by size_s between two observations."""
 
@@ -512,7 +521,7 @@ class ClockStepDetector:
         size_s = (system_s - last[0]) - (mono_s - last[1])
         if abs(size_s) <= self._threshold_s:
             return None
-        return ClockStep(size_s, last[1], mono_s, system_s)
+        return ClockStep(size_s=size_s, mono_before_s=last[1], mono_s=mono_s, system_s=system_s)
 
 
 # -- the time state machine -------------------------------------------------------------
@@ -537,7 +546,7 @@ def _utc(unix_s: float) -> datetime:
     return datetime.fromtimestamp(unix_s, UTC)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TimeTransition:
     """Something that changed about reference time, as a value.
 
@@ -602,10 +611,12 @@ class TimeTransition:
         }
         if self.system_step_s is not None:
             details["system_step_s"] = round(self.system_step_s, 6)
-        return Event(device, str(self.kind), self.at, self.message, details)
+        return Event(
+            device=device, kind=str(self.kind), at=self.at, message=self.message, details=details
+        )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TimebaseStatus:
     """Snapshot for the gateway status message."""
 

@@ -53,7 +53,7 @@ class VirtualMeterError(EdgedError, ValueError):
     """A virtual meter that cannot be computed; the message lists every problem."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class VirtualInput:
     ref: str  # as written in the config: "device.channel"
     device: str
@@ -128,7 +128,9 @@ def plan_virtual_meter(meter: VirtualMeter, devices: Sequence[Device]) -> Virtua
                         f"{meter.id}.{vc.name}: {ref} is in {channel.unit}, not {vc.unit}"
                     )
                 interval_lengths.setdefault(device.interval_s, []).append(ref)
-                inputs.append(VirtualInput(ref, device_id, channel_name, sign))
+                inputs.append(
+                    VirtualInput(ref=ref, device=device_id, channel=channel_name, sign=sign)
+                )
         channels.append(VirtualChannelPlan(vc.name, vc.unit, tuple(inputs)))
     if len(interval_lengths) > 1:
         described = "; ".join(
