@@ -18,12 +18,14 @@ from typing import Any
 import pytest
 
 from edged.core.model import Flag, TimeState
-from edged.core.time.timebase import (
+from edged.core.time.ntpfit import NtpSample
+from edged.core.time.settings import (
     Direction,
     KernelSync,
-    NtpSample,
     TimebaseConfig,
     TimeSource,
+)
+from edged.core.time.transitions import (
     TimeTransition,
     TransitionKind,
 )

@@ -17,23 +17,27 @@ from hypothesis import strategies as st
 
 from edged.core.model import Flag, TimeState
 from edged.core.schedule import next_boundary
-from edged.core.time.timebase import (
-    Cause,
-    ClockStepDetector,
-    Direction,
-    KernelSync,
+from edged.core.time.ntpfit import (
     LinearOffset,
     NtpModel,
     NtpSample,
-    OffsetSlewer,
     RejectReason,
-    Timebase,
+    fit_offset,
+)
+from edged.core.time.outage import gateway_outage
+from edged.core.time.settings import (
+    Direction,
+    KernelSync,
     TimebaseConfig,
     TimeSource,
+)
+from edged.core.time.slew import OffsetSlewer
+from edged.core.time.steps import ClockStepDetector
+from edged.core.time.timebase import Timebase
+from edged.core.time.transitions import (
+    Cause,
     TimeTransition,
     TransitionKind,
-    fit_offset,
-    gateway_outage,
 )
 
 T0 = datetime(2026, 11, 21, 0, 7, 30, tzinfo=UTC)

@@ -36,14 +36,12 @@ from edged.core.engine.intervals import ChannelState, IntervalContext, baseline_
 from edged.core.model import Event, Flag, Interval, Read, ReadError, ReadErrorKind
 from edged.core.schedule import next_boundary
 from edged.core.time.flags import TimeFlags
+from edged.core.time.ntpfit import NtpSample
+from edged.core.time.outage import gateway_outage
 from edged.core.time.readtiming import ReadTiming
-from edged.core.time.timebase import (
-    NtpSample,
-    Timebase,
-    TimebaseConfig,
-    TimeTransition,
-    gateway_outage,
-)
+from edged.core.time.settings import TimebaseConfig
+from edged.core.time.timebase import Timebase
+from edged.core.time.transitions import TimeTransition
 from edged.core.virtual.meters import VirtualMeters
 from edged.core.virtual.plan import plan_virtual_meter
 

@@ -68,7 +68,12 @@ from edged.core.payloads import (
 from edged.core.reload import DeviceDiff, applied_settings, restart_required
 from edged.core.sparkplug import NodeFigures
 from edged.core.time.flags import TimeFlags
-from edged.core.time.timebase import TimebaseConfig, TimeSource, TimeTransition, gateway_outage
+from edged.core.time.outage import gateway_outage
+from edged.core.time.settings import (
+    TimebaseConfig,
+    TimeSource,
+)
+from edged.core.time.transitions import TimeTransition
 from edged.core.virtual.meters import VirtualMeters
 from edged.core.virtual.plan import plan_virtual_meter
 from edged.io.clock import BoundaryWaiter, Clock, SystemClock

@@ -14,7 +14,7 @@ from typing import Any
 
 from edged.app.housekeeping import DiskStatus
 from edged.app.poller import DeviceHealth
-from edged.core.time.timebase import TimebaseStatus
+from edged.core.time.transitions import TimebaseStatus
 from edged.io.store import OutboxDepth
 
 

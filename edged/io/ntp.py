@@ -25,13 +25,15 @@ import ntplib
 import structlog
 
 from edged.core.model import TimeState
-from edged.core.time.timebase import (
+from edged.core.time.ntpfit import NtpSample
+from edged.core.time.settings import (
     KernelSync,
-    NtpSample,
-    Timebase,
     TimebaseConfig,
-    TimebaseStatus,
     TimeSource,
+)
+from edged.core.time.timebase import Timebase
+from edged.core.time.transitions import (
+    TimebaseStatus,
     TimeTransition,
 )
 from edged.io.bootid import kernel_boot_id
