@@ -34,7 +34,7 @@ import aiosqlite
 from bench import harness
 from bench.harness import say
 from edged.app.poller import Pending, outbox_pending
-from edged.core.engine.intervals import ChannelState
+from edged.core.engine.state import ChannelState
 from edged.core.model import Interval, Read, TimeState
 from edged.core.payloads import Topics
 from edged.io.store import MIGRATIONS, Store, _interval_row, _read_row, _state_row

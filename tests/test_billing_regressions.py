@@ -228,7 +228,11 @@ def test_obs9a_missing_records_inside_an_unclean_outage_carry_power_fail() -> No
 def test_obs9b_16bit_counter_one_missed_read_keeps_its_energy() -> None:
     from datetime import UTC, datetime
 
-    from edged.core.engine.intervals import ChannelState, IntervalContext, step_channel
+    from edged.core.engine.intervals import step_channel
+    from edged.core.engine.state import (
+        ChannelState,
+        IntervalContext,
+    )
     from edged.core.model import Read, TimeState
 
     device = make_device(interval_s=900, multiplier=0.001, type_="uint16")
@@ -353,7 +357,7 @@ def test_obs6_prorate_gap_over_64_intervals_is_recombined_whole() -> None:
 def _engine() -> tuple[object, object]:
     from datetime import UTC
 
-    from edged.core.engine.intervals import IntervalContext
+    from edged.core.engine.state import IntervalContext
 
     device = make_device(interval_s=900)
     return device.channels[0], IntervalContext("sim", device, UTC)
@@ -362,7 +366,8 @@ def _engine() -> tuple[object, object]:
 def test_sim1_counter_taken_after_the_boundary_never_gives_a_negative_duration() -> None:
     from datetime import UTC, datetime
 
-    from edged.core.engine.intervals import ChannelState, step_channel
+    from edged.core.engine.intervals import step_channel
+    from edged.core.engine.state import ChannelState
     from edged.core.model import Read, TimeState
 
     channel, ctx = _engine()
@@ -390,7 +395,8 @@ def test_sim1_counter_taken_after_the_boundary_never_gives_a_negative_duration()
 def test_sim2_time_flags_of_a_read_for_a_closed_boundary_go_on_the_next_record() -> None:
     from datetime import UTC, datetime
 
-    from edged.core.engine.intervals import ChannelState, step_channel
+    from edged.core.engine.intervals import step_channel
+    from edged.core.engine.state import ChannelState
     from edged.core.model import Read, TimeState
 
     channel, ctx = _engine()
@@ -425,7 +431,8 @@ def test_sim2_time_flags_of_a_read_for_a_closed_boundary_go_on_the_next_record()
 def test_sim3_a_regular_record_reports_its_nominal_length() -> None:
     from datetime import UTC, datetime
 
-    from edged.core.engine.intervals import ChannelState, step_channel
+    from edged.core.engine.intervals import step_channel
+    from edged.core.engine.state import ChannelState
     from edged.core.model import Read, TimeState
 
     channel, ctx = _engine()

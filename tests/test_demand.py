@@ -26,7 +26,11 @@ from edged.core.demand import (
     update_peaks,
     usable_for_demand,
 )
-from edged.core.engine.intervals import ChannelState, IntervalContext, step_channel
+from edged.core.engine.intervals import step_channel
+from edged.core.engine.state import (
+    ChannelState,
+    IntervalContext,
+)
 from edged.core.model import Flag, Interval, Read, TimeState
 
 AKL = ZoneInfo("Pacific/Auckland")

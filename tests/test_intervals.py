@@ -18,23 +18,29 @@ from hypothesis import strategies as st
 
 from edged.config.schema import Device
 from edged.core.demand import block_demand
-from edged.core.engine.intervals import (
-    ChannelState,
-    GapRun,
-    IntervalContext,
+from edged.core.engine.counters import (
     allocate,
-    amt_rule_fails,
-    baseline,
-    baseline_device,
     check_delta,
     counter_decimal,
     counter_delta,
     default_max_demand,
-    device_problems,
+)
+from edged.core.engine.intervals import (
+    baseline,
+    baseline_device,
     step_channel,
     step_device,
+)
+from edged.core.engine.rules import (
+    amt_rule_fails,
+    device_problems,
     validate_amt_rule,
     zero_fill_amt,
+)
+from edged.core.engine.state import (
+    ChannelState,
+    GapRun,
+    IntervalContext,
 )
 from edged.core.flags import iee_status, quality
 from edged.core.model import (

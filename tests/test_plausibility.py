@@ -10,7 +10,11 @@ from typing import Any
 import pytest
 
 from edged.config.schema import Device
-from edged.core.engine.intervals import ChannelState, IntervalContext, step_channel
+from edged.core.engine.intervals import step_channel
+from edged.core.engine.state import (
+    ChannelState,
+    IntervalContext,
+)
 from edged.core.flags import quality
 from edged.core.model import Flag, Quality, Read, TimeState
 

@@ -17,7 +17,7 @@ from edged.app.devices import DeviceSet, PollerContext
 from edged.app.poller import DeviceHealth, Recorder
 from edged.config.load import load_settings
 from edged.config.schema import Settings
-from edged.core.engine.intervals import ChannelState
+from edged.core.engine.state import ChannelState
 from edged.core.model import Interval
 from edged.core.payloads import Topics
 from edged.core.reload import (

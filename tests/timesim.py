@@ -32,7 +32,14 @@ from typing import Any
 
 from edged.config.schema import Device
 from edged.core.demand import PeakState, update_peaks
-from edged.core.engine.intervals import ChannelState, IntervalContext, baseline_device, step_device
+from edged.core.engine.intervals import (
+    baseline_device,
+    step_device,
+)
+from edged.core.engine.state import (
+    ChannelState,
+    IntervalContext,
+)
 from edged.core.model import Event, Flag, Interval, Read, ReadError, ReadErrorKind
 from edged.core.schedule import next_boundary
 from edged.core.time.flags import TimeFlags

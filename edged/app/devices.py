@@ -28,7 +28,7 @@ from edged.app.heartbeat import Heartbeat
 from edged.app.poller import DeviceHealth, DevicePoller, Recorder
 from edged.config.schema import Device
 from edged.core.demand import PeakState
-from edged.core.engine.intervals import ChannelState
+from edged.core.engine.state import ChannelState
 from edged.core.model import Interval
 from edged.core.payloads import Topics
 from edged.core.plan import (

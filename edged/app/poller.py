@@ -35,7 +35,10 @@ from edged.core.compensation.record import (
 from edged.core.deadband import Deadband, Reported, report
 from edged.core.demand import PeakState, peak_event, update_peaks
 from edged.core.engine import intervals as engine
-from edged.core.engine.intervals import ChannelState, IntervalContext
+from edged.core.engine.state import (
+    ChannelState,
+    IntervalContext,
+)
 from edged.core.model import (
     Event,
     Flag,

@@ -28,7 +28,7 @@ from edged.config.schema import (
     facade_problems,
 )
 from edged.config.sunspec import model_definition
-from edged.core.engine.intervals import device_problems
+from edged.core.engine.rules import device_problems
 from edged.core.errors import EdgedError
 from edged.core.plan import check_links
 from edged.core.sunspec import expand as expand_sunspec

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from edged.core.engine.intervals import ChannelState
+from edged.core.engine.state import ChannelState
 
 if TYPE_CHECKING:  # only annotations: the engine loads no pydantic at run time
     from edged.config.schema import (

@@ -36,7 +36,10 @@ import structlog
 from edged import __version__
 from edged.core import flags as flag_table
 from edged.core.demand import PeakState
-from edged.core.engine.intervals import ChannelState, parse_counter
+from edged.core.engine.state import (
+    ChannelState,
+    parse_counter,
+)
 from edged.core.errors import EdgedError
 from edged.core.model import (
     Interval,

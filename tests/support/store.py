@@ -19,7 +19,10 @@ from zoneinfo import ZoneInfo
 
 from edged.config.load import load_settings
 from edged.core.engine import intervals as engine
-from edged.core.engine.intervals import ChannelState, IntervalContext
+from edged.core.engine.state import (
+    ChannelState,
+    IntervalContext,
+)
 from edged.core.model import Interval, Read, ReadError, ReadErrorKind, TimeState
 from edged.core.payloads import encode, interval_payload
 from edged.core.schedule import next_boundary

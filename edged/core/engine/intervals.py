@@ -131,26 +131,38 @@ Validation and estimation (per device, off by default), after the Itron note
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta, tzinfo
-from decimal import Context, Decimal, localcontext
-from typing import TYPE_CHECKING, Any, NamedTuple
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
-from edged.core.demand import RollingEntry, RollingSpec, block_demand, push_rolling, rolling_spec
-from edged.core.flags import AMT_RULE_IEE_CODES, iee_status
+from edged.core.demand import RollingSpec, block_demand, push_rolling, rolling_spec
 from edged.core.model import Event, Flag, Interval, Read, TimeState
 from edged.core.schedule import boundaries_between, is_dst, nominal_start
 
 if TYPE_CHECKING:  # only annotations: the engine loads no pydantic at run time
     from edged.config.schema import (
         Channel,
-        Device,
     )
-
+from edged.core.engine.counters import (
+    RESOLUTION_FRACTION,
+    DeltaCheck,
+    _energy,
+    allocate,
+    check_delta,
+)
+from edged.core.engine.rules import out_of_range, validate_amt_rule, zero_fill_amt
+from edged.core.engine.state import (
+    ChannelState,
+    ChannelStep,
+    Counter,
+    DeviceStep,
+    GapRun,
+    IntervalContext,
+    _iso,
+)
 
 # A record's true length is measured from the boundary of the previous good
 # read (exact) or from an off-boundary start-up read (never exactly on a
@@ -160,431 +172,9 @@ if TYPE_CHECKING:  # only annotations: the engine loads no pydantic at run time
 IRREGULAR_TOLERANCE_S = 1.0
 IRREGULAR_TOLERANCE_FRACTION = 0.01
 
-# A float counter whose resolution step exceeds this fraction of an interval's
-# delta cannot split energy between intervals to billing accuracy (0.2S meters
-# are good to 0.2 %).
-RESOLUTION_FRACTION = Decimal("0.001")
-
 # Modbus exception 4, SERVER DEVICE FAILURE: the meter itself reports a fault.
 MODBUS_SERVER_DEVICE_FAILURE = 4
-
-# Enough digits for a 64-bit counter times a 17-digit multiplier, exactly.
-_DECIMAL = Context(prec=80)
 _ONE_US = timedelta(microseconds=1)
-
-Counter = int | float
-
-
-# --------------------------------------------------------------------------
-# State
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GapRun:
-    """Consecutive MISSING records since the last good counter that share flags.
-
-    Kept so that prorated estimates re-emitted for those boundaries carry the
-    flags the MISSING records had (AMT, DEVICE_ERROR, ...), and so a LONG
-    record closing the gap carries them too. Runs keep the state small however
-    long the outage; boundaries not covered (e.g. state from before an
-    upgrade) get the flags implied by the closing read's time state.
-    """
-
-    first: datetime
-    last: datetime
-    flags: frozenset[Flag]  # without MISSING and DST (recomputed per boundary)
-    time_state: TimeState
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ChannelState:
-    counter: int | float | None = None  # last good raw counter value (counts)
-    counter_at: datetime | None = None  # boundary (or baseline read time) of that counter
-    last_end: datetime | None = None  # end of the last record emitted
-    gap: tuple[GapRun, ...] = ()  # MISSING records since counter_at
-    rolling: tuple[RollingEntry, ...] = ()  # last intervals for rolling demand
-    coarse: bool = False  # counter_resolution already reported
-    # Monotonic time of the read that gave `counter`, and the boot it was
-    # taken in (`Read.boot_id`): the monotonic clock runs across restarts of
-    # edged but restarts with the machine. Persisted only with a boot id.
-    counter_mono: float | None = None
-    counter_boot: str | None = None
-    # The last records were built on assumed time (AMT): the next record on
-    # confirmed time is the one in which assumed time ended (TIME_ADJUSTED).
-    assumed: bool = False
-    # Flags of reads for boundaries already closed (the reference went back
-    # behind the last record): they go on the next record emitted, so a time
-    # event is never lost with a read that closes nothing.
-    carry: frozenset[Flag] = frozenset()
-
-    def to_json(self) -> str:
-        """The whole state as JSON text, for the shell to persist."""
-        return json.dumps(
-            {
-                "v": 1,
-                # As text: JSON numbers would round 64-bit counters above 2**53.
-                "counter": None if self.counter is None else repr(self.counter),
-                "counter_at": _iso(self.counter_at),
-                "last_end": _iso(self.last_end),
-                "gap": [
-                    [
-                        _iso(r.first),
-                        _iso(r.last),
-                        sorted(str(f) for f in r.flags),
-                        str(r.time_state),
-                    ]
-                    for r in self.gap
-                ],
-                "rolling": [[_iso(e.start), _iso(e.end), e.energy] for e in self.rolling],
-                "coarse": self.coarse,
-                "assumed": self.assumed,
-                "carry": sorted(str(f) for f in self.carry),
-                **(
-                    {"mono": self.counter_mono, "boot": self.counter_boot}
-                    if self.counter_boot is not None and self.counter_mono is not None
-                    else {}
-                ),
-            },
-            separators=(",", ":"),
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> ChannelState:
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("v") != 1:
-            raise ValueError("not a ChannelState (version 1) document")
-        counter = data.get("counter")
-        return cls(
-            counter=None if counter is None else parse_counter(str(counter)),
-            counter_at=_parse_time(data.get("counter_at")),
-            last_end=_parse_time(data.get("last_end")),
-            gap=tuple(
-                GapRun(
-                    first=_require_time(first),
-                    last=_require_time(last),
-                    flags=frozenset(Flag(f) for f in flags),
-                    time_state=TimeState(ts),
-                )
-                for first, last, flags, ts in data.get("gap", [])
-            ),
-            rolling=tuple(
-                RollingEntry(
-                    _require_time(start), _require_time(end), None if e is None else float(e)
-                )
-                for start, end, e in data.get("rolling", [])
-            ),
-            coarse=bool(data.get("coarse", False)),
-            assumed=bool(data.get("assumed", False)),
-            carry=frozenset(Flag(f) for f in data.get("carry", [])),
-            counter_mono=None if data.get("mono") is None else float(data["mono"]),
-            counter_boot=None if data.get("boot") is None else str(data["boot"]),
-        )
-
-
-def parse_counter(text: str) -> int | float:
-    """Inverse of ``repr`` for a stored counter (int stays int, float stays float)."""
-    return float(text) if any(c in text for c in ".eEn") else int(text)
-
-
-def _iso(t: datetime | None) -> str | None:
-    return None if t is None else t.astimezone(UTC).isoformat()
-
-
-def _parse_time(text: object) -> datetime | None:
-    if text is None:
-        return None
-    if not isinstance(text, str):
-        raise ValueError(f"expected an ISO timestamp, got {text!r}")
-    return datetime.fromisoformat(text).astimezone(UTC)
-
-
-def _require_time(text: object) -> datetime:
-    t = _parse_time(text)
-    if t is None:
-        raise ValueError("missing timestamp")
-    return t
-
-
-@dataclass(frozen=True, slots=True)
-class IntervalContext:
-    site: str
-    device: Device
-    zone: tzinfo
-
-
-class ChannelStep(NamedTuple):
-    state: ChannelState
-    records: tuple[Interval, ...]
-    events: tuple[Event, ...]
-
-
-class DeviceStep(NamedTuple):
-    states: dict[str, ChannelState]
-    records: tuple[Interval, ...]
-    events: tuple[Event, ...]
-
-
-# --------------------------------------------------------------------------
-# Counter arithmetic
-
-
-@dataclass(frozen=True, slots=True)
-class Delta:
-    counts: int | float
-    wrapped: bool
-
-
-def counter_delta(start: int | float, end: int | float, rollover: int | None) -> Delta:
-    """Counts between two reads; a decrease is a wrap when the channel has a modulus.
-
-    Pure modular arithmetic, no plausibility judgement (see `check_delta`).
-    """
-    if end >= start:
-        return Delta(end - start, wrapped=False)
-    if rollover is None:
-        raise ValueError("counter decreased on a channel without a rollover modulus")
-    if isinstance(start, int) and isinstance(end, int):
-        return Delta((end - start) % rollover, wrapped=True)
-    return Delta(float(end) - float(start) + rollover, wrapped=True)
-
-
-def _to_decimal(value: int | float | Decimal) -> Decimal:
-    if isinstance(value, Decimal):
-        return value
-    return Decimal(value) if isinstance(value, int) else Decimal(repr(value))
-
-
-def _energy(counts: Decimal, multiplier: float) -> Decimal:
-    with localcontext(_DECIMAL):
-        return counts * Decimal(repr(multiplier))
-
-
-def _float32_decimal(value: float) -> Decimal:
-    """The shortest decimal that is the same float32 (what the meter meant)."""
-    try:
-        if struct.unpack("<f", struct.pack("<f", value))[0] != value:
-            return Decimal(repr(value))  # not a float32 value: keep every digit
-        for digits in range(1, 10):
-            text = f"{value:.{digits}g}"
-            if struct.unpack("<f", struct.pack("<f", float(text)))[0] == value:
-                decimal = Decimal(text)
-                if "e+" in text:  # "1e+01" -> 10: keep the units digit as the exponent
-                    with localcontext(_DECIMAL):
-                        decimal = decimal.quantize(Decimal(1))
-                return decimal
-    except OverflowError:
-        pass
-    return Decimal(repr(value))
-
-
-def counter_decimal(value: int | float, data_type: str) -> Decimal:
-    """A raw counter as an exact decimal, floats at their register's precision."""
-    if isinstance(value, int):
-        return Decimal(value)
-    if data_type == "float32":
-        return _float32_decimal(value)
-    return Decimal(repr(value))
-
-
-def counter_quantum(magnitude: Decimal, data_type: str) -> Decimal:
-    """The register's resolution step (in counts) at this counter magnitude."""
-    if data_type not in ("float32", "float64"):
-        return Decimal(1)
-    m = abs(float(magnitude))
-    if m == 0.0 or not math.isfinite(m):
-        return Decimal(0)
-    if data_type == "float64":
-        return Decimal(math.ulp(m))
-    exponent = math.frexp(m)[1]  # m = f x 2**exponent with 0.5 <= f < 1
-    return Decimal(2) ** max(exponent - 24, -149)
-
-
-def default_max_demand(channel: Channel, interval_s: int) -> float | None:
-    """The demand limit in force for a one-interval span (unit per hour).
-
-    Configured ``max_demand``, else the device's rated power x margin, else
-    half the counter modulus per interval
-    (see the module docstring for how longer spans are judged), else None.
-    """
-    if channel.plausible_demand is not None:
-        return channel.plausible_demand
-    modulus = channel.rollover_counts
-    if modulus is None:
-        return None
-    with localcontext(_DECIMAL):
-        half = Decimal(modulus) / 2
-        return float(_energy(half, channel.multiplier) / (Decimal(interval_s) / 3600))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeltaCheck:
-    """A counter step judged for plausibility."""
-
-    counts: Decimal  # forward distance in counts (mod rollover)
-    wrapped: bool
-    reset: str | None  # None, or "went_back", "jumped", "ambiguous_wraps"
-    implied_demand: float | None  # counts x multiplier per hour of the true span
-    max_demand: float | None  # the limit applied for a one-interval span
-    quantum: Decimal  # register resolution at this magnitude, in counts
-    coarse: bool  # quantum > RESOLUTION_FRACTION of the delta
-
-
-def check_delta(
-    start: int | float,
-    end: int | float,
-    channel: Channel,
-    span_s: float,
-    nominal_s: float,
-) -> DeltaCheck:
-    """Judge the step from `start` to `end` over `span_s` true seconds."""
-    ds = counter_decimal(start, channel.type)
-    de = counter_decimal(end, channel.type)
-    modulus = channel.rollover_counts
-    quantum = counter_quantum(max(abs(ds), abs(de)), channel.type)
-    reset: str | None = None
-    wrapped = False
-    with localcontext(_DECIMAL):
-        if de >= ds:
-            counts = de - ds
-        elif modulus is not None:
-            counts, wrapped = de - ds + modulus, True
-        else:
-            counts, reset = ds - de, "went_back"
-        if reset is None:
-            if (limit := channel.plausible_demand) is not None:
-                hours = Decimal(repr(max(span_s, nominal_s))) / 3600
-                allowance = (
-                    Decimal(repr(limit)) * hours / Decimal(repr(channel.multiplier)) + quantum
-                )
-                if counts > allowance:
-                    reset = "went_back" if wrapped else "jumped"
-                elif modulus is not None and counts + modulus <= allowance:
-                    reset = "ambiguous_wraps"
-            elif modulus is not None and 2 * counts >= modulus * _default_spans(span_s, nominal_s):
-                reset = "went_back" if wrapped else "jumped"
-        implied = None
-        if span_s > 0:
-            implied = float(_energy(counts, channel.multiplier) / (Decimal(repr(span_s)) / 3600))
-        # Integer registers count exactly; only a float register rounds the counter.
-        is_float = channel.type in ("float32", "float64")
-        coarse = is_float and counts > 0 and quantum > RESOLUTION_FRACTION * counts
-    return DeltaCheck(
-        counts=counts,
-        wrapped=wrapped,
-        reset=reset,
-        implied_demand=implied,
-        max_demand=default_max_demand(channel, int(nominal_s)),
-        quantum=quantum,
-        coarse=coarse,
-    )
-
-
-def _default_spans(span_s: float, nominal_s: float) -> Decimal:
-    """How many intervals' worth of M/2 the default rule allows over a span.
-
-    Up to two intervals the reading is unambiguous even at M/2 per interval
-    (the next candidate, counts + M, exceeds 2 x M/2), so a span of k <= 2
-    intervals allows k x M/2: one missed read on a 16-bit counter no longer
-    throws away two intervals of ordinary energy (issue 13); the price is
-    that a meter exchange within one missed read passes as energy. Beyond two
-    intervals it stays M/2 (k x M/2 >= M would accept any reading and hide a
-    meter exchange during an outage).
-    """
-    if nominal_s <= 0:
-        return Decimal(1)
-    k = max(Decimal(1), Decimal(repr(span_s)) / Decimal(repr(nominal_s)))
-    return k if k <= 2 else Decimal(1)
-
-
-def allocate(total: Decimal, weights: Sequence[int], finest: int = 0) -> list[Decimal]:
-    """Split `total` in proportion to positive integer `weights`.
-
-    Shares are whole multiples of 10**e, where e is the smaller of `finest`
-    and the total's last decimal place (finest=0: whole counts for an integer
-    counter), and add up to `total` exactly: the cumulative share is rounded,
-    so rounding never accumulates.
-    """
-    if not weights or any(w <= 0 for w in weights):
-        raise ValueError("weights must be positive")
-    total_exponent = total.as_tuple().exponent
-    if not isinstance(total_exponent, int):
-        raise ValueError("total must be finite")
-    exponent = min(total_exponent, finest)
-    with localcontext(_DECIMAL):
-        units = int(total.scaleb(-exponent))
-    whole = sum(weights)
-    shares: list[Decimal] = []
-    cumulative = done = 0
-    for weight in weights:
-        cumulative += weight
-        upto = (2 * units * cumulative + whole) // (2 * whole)  # round half up
-        shares.append(Decimal(upto - done).scaleb(exponent))
-        done = upto
-    return shares
-
-
-# --------------------------------------------------------------------------
-# Validation and estimation
-
-
-def amt_rule_fails(flags: Iterable[Flag]) -> bool:
-    """The Itron AMT named formula (module docstring) evaluated on a flag set.
-
-    ``@status($input \\AND, codes...)`` masks the reading's status with the
-    listed codes: true when any of them is present.
-    """
-    present = frozenset(flags)
-    if AMT_RULE_IEE_CODES.isdisjoint(iee_status(present)):
-        return False
-    return Flag.AMT not in present or Flag.ESTNEEDED in present
-
-
-def validate_amt_rule(record: Interval) -> Interval:
-    """Failed intervals get AMT + ESTNEEDED; like any AMT interval, no demand."""
-    if not amt_rule_fails(record.flags):
-        return record
-    return replace(
-        record,
-        flags=record.flags | {Flag.AMT, Flag.ESTNEEDED},
-        demand=None,
-        rolling_demand=None,
-    )
-
-
-def zero_fill_amt(record: Interval) -> Interval:
-    """Numeric Replacement with 0 of AMT intervals (not the TIME_ADJUSTED one)."""
-    if (
-        Flag.AMT not in record.flags
-        or Flag.TIME_ADJUSTED in record.flags
-        or record.value is None
-        or record.original_value is not None  # already replaced
-    ):
-        return record
-    return replace(
-        record,
-        value=0.0,
-        original_value=record.value,
-        flags=(record.flags - {Flag.ESTNEEDED}) | {Flag.ESTIMATED},
-        demand=None,
-        rolling_demand=None,
-    )
-
-
-def out_of_range(record: Interval, channel: Channel) -> bool:
-    """Is the value, normalised to the nominal interval, outside ``limits``?
-
-    Normalising lets a LONG record closing a three-interval gap carry three
-    intervals' worth without being flagged, and holds a PARTIAL one to its
-    share.
-    """
-    limits = channel.limits
-    if limits is None or record.value is None or record.duration_s <= 0:
-        return False
-    nominal_s = (record.end - record.start).total_seconds()
-    per_interval = record.value * nominal_s / record.duration_s
-    return (limits.min is not None and per_interval < limits.min) or (
-        limits.max is not None and per_interval > limits.max
-    )
 
 
 # --------------------------------------------------------------------------
@@ -1149,18 +739,3 @@ def step_device(states: Mapping[str, ChannelState], read: Read, ctx: IntervalCon
         records.extend(step.records)
         events.extend(step.events)
     return DeviceStep(new_states, tuple(records), _merge_events(events))
-
-
-def device_problems(device: Device) -> list[str]:
-    """Settings the engine cannot honour (for check-config; config.py does not
-    check them yet)."""
-    problems: list[str] = []
-    try:
-        rolling_spec(device)
-    except ValueError as exc:
-        problems.append(str(exc))
-    for channel in device.channels:
-        limits = channel.limits
-        if limits and limits.min is not None and limits.max is not None and limits.min > limits.max:
-            problems.append(f"device {device.id} channel {channel.name}: limits min > max")
-    return problems
