@@ -84,7 +84,8 @@ class DevicePlan:
     measure_every_s: float | None
 
 
-def _point(name: str, spec: _RegisterMap, base: int = 0) -> Point:
+def register_point(name: str, spec: _RegisterMap, base: int = 0) -> Point:
+    """Where a channel or measurement point lives and how it is encoded."""
     return Point(
         name=name,
         function=spec.function,
@@ -105,7 +106,7 @@ def _register_plan(
     points: dict[str, Point] = {}
     values: list[ValueSpec] = []
     for spec in specs:
-        points[spec.name] = _point(spec.name, spec, base)
+        points[spec.name] = register_point(spec.name, spec, base)
         sf_point = None
         if spec.scale_register is not None:
             sf = spec.scale_register

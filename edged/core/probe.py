@@ -17,6 +17,7 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 from edged.config.schema import Channel, Device, MeasurementPoint
+from edged.core.plan import register_point
 from edged.core.registers import (
     ClockSpec,
     Point,
@@ -61,19 +62,8 @@ class ProbeRow:
     note: str
 
 
-def _register_point(name: str, spec: Channel | MeasurementPoint, base: int) -> Point:
-    return Point(
-        name=name,
-        function=spec.function,
-        address=base + spec.address,
-        data_type=spec.type,
-        word_order=spec.word_order,
-        byte_order=spec.byte_order,
-    )
-
-
 def _value_probe(kind: Kind, spec: Channel | MeasurementPoint, base: int) -> Probe:
-    points = [_register_point(spec.name, spec, base)]
+    points = [register_point(spec.name, spec, base)]
     sf_point = None
     scale_address = None
     if spec.scale_register is not None:
