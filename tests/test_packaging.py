@@ -25,7 +25,7 @@ ROOT = SOURCE_PACKAGE.parent
 # Written by hand from the issue and docs/profiles.md, not read from the package.
 SHIPPED_PROFILES = ("abb-b23", "bcpm", "cg-em24", "cg-em340", "generic", "iem3000", "ion-8600",
                     "janitza-umg", "pm5350", "pm8000", "pmc-1", "sdm120", "sdm630", "siemens-pac",
-                    "sunspec")  # fmt: skip
+                    "socomec-countis", "sunspec")  # fmt: skip
 SHIPPED_SCHEMAS = (
     "command_response",
     "device_status",
