@@ -130,6 +130,25 @@ def test_order_codes_and_m10k() -> None:
     assert apply_plan(plan_device(m).boundary, {"e": (7 << 16) | 9}).values == {"e": 70_009}
 
 
+def test_an_invalid_m10k_pair_records_no_value() -> None:
+    """The low register of an M10K pair holds the value modulus 10000 (0..9999,
+    or -9999..0 with a negative high register). ION 8650 meters were seen
+    publishing low words above 9999 in an M10K register: no value, a problem."""
+    m = device(channels=[{"name": "e", "register": 0, "type": "int32", "encoding": "m10k"}])
+    plan = plan_device(m).boundary
+    assert apply_plan(plan, {"e": (747 << 16) | 9_999}).values == {"e": 7_479_999}
+    for words in ((747, 10_000), (0x7FFF, 0xFFFF), (0, 0x8001)):
+        raw = struct.unpack(">i", struct.pack(">HH", *words))[0]
+        result = apply_plan(plan, {"e": raw})
+        assert result.values == {}, words
+        assert result.problems == ("e: not implemented or invalid (value or scale factor)",)
+    # A negative high register with a positive low one is no pair either.
+    mixed = struct.unpack(">i", struct.pack(">hh", -12, 34))[0]
+    assert apply_plan(plan, {"e": mixed}).values == {}
+    negative = struct.unpack(">i", struct.pack(">hh", -12, -34))[0]
+    assert apply_plan(plan, {"e": negative}).values == {"e": -120_034}
+
+
 def test_datetime4_and_ymdhms_clocks() -> None:
     when = datetime(2026, 11, 21, 0, 15, 7, tzinfo=UTC)
     words4 = {"_clock.0": 26, "_clock.1": (11 << 8) | 21, "_clock.2": (0 << 8) | 15,

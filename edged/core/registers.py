@@ -566,6 +566,18 @@ def m10k(value: int | float, signed: bool) -> int | float:
     return high * 10_000 + low
 
 
+def m10k_valid(value: int, signed: bool) -> bool:
+    """Whether a 32-bit decode is a valid M10K pair: the low register holds the
+    value modulus 10000 with the sign of the high register (ION protocol
+    document, "32-bit Modulus-10000 Format"). ION 8650 meters were seen
+    publishing low words above 9999 in M10K registers: such a pair is no
+    number, and recording it as one would bill a wrong value."""
+    high, low = (value >> 16), value & 0xFFFF
+    if signed and low >= 0x8000:
+        low -= 0x10000
+    return 0 <= low <= 9_999 if high >= 0 else -9_999 <= low <= 0
+
+
 def _times(value: int | float, factor: float) -> int | float:
     if factor == 1.0:
         return value
@@ -576,12 +588,15 @@ def _times(value: int | float, factor: float) -> int | float:
 
 def scaled_value(spec: ValueSpec, decoded: Mapping[str, int | float]) -> int | float | None:
     """One value of a plan from the decoded points (None: the meter says n/a: the
-    raw value is ``not_implemented`` or the scale factor is -32768)."""
+    raw value is ``not_implemented`` or the scale factor is -32768, or the
+    registers are no valid M10K pair)."""
     raw = decoded[spec.point]
     if spec.not_implemented is not None and raw == spec.not_implemented:
         return None
     if spec.m10k:
         # Valid M10K pairs share one sign, so a negative decode means the signed format.
+        if isinstance(raw, int) and not m10k_valid(raw, signed=raw < 0):
+            return None
         raw = m10k(raw, signed=raw < 0)
     if spec.sf_point is not None:
         sf = decoded[spec.sf_point]
@@ -648,7 +663,7 @@ def apply_plan(
     for spec in plan.values:
         value = scaled_value(spec, decoded)
         if value is None:
-            problems.append(f"{spec.name}: not implemented (value or scale factor)")
+            problems.append(f"{spec.name}: not implemented or invalid (value or scale factor)")
             continue
         values[spec.name] = value
         if spec.sf_point is not None:
