@@ -32,8 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
@@ -60,6 +61,7 @@ from edged.core.registers import (
 )
 from edged.core.replies import ReceivedFrame, reply_problem
 from edged.io.bus import BusScheduler, Job, Priority
+from edged.io.mbapclient import MbapClientProtocol, encode_read, open_connection
 from edged.io.serialdiag import SerialLine, probe_serial_port
 
 __all__ = [
@@ -211,7 +213,7 @@ class _Connection:
     def __init__(
         self,
         name: str,
-        factory: ClientFactory,
+        factory: ClientFactory | None,
         gap_s: float,
         diagnose: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
@@ -250,6 +252,7 @@ class _Connection:
             )
         if client is not None:
             client.close()
+        assert self._factory is not None
         client = self._client = self._factory(self._trace)
         self._watch_frames(client)
         try:
@@ -304,26 +307,54 @@ class _Connection:
                 return frame
         return None
 
-    async def run(self, unit_id: int, payload: _Payload, timeout_s: float) -> RawRead:
-        """A device's requests in order; the first failure of a required one ends it."""
+    async def _open(self) -> ReadError | None:
+        """Connect if not connected; the error when that cannot be done now."""
         client = await self._connected()
-        if isinstance(client, ReadError):
-            return RawRead(values={}, registers=(), error=client)
+        return client if isinstance(client, ReadError) else None
+
+    async def run(
+        self, unit_id: int, payload: _Payload, timeout_s: float, *, queued_s: float = 0.0
+    ) -> RawRead:
+        """A device's requests in order; the first failure of a required one ends it.
+
+        `queued_s` is passed through to the result; `duration_s` is measured
+        from this call (one RawRead per read, not one per step)."""
+        started_s = asyncio.get_running_loop().time()
+
+        def done(
+            values: dict[str, int | float],
+            registers: list[tuple[int, tuple[int, ...]]],
+            error: ReadError | None,
+            notes: tuple[str, ...] = (),
+        ) -> RawRead:
+            return RawRead(
+                values=values,
+                registers=tuple(registers),
+                error=error,
+                queued_s=queued_s,
+                duration_s=asyncio.get_running_loop().time() - started_s,
+                notes=notes,
+            )
+
+        error = await self._open()
+        if error is not None:
+            return done({}, [], error)
         values: dict[str, int | float] = {}
         registers: list[tuple[int, tuple[int, ...]]] = []
         for request in payload.requests:
-            words = await self._exchange(client, unit_id, request, timeout_s)
+            words = await self._exchange(unit_id, request, timeout_s)
             if isinstance(words, ReadError):
-                return RawRead(values=values, registers=tuple(registers), error=words)
+                return done(values, registers, words)
             try:
                 values.update(decode_response(request, words))
             except MalformedResponse as exc:
-                error = ReadError(ReadErrorKind.MALFORMED, str(exc))
-                return RawRead(values=values, registers=tuple(registers), error=error)
+                return done(values, registers, ReadError(ReadErrorKind.MALFORMED, str(exc)))
             registers.append((request.address, words))
+        if not payload.optional:
+            return done(values, registers, None)
         notes: list[str] = []
         for request in payload.optional:
-            words = await self._exchange(client, unit_id, request, timeout_s)
+            words = await self._exchange(unit_id, request, timeout_s)
             try:
                 if isinstance(words, ReadError):
                     raise MalformedResponse(f"{words.kind}: {words.detail}")
@@ -333,7 +364,7 @@ class _Connection:
                 notes.append(f"{request.function} {request.address}+{request.count}: {exc}")
                 if isinstance(words, ReadError) and words.kind is not ReadErrorKind.EXCEPTION:
                     break  # the unit went quiet or the line broke: stop here
-        return RawRead(values=values, registers=tuple(registers), error=None, notes=tuple(notes))
+        return done(values, registers, None, tuple(notes))
 
     async def _quiet(self) -> None:
         """Keep the inter-frame silence (RTU) / configured gap before sending,
@@ -360,8 +391,11 @@ class _Connection:
             pass
 
     async def _exchange(
-        self, client: ModbusBaseClient, unit_id: int, request: ReadRequest, timeout_s: float
+        self, unit_id: int, request: ReadRequest, timeout_s: float
     ) -> tuple[int, ...] | ReadError:
+        client = self._client
+        if client is None:
+            return ReadError(ReadErrorKind.CONNECTION, f"{self.name}: connection closed")
         await self._quiet()
         loop = asyncio.get_running_loop()
         sent_s = loop.time()
@@ -445,6 +479,108 @@ class _Connection:
             self._client = None
 
 
+# Register words of a reply, big-endian, by register count (Struct per count).
+_WORDS: dict[int, struct.Struct] = {}
+
+
+class _TcpConnection(_Connection):
+    """One Modbus TCP connection through the lean client (edged.io.mbapclient):
+    pre-encoded requests, replies cut by their MBAP header and checked with
+    `reply_problem` as pymodbus' are. Same failure handling as the pymodbus
+    connection: a timeout or a reply that does not answer the request closes
+    the connection (bytes of it may still be under way); an exception reply
+    keeps it; a failed connect is retried with backoff."""
+
+    def __init__(self, name: str, host: str, port: int, timeout_s: float, gap_s: float) -> None:
+        super().__init__(name, None, gap_s)
+        self._host = host
+        self._port = port
+        self._connect_timeout_s = timeout_s
+        self._protocol: MbapClientProtocol | None = None
+        # (unit, function, address, count) -> the request frame after its
+        # transaction id: encoded once, not per read.
+        self._requests: dict[tuple[int, str, int, int], bytes] = {}
+
+    async def _open(self) -> ReadError | None:
+        protocol = self._protocol
+        if protocol is not None and not protocol.closed:
+            return None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now < self._retry_at:
+            return ReadError(
+                ReadErrorKind.CONNECTION,
+                f"{self.name} unreachable; next attempt in {self._retry_at - now:.1f}s",
+            )
+        self.close()
+        opened = await open_connection(self._host, self._port, self._connect_timeout_s, self.name)
+        if isinstance(opened, str):
+            delay_s = self._backoff.failed()
+            self._retry_at = now + delay_s
+            log.warning("modbus connect failed", link=self.name, retry_in_s=delay_s,
+                        reason=opened)  # fmt: skip
+            return ReadError(ReadErrorKind.CONNECTION, f"cannot connect to {self.name}: {opened}")
+        if self._backoff.current_s:
+            log.info("modbus connected", link=self.name)
+        self._backoff.succeeded()
+        self._protocol = opened
+        self.connects += 1
+        return None
+
+    async def _exchange(
+        self, unit_id: int, request: ReadRequest, timeout_s: float
+    ) -> tuple[int, ...] | ReadError:
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            return ReadError(ReadErrorKind.CONNECTION, f"{self.name}: connection closed")
+        gap = self._gap_s
+        if gap:
+            await self._quiet()
+            sent_s = asyncio.get_running_loop().time()
+        key = (unit_id, request.function, request.address, request.count)
+        tail = self._requests.get(key)
+        if tail is None:
+            tail = self._requests[key] = encode_read(*key)
+        reply = await protocol.exchange(tail, timeout_s)
+        if gap:
+            # The configured gap counts from the reply's last byte.
+            answered = not isinstance(reply, ReadError) and protocol.last_rx_s >= sent_s
+            self._last_end = protocol.last_rx_s if answered else asyncio.get_running_loop().time()
+        if isinstance(reply, ReadError):
+            # A timeout: bytes of the reply may still be under way and would
+            # land in the next transaction. A new connection starts clean.
+            self.close()
+            return reply
+        problem = reply_problem(
+            reply,
+            function=request.function,
+            count=request.count,
+            unit_id=unit_id,
+            transaction_id=protocol.transaction_id,
+        )
+        if problem is not None:
+            # The stream can no longer be trusted to be in step: start afresh.
+            self.close()
+            return ReadError(ReadErrorKind.MALFORMED, problem)
+        pdu = reply.pdu
+        if pdu[0] & 0x80:
+            code = pdu[1]
+            name = EXCEPTION_NAMES.get(code, "unknown exception")
+            return ReadError(
+                ReadErrorKind.EXCEPTION, f"modbus exception {code} ({name})", exception_code=code
+            )
+        words = _WORDS.get(request.count)
+        if words is None:
+            words = _WORDS[request.count] = struct.Struct(f">{request.count}H")
+        result: tuple[int, ...] = words.unpack_from(pdu, 2)
+        return result
+
+    def close(self) -> None:
+        if self._protocol is not None:
+            self._protocol.close()
+            self._protocol = None
+
+
 def _unresponsive(error: ReadError | None) -> bool:
     if error is None:
         return False
@@ -461,22 +597,31 @@ class ScheduledLink:
     def __init__(
         self,
         name: str,
-        factory: ClientFactory,
+        factory: ClientFactory | None,
         *,
         connections: int,
         gap_s: float,
         timeout_s: float,
         diagnose: Callable[[], Awaitable[str | None]] | None = None,
+        connection: Callable[[str], _Connection] | None = None,
     ) -> None:
+        """`connection` builds each connection from its name (the lean TCP
+        client); without it, each is a pymodbus client from `factory`."""
         self._name = name
         self._scheduler: BusScheduler[RawRead] = BusScheduler(name, default_timeout_s=timeout_s)
+        names = [name if connections == 1 else f"{name}#{i + 1}" for i in range(connections)]
         self._connections = [
-            _Connection(name if connections == 1 else f"{name}#{i + 1}", factory, gap_s, diagnose)
-            for i in range(connections)
+            connection(n) if connection is not None else _Connection(n, factory, gap_s, diagnose)
+            for n in names
         ]
         self._workers: list[asyncio.Task[None]] = []
         self._closed = False
         self.gap_s = gap_s
+        # One lean TCP connection: a read finding the line idle and nothing
+        # queued goes on the wire from the caller's task (BusScheduler.direct).
+        self._direct = self._connections[0] if connection is not None and connections == 1 else None
+        self._line_busy = False
+        self._line_free = asyncio.Event()
 
     @property
     def name(self) -> str:
@@ -519,40 +664,79 @@ class ScheduledLink:
                 registers=(),
                 error=ReadError(ReadErrorKind.BACKOFF, f"unit {unit_id}: {reason}"),
             )
+        payload = _Payload(tuple(requests), tuple(optional))
+        if self._direct is not None and not self._line_busy:
+            direct = self._scheduler.direct(unit_id, priority, payload, timeout_s)
+            if direct is not None:
+                return await self._run_direct(self._direct, direct)
         if not self._workers:
             self._workers = [
                 asyncio.get_running_loop().create_task(self._work(c), name=f"link {c.name}")
                 for c in self._connections
             ]
-        job = self._scheduler.submit(
-            unit_id, priority, _Payload(tuple(requests), tuple(optional)), timeout_s
-        )
+        job = self._scheduler.submit(unit_id, priority, payload, timeout_s)
         return await job.future
+
+    async def _run_direct(self, connection: _Connection, job: Job[RawRead]) -> RawRead:
+        scheduler = self._scheduler
+        self._line_busy = True
+        scheduler.started(job)
+        raw: RawRead | None = None
+        try:
+            raw = await connection.run(job.unit_id, job.payload, job.timeout_s)
+        finally:
+            self._line_busy = False
+            if raw is None:
+                # Cancelled mid-exchange: a late reply must not meet the next
+                # request on this connection. (A queued read's worker finishes
+                # its exchange instead.)
+                connection.close()
+                scheduler.finished(job, ok=False, unresponsive=False, timeout=False)
+            self._line_free.set()  # a worker holding a job waits for this
+        self._account(job, raw)
+        return raw
+
+    def _account(self, job: Job[RawRead], raw: RawRead) -> None:
+        error = raw.error
+        if error is None:
+            self._scheduler.finished(job, ok=True, unresponsive=False, timeout=False)
+            return
+        unresponsive = _unresponsive(error)
+        self._scheduler.finished(
+            job,
+            ok=False,
+            unresponsive=unresponsive,
+            timeout=error.kind is ReadErrorKind.TIMEOUT,
+        )
+        if unresponsive:
+            log.debug("unit unresponsive", link=self.name, unit=job.unit_id, error=error.detail)
 
     async def _work(self, connection: _Connection) -> None:
         scheduler = self._scheduler
         while True:
             job: Job[RawRead] = await scheduler.take()
+            if self._line_busy:
+                # A read went on the wire directly while this worker waited:
+                # put the job back and choose again once the line is free
+                # (something more urgent may have arrived meanwhile).
+                scheduler.putback(job)
+                self._line_free.clear()
+                await self._line_free.wait()
+                continue
+            self._line_busy = self._direct is not None
             scheduler.started(job)
-            raw = await connection.run(job.unit_id, job.payload, job.timeout_s)
-            error = raw.error
-            scheduler.finished(
-                job,
-                ok=error is None,
-                unresponsive=_unresponsive(error),
-                timeout=error is not None and error.kind is ReadErrorKind.TIMEOUT,
-            )
-            if error is not None and _unresponsive(error):
-                log.debug("unit unresponsive", link=self.name, unit=job.unit_id, error=error.detail)
-            if not job.future.done():
-                now = scheduler.now()
-                job.future.set_result(
-                    replace(
-                        raw,
-                        queued_s=job.started_s - job.submitted_s,
-                        duration_s=now - job.started_s,
-                    )
+            try:
+                raw = await connection.run(
+                    job.unit_id,
+                    job.payload,
+                    job.timeout_s,
+                    queued_s=job.started_s - job.submitted_s,
                 )
+            finally:
+                self._line_busy = False
+            self._account(job, raw)
+            if not job.future.done():
+                job.future.set_result(raw)
 
     def status(self) -> dict[str, Any]:
         """Figures for the gateway status payload."""
@@ -607,13 +791,15 @@ class TcpEndpoint(ScheduledLink):
         self.host = host
         self.port = port
         self.timeout_s = timeout_s
+        gap_s = request_gap_ms / 1000.0
 
         super().__init__(
             f"tcp://{host}:{port}",
-            client_factory(FramerType.SOCKET, timeout_s, host=host, port=port),
+            None,
             connections=max_connections,
-            gap_s=request_gap_ms / 1000.0,
+            gap_s=gap_s,
             timeout_s=timeout_s,
+            connection=lambda name: _TcpConnection(name, host, port, timeout_s, gap_s),
         )
 
 
