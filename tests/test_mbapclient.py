@@ -23,6 +23,7 @@ import logging
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -33,6 +34,7 @@ from edged.core.plan import plan_device
 from edged.core.registers import ReadPlan
 from edged.core.replies import ReceivedFrame
 from edged.io.bus import Priority
+from edged.io.clock import BoundaryWaiter, SystemClock
 from edged.io.mbapclient import MbapClientProtocol, encode_read
 from edged.io.modbus import TcpEndpoint, read_device
 from edged.sim.faults import Fault
@@ -443,3 +445,102 @@ async def test_unreachable_endpoint_backs_off_its_reconnects() -> None:
         assert "next attempt in" in second.error.detail
     finally:
         await link.aclose()
+
+
+# ---------------------------------------------------------------------------
+# Requests sent at the boundary instant (ScheduledLink.presend)
+
+
+@pytest.mark.integration
+async def test_boundary_request_goes_out_at_the_instant_and_the_read_claims_it() -> None:
+    async with MeterServer({1: _static_meter(4242)}) as server:
+        link = TcpEndpoint("127.0.0.1", await server.start_tcp(), TIMEOUT_S)
+        plan = _plan()
+        waiter = BoundaryWaiter(SystemClock())
+        try:
+            assert (await read_device(link, 1, plan)).values["energy"] == 4242  # connects
+            target = datetime.now(UTC) + timedelta(seconds=0.1)
+            sent: list[bool] = []
+            waiter.at_instant(target, lambda: sent.append(link.presend(1, plan.requests)))
+            await waiter.wait(target)
+            assert sent == [True]
+            # the request is on the wire before the read is asked for
+            await asyncio.sleep(0.05)
+            read = await read_device(link, 1, plan)
+            assert read.error is None
+            assert read.values["energy"] == 4242
+            assert read.queued_s < -0.04  # it went out ~50 ms before it was asked for
+            assert link.status()["transactions"] == 2  # counted once, not twice
+            assert link.status()["last_wave_devices"] == 1
+        finally:
+            await link.aclose()
+
+
+@pytest.mark.integration
+async def test_presend_only_where_the_read_would_go_out_at_once() -> None:
+    async with MeterServer({1: _static_meter(1), 2: _static_meter(2)}) as server:
+        port = await server.start_tcp()
+        plan = _plan()
+        unconnected = TcpEndpoint("127.0.0.1", port, TIMEOUT_S)
+        gateway = TcpEndpoint("127.0.0.1", port, TIMEOUT_S)
+        gateway.set_units([(1, TIMEOUT_S), (2, TIMEOUT_S)])
+        try:
+            assert not unconnected.presend(1, plan.requests)  # no connection yet
+            assert (await read_device(gateway, 1, plan)).error is None
+            # two units on one line: the scheduler orders them, nothing is sent ahead
+            assert not gateway.presend(1, plan.requests)
+        finally:
+            await unconnected.aclose()
+            await gateway.aclose()
+
+
+@pytest.mark.integration
+async def test_a_read_queued_behind_a_presend_waits_and_then_goes() -> None:
+    async with MeterServer({1: _static_meter(77)}) as server:
+        link = TcpEndpoint("127.0.0.1", await server.start_tcp(), TIMEOUT_S)
+        plan = _plan()
+        fast_plan = _plan("holding")  # other objects: not the presend's requests
+        try:
+            assert (await read_device(link, 1, plan)).error is None
+            assert link.presend(1, plan.requests)
+            fast = asyncio.ensure_future(read_device(link, 1, fast_plan, priority=Priority.FAST))
+            await asyncio.sleep(0.02)
+            assert not fast.done()  # the line is the presend's until it is claimed
+            boundary = await read_device(link, 1, plan)
+            assert boundary.values["energy"] == 77
+            assert (await asyncio.wait_for(fast, 2)).values["energy"] == 77
+        finally:
+            await link.aclose()
+
+
+@pytest.mark.integration
+async def test_an_unclaimed_presend_releases_the_line_after_its_timeout() -> None:
+    async with MeterServer({1: _static_meter(5)}) as server:
+        link = TcpEndpoint("127.0.0.1", await server.start_tcp(), TIMEOUT_S)
+        plan = _plan()
+        try:
+            assert (await read_device(link, 1, plan)).error is None
+            assert link.presend(1, plan.requests)  # and its poller never asks
+            late = await asyncio.wait_for(
+                read_device(link, 1, _plan(), priority=Priority.FAST), TIMEOUT_S + 3
+            )
+            assert late.error is None
+            assert late.values["energy"] == 5
+            assert link.status()["failures"] == 1  # the abandoned read
+        finally:
+            await link.aclose()
+
+
+async def test_a_failing_boundary_hook_does_not_stop_the_others() -> None:
+    waiter = BoundaryWaiter(SystemClock())
+    target = datetime.now(UTC) + timedelta(seconds=0.02)
+    called: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    waiter.at_instant(target, broken)
+    waiter.at_instant(target, lambda: called.append("second"))
+    lateness_ms = await waiter.wait(target)
+    assert lateness_ms >= 0
+    assert called == ["second"]

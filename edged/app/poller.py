@@ -70,6 +70,7 @@ from edged.io.clock import BoundaryWaiter, Clock
 from edged.io.modbus import (
     DeviceRead,
     Link,
+    ScheduledLink,
     read_device,
 )
 from edged.io.store import OutboxMessage, Store, StoreReplaced
@@ -563,6 +564,13 @@ class DevicePoller:
 
     async def _wait(self, boundary: datetime) -> float | None:
         """Lateness (ms) at the boundary, or None when asked to stop first."""
+        link = self._link
+        if self._located and isinstance(link, ScheduledLink):
+            # The read's first request goes on the wire at the instant itself,
+            # before this poller wakes (ScheduledLink.presend); `_read` then
+            # asks for the same requests and gets its answer.
+            unit_id, requests = self._plan.unit_id, self._plan.boundary.requests
+            self._waiter.at_instant(boundary, lambda: link.presend(unit_id, requests))
         instant = self._waiter.instant(boundary)
         wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -606,9 +614,14 @@ class DevicePoller:
                 reference_s=read_at.timestamp(),
             )
         # On a shared bus the request may wait its turn: record when it went out.
+        # (A request sent at the boundary instant, before this poller woke,
+        # has a negative queued_s; it cannot have left before the boundary.)
         woke_at = read_at
         read_at += timedelta(seconds=result.queued_s)
         mono_s += result.queued_s
+        if result.queued_s < 0 and boundary is not None and read_at < boundary:
+            mono_s += (boundary - read_at).total_seconds()
+            read_at = boundary
         flags: frozenset[Flag] = result.flags
         outages: tuple[tuple[datetime, datetime], ...] = ()
         if boundary is not None:

@@ -126,6 +126,18 @@ class MbapClientProtocol(asyncio.Protocol):
     async def exchange(self, tail: bytes, timeout_s: float) -> ReceivedFrame | ReadError:
         """Send one request (`tail` from :func:`encode_read`) under a fresh
         transaction id and wait up to `timeout_s` for a frame."""
+        sent = self.send(tail, timeout_s)
+        if isinstance(sent, ReadError):
+            return sent
+        return await sent
+
+    def send(
+        self, tail: bytes, timeout_s: float | None
+    ) -> asyncio.Future[ReceivedFrame | ReadError] | ReadError:
+        """Put one request on the wire now; the future of its answer (a frame,
+        or a ReadError after `timeout_s`). Nothing else may be sent until it
+        is done. `timeout_s` None: no timer yet, the caller arms one later
+        (:meth:`arm`) or cancels the future."""
         transport = self._transport
         if transport is None or self.closed:
             return ReadError(ReadErrorKind.CONNECTION, f"{self._name}: not connected")
@@ -135,12 +147,19 @@ class MbapClientProtocol(asyncio.Protocol):
         waiter: asyncio.Future[ReceivedFrame | ReadError] = self._loop.create_future()
         self._waiter = waiter
         transport.write(tid.to_bytes(2, "big") + tail)
-        timer = self._loop.call_later(timeout_s, _expire, waiter, timeout_s)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
+        if timeout_s is not None:
+            self.arm(waiter, timeout_s, timeout_s)
+        return waiter
+
+    def arm(
+        self, waiter: asyncio.Future[ReceivedFrame | ReadError], in_s: float, timeout_s: float
+    ) -> None:
+        """Time `waiter` out in `in_s` (the request's `timeout_s` minus the
+        time it has been on the wire already)."""
+        if waiter.done():
+            return
+        timer = self._loop.call_later(max(in_s, 0.0), _expire, waiter, timeout_s)
+        waiter.add_done_callback(lambda _: timer.cancel())
 
     @property
     def transaction_id(self) -> int:
@@ -157,6 +176,7 @@ class MbapClientProtocol(asyncio.Protocol):
     # -- internals -----------------------------------------------------------------
 
     def _deliver(self, frame: ReceivedFrame) -> None:
+        # A done waiter (answered, timed out or cancelled) answers nothing more.
         if self._waiter is None or self._waiter.done():
             self.dropped += 1
             log.debug("unsolicited modbus frame dropped", link=self._name,

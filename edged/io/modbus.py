@@ -313,12 +313,19 @@ class _Connection:
         return client if isinstance(client, ReadError) else None
 
     async def run(
-        self, unit_id: int, payload: _Payload, timeout_s: float, *, queued_s: float = 0.0
+        self,
+        unit_id: int,
+        payload: _Payload,
+        timeout_s: float,
+        *,
+        queued_s: float = 0.0,
+        presented: _Sent | None = None,
     ) -> RawRead:
         """A device's requests in order; the first failure of a required one ends it.
 
         `queued_s` is passed through to the result; `duration_s` is measured
-        from this call (one RawRead per read, not one per step)."""
+        from this call (one RawRead per read, not one per step). `presented`:
+        the first request is already on the wire (ScheduledLink.presend)."""
         started_s = asyncio.get_running_loop().time()
 
         def done(
@@ -336,13 +343,17 @@ class _Connection:
                 notes=notes,
             )
 
-        error = await self._open()
+        error = None if presented is not None else await self._open()
         if error is not None:
             return done({}, [], error)
         values: dict[str, int | float] = {}
         registers: list[tuple[int, tuple[int, ...]]] = []
         for request in payload.requests:
-            words = await self._exchange(unit_id, request, timeout_s)
+            if presented is not None:
+                words = await self._answer(unit_id, request, presented)
+                presented = None
+            else:
+                words = await self._exchange(unit_id, request, timeout_s)
             if isinstance(words, ReadError):
                 return done(values, registers, words)
             try:
@@ -365,6 +376,12 @@ class _Connection:
                 if isinstance(words, ReadError) and words.kind is not ReadErrorKind.EXCEPTION:
                     break  # the unit went quiet or the line broke: stop here
         return done(values, registers, None, tuple(notes))
+
+    async def _answer(
+        self, unit_id: int, request: ReadRequest, sent: _Sent
+    ) -> tuple[int, ...] | ReadError:
+        """The checked answer to a request sent ahead (lean TCP client only)."""
+        raise NotImplementedError
 
     async def _quiet(self) -> None:
         """Keep the inter-frame silence (RTU) / configured gap before sending,
@@ -483,6 +500,18 @@ class _Connection:
 _WORDS: dict[int, struct.Struct] = {}
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Sent:
+    """A request sent ahead (presend): its transaction id, the future of its
+    answer, when it went out (loop time) and the timeout it has."""
+
+    transaction_id: int
+    answer: asyncio.Future[ReceivedFrame | ReadError]
+    protocol: MbapClientProtocol
+    sent_s: float
+    timeout_s: float
+
+
 class _TcpConnection(_Connection):
     """One Modbus TCP connection through the lean client (edged.io.mbapclient):
     pre-encoded requests, replies cut by their MBAP header and checked with
@@ -537,15 +566,59 @@ class _TcpConnection(_Connection):
         if gap:
             await self._quiet()
             sent_s = asyncio.get_running_loop().time()
-        key = (unit_id, request.function, request.address, request.count)
-        tail = self._requests.get(key)
-        if tail is None:
-            tail = self._requests[key] = encode_read(*key)
-        reply = await protocol.exchange(tail, timeout_s)
+        reply = await protocol.exchange(self._tail(unit_id, request), timeout_s)
         if gap:
             # The configured gap counts from the reply's last byte.
             answered = not isinstance(reply, ReadError) and protocol.last_rx_s >= sent_s
             self._last_end = protocol.last_rx_s if answered else asyncio.get_running_loop().time()
+        return self._checked(unit_id, request, reply, protocol.transaction_id)
+
+    def _tail(self, unit_id: int, request: ReadRequest) -> bytes:
+        key = (unit_id, request.function, request.address, request.count)
+        tail = self._requests.get(key)
+        if tail is None:
+            tail = self._requests[key] = encode_read(*key)
+        return tail
+
+    def presend(
+        self, unit_id: int, request: ReadRequest, timeout_s: float, now_s: float
+    ) -> _Sent | None:
+        """Put `request` on the wire now, if connected (and no gap is
+        configured). Its timeout is armed when it is claimed (`_answer`),
+        counted from now: a timer per request would double the cost of the
+        send at the boundary instant."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed or self._gap_s:
+            return None
+        answer = protocol.send(self._tail(unit_id, request), None)
+        if isinstance(answer, ReadError):
+            return None
+        return _Sent(
+            transaction_id=protocol.transaction_id,
+            answer=answer,
+            protocol=protocol,
+            sent_s=now_s,
+            timeout_s=timeout_s,
+        )
+
+    async def _answer(
+        self, unit_id: int, request: ReadRequest, sent: _Sent
+    ) -> tuple[int, ...] | ReadError:
+        elapsed_s = asyncio.get_running_loop().time() - sent.sent_s
+        sent.protocol.arm(sent.answer, sent.timeout_s - elapsed_s, sent.timeout_s)
+        reply = await sent.answer
+        if isinstance(reply, ReadError):
+            self.close()
+            return reply
+        return self._checked(unit_id, request, reply, sent.transaction_id)
+
+    def _checked(
+        self,
+        unit_id: int,
+        request: ReadRequest,
+        reply: ReceivedFrame | ReadError,
+        transaction_id: int,
+    ) -> tuple[int, ...] | ReadError:
         if isinstance(reply, ReadError):
             # A timeout: bytes of the reply may still be under way and would
             # land in the next transaction. A new connection starts clean.
@@ -556,7 +629,7 @@ class _TcpConnection(_Connection):
             function=request.function,
             count=request.count,
             unit_id=unit_id,
-            transaction_id=protocol.transaction_id,
+            transaction_id=transaction_id,
         )
         if problem is not None:
             # The stream can no longer be trusted to be in step: start afresh.
@@ -619,9 +692,13 @@ class ScheduledLink:
         self.gap_s = gap_s
         # One lean TCP connection: a read finding the line idle and nothing
         # queued goes on the wire from the caller's task (BusScheduler.direct).
-        self._direct = self._connections[0] if connection is not None and connections == 1 else None
+        first = self._connections[0]
+        self._direct = first if isinstance(first, _TcpConnection) and connections == 1 else None
         self._line_busy = False
         self._line_free = asyncio.Event()
+        # A boundary read's first request sent at the boundary instant, before
+        # its poller asked for it (presend): the job, the request, what was sent.
+        self._presented: tuple[Job[RawRead], ReadRequest, _Sent] | None = None
 
     @property
     def name(self) -> str:
@@ -665,6 +742,20 @@ class ScheduledLink:
                 error=ReadError(ReadErrorKind.BACKOFF, f"unit {unit_id}: {reason}"),
             )
         payload = _Payload(tuple(requests), tuple(optional))
+        presented = self._presented
+        if presented is not None:
+            if (
+                presented[0].unit_id == unit_id
+                and priority is Priority.BOUNDARY
+                and requests
+                and requests[0] is presented[1]
+                and self._direct is not None
+            ):
+                self._presented = None
+                job, _, sent = presented
+                job.payload = payload
+                return await self._run_direct(self._direct, job, sent)
+            self._expire_presented()
         if self._direct is not None and not self._line_busy:
             direct = self._scheduler.direct(unit_id, priority, payload, timeout_s)
             if direct is not None:
@@ -677,13 +768,75 @@ class ScheduledLink:
         job = self._scheduler.submit(unit_id, priority, payload, timeout_s)
         return await job.future
 
-    async def _run_direct(self, connection: _Connection, job: Job[RawRead]) -> RawRead:
-        scheduler = self._scheduler
+    def presend(self, unit_id: int, requests: Sequence[ReadRequest]) -> bool:
+        """Put a boundary read's first request on the wire now: called at the
+        boundary instant itself (edged.io.clock.BoundaryWaiter.at_instant),
+        before the poller wakes and asks for the read with the same
+        `requests`; `read` then only waits for the answer. With a thousand
+        meters the requests leave in one tight loop, a send each, instead of
+        one poller step each (docs/performance.md, "Boundary reads").
+
+        Only where the read would go on the wire at once anyway
+        (BusScheduler.direct: one lean TCP connection, idle, one unit) and
+        the unit is in good standing; False otherwise (the read then takes
+        the ordinary way)."""
+        connection = self._direct
+        if (
+            connection is None
+            or self._line_busy
+            or self._closed
+            or self._presented is not None
+            or not requests
+            or self._scheduler.unit(unit_id).backoff.offline
+        ):
+            return False
+        job = self._scheduler.direct(unit_id, Priority.BOUNDARY, None)
+        if job is None:
+            return False
+        sent = connection.presend(unit_id, requests[0], job.timeout_s, job.submitted_s)
+        if sent is None:
+            return False
         self._line_busy = True
-        scheduler.started(job)
+        self._scheduler.started(job)
+        self._presented = (job, requests[0], sent)
+        return True
+
+    def _expire_presented(self) -> None:
+        """Release the line from a presend nobody claimed within its timeout
+        (its poller stopped, or was re-planned): checked by every other read
+        and by a worker waiting for the line, so no timer is needed per send."""
+        presented = self._presented
+        if presented is None:
+            return
+        job, _, sent = presented
+        if self._scheduler.now() - sent.sent_s < sent.timeout_s + GUARD_S:
+            return
+        self._presented = None
+        sent.answer.cancel()
+        # Its answer (if any) is not a read anybody records; the connection
+        # starts afresh in case the reply is still under way.
+        if self._direct is not None:
+            self._direct.close()
+        self._scheduler.finished(job, ok=False, unresponsive=False, timeout=False)
+        self._line_busy = False
+        self._line_free.set()
+
+    async def _run_direct(
+        self, connection: _Connection, job: Job[RawRead], presented: _Sent | None = None
+    ) -> RawRead:
+        scheduler = self._scheduler
+        queued_s = 0.0
+        if presented is None:
+            self._line_busy = True
+            scheduler.started(job)
+        else:
+            # Sent before it was asked for: the read was taken this long ago.
+            queued_s = job.started_s - scheduler.now()
         raw: RawRead | None = None
         try:
-            raw = await connection.run(job.unit_id, job.payload, job.timeout_s)
+            raw = await connection.run(
+                job.unit_id, job.payload, job.timeout_s, queued_s=queued_s, presented=presented
+            )
         finally:
             self._line_busy = False
             if raw is None:
@@ -721,7 +874,11 @@ class ScheduledLink:
                 # (something more urgent may have arrived meanwhile).
                 scheduler.putback(job)
                 self._line_free.clear()
-                await self._line_free.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._line_free.wait(), self._scheduler.default_timeout_s + GUARD_S
+                    )
+                self._expire_presented()
                 continue
             self._line_busy = self._direct is not None
             scheduler.started(job)
@@ -760,6 +917,9 @@ class ScheduledLink:
     def close(self) -> None:
         """Stop the workers and close the connections (reads in flight are cancelled)."""
         self._closed = True
+        if self._presented is not None:
+            self._presented[2].answer.cancel()
+            self._presented = None
         for task in self._workers:
             task.cancel()
         self._workers = []
