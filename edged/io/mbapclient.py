@@ -72,6 +72,9 @@ class MbapClientProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._waiter: asyncio.Future[ReceivedFrame | ReadError] | None = None
+        # The pending request's timeout, cancelled where its answer is set
+        # (not from a done-callback: that would cost a loop callback per read).
+        self._timer: asyncio.TimerHandle | None = None
         self._tid = 0
         self.closed = False
         self.last_rx_s = 0.0  # loop time of the last bytes received
@@ -144,6 +147,9 @@ class MbapClientProtocol(asyncio.Protocol):
         # 1..65535: a reply carrying transaction id 0 never matches (some
         # servers answer 0 whatever was asked).
         tid = self._tid = self._tid % 0xFFFF + 1
+        if self._timer is not None:  # left by a request its caller abandoned
+            self._timer.cancel()
+            self._timer = None
         waiter: asyncio.Future[ReceivedFrame | ReadError] = self._loop.create_future()
         self._waiter = waiter
         transport.write(tid.to_bytes(2, "big") + tail)
@@ -156,10 +162,9 @@ class MbapClientProtocol(asyncio.Protocol):
     ) -> None:
         """Time `waiter` out in `in_s` (the request's `timeout_s` minus the
         time it has been on the wire already)."""
-        if waiter.done():
+        if waiter.done() or waiter is not self._waiter:
             return
-        timer = self._loop.call_later(max(in_s, 0.0), _expire, waiter, timeout_s)
-        waiter.add_done_callback(lambda _: timer.cancel())
+        self._timer = self._loop.call_later(max(in_s, 0.0), _expire, waiter, timeout_s)
 
     @property
     def transaction_id(self) -> int:
@@ -182,11 +187,18 @@ class MbapClientProtocol(asyncio.Protocol):
             log.debug("unsolicited modbus frame dropped", link=self._name,
                       transaction_id=frame.transaction_id)  # fmt: skip
             return
+        self._settled()
         self._waiter.set_result(frame)
 
     def _answer(self, error: ReadError) -> None:
         if self._waiter is not None and not self._waiter.done():
+            self._settled()
             self._waiter.set_result(error)
+
+    def _settled(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _broken(self, detail: str) -> None:
         """The stream cannot be split into frames any more: fail what is
