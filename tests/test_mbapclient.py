@@ -544,3 +544,24 @@ async def test_a_failing_boundary_hook_does_not_stop_the_others() -> None:
     lateness_ms = await waiter.wait(target)
     assert lateness_ms >= 0
     assert called == ["second"]
+
+
+@pytest.mark.integration
+async def test_a_stale_presend_never_answers_a_later_read() -> None:
+    meter = _static_meter(5)
+    async with MeterServer({1: meter}) as server:
+        link = TcpEndpoint("127.0.0.1", await server.start_tcp(), TIMEOUT_S)
+        plan = _plan()
+        try:
+            assert (await read_device(link, 1, plan)).error is None
+            assert link.presend(1, plan.requests)  # answered with 5, never claimed
+            await asyncio.sleep(0.1)
+            meter.set_static("energy", 6)
+            await asyncio.sleep(TIMEOUT_S + 0.6)  # past its timeout and the guard
+            # the same requests, as the same poller would ask: a fresh answer
+            read = await read_device(link, 1, plan)
+            assert read.error is None
+            assert read.values["energy"] == 6
+            assert read.queued_s >= 0
+        finally:
+            await link.aclose()

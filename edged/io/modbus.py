@@ -124,8 +124,9 @@ class RawRead:
     ``queued_s`` is how long the read waited for the line before its first
     request went out (add it to the time the read was asked for to get the
     time it was taken; negative when the request was sent at the boundary
-    instant, before the read was asked for: ScheduledLink.presend); ``duration_s`` is its time on the wire; ``notes`` lists
-    optional requests (status, clock) that failed without failing the read.
+    instant, before the read was asked for: ScheduledLink.presend);
+    ``duration_s`` is its time on the wire; ``notes`` lists optional
+    requests (status, clock) that failed without failing the read.
     """
 
     values: dict[str, int | float]
@@ -754,20 +755,21 @@ class ScheduledLink:
                 error=ReadError(ReadErrorKind.BACKOFF, f"unit {unit_id}: {reason}"),
             )
         payload = _Payload(tuple(requests), tuple(optional))
+        if self._presented is not None:
+            self._expire_presented()  # one nobody claimed in time answers no read
         presented = self._presented
-        if presented is not None:
-            if (
-                presented[0].unit_id == unit_id
-                and priority is Priority.BOUNDARY
-                and requests
-                and requests[0] is presented[1]
-                and self._direct is not None
-            ):
-                self._presented = None
-                job, _, sent = presented
-                job.payload = payload
-                return await self._run_direct(self._direct, job, sent)
-            self._expire_presented()
+        if (
+            presented is not None
+            and presented[0].unit_id == unit_id
+            and priority is Priority.BOUNDARY
+            and requests
+            and requests[0] is presented[1]
+            and self._direct is not None
+        ):
+            self._presented = None
+            job, _, sent = presented
+            job.payload = payload
+            return await self._run_direct(self._direct, job, sent)
         if self._direct is not None and not self._line_busy:
             direct = self._scheduler.direct(unit_id, priority, payload, timeout_s)
             if direct is not None:
