@@ -565,12 +565,11 @@ class DevicePoller:
     async def _wait(self, boundary: datetime) -> float | None:
         """Lateness (ms) at the boundary, or None when asked to stop first."""
         link = self._link
-        if self._located and isinstance(link, ScheduledLink):
+        if isinstance(link, ScheduledLink):
             # The read's first request goes on the wire at the instant itself,
             # before this poller wakes (ScheduledLink.presend); `_read` then
             # asks for the same requests and gets its answer.
-            unit_id, requests = self._plan.unit_id, self._plan.boundary.requests
-            self._waiter.at_instant(boundary, lambda: link.presend(unit_id, requests))
+            self._waiter.at_instant(boundary, lambda: self._presend(link))
         instant = self._waiter.instant(boundary)
         wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -585,6 +584,14 @@ class DevicePoller:
         if not instant.done():
             return None
         return instant.result()
+
+    def _presend(self, link: ScheduledLink) -> bool:
+        """At the boundary instant: send the boundary read's first request,
+        unless this poller was stopped meanwhile (a reload: its successor
+        reads with its own plan, and must not find the line taken)."""
+        if self._stop.is_set() or not self._located:
+            return False
+        return link.presend(self._plan.unit_id, self._plan.boundary.requests)
 
     async def _read(self, boundary: datetime | None, lateness_ms: float | None) -> Read:
         time_state = self._clock.time_state
