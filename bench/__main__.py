@@ -45,7 +45,7 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
     "rtu": (["--seconds", "1"], ["--seconds", "3"]),
     "multimaster": (["--seconds", "10"], ["--seconds", "60"]),
     "readpath": (
-        ["--devices", "50", "--seconds", "3", "--rounds", "1"],
+        ["--devices", "100", "--seconds", "3", "--rounds", "2"],
         ["--devices", "100", "--seconds", "6", "--rounds", "2"],
     ),
 }

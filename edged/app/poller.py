@@ -70,6 +70,7 @@ from edged.io.clock import BoundaryWaiter, Clock
 from edged.io.modbus import (
     DeviceRead,
     Link,
+    ScheduledLink,
     read_device,
 )
 from edged.io.store import OutboxMessage, Store, StoreReplaced
@@ -563,6 +564,12 @@ class DevicePoller:
 
     async def _wait(self, boundary: datetime) -> float | None:
         """Lateness (ms) at the boundary, or None when asked to stop first."""
+        link = self._link
+        if isinstance(link, ScheduledLink):
+            # The read's first request goes on the wire at the instant itself,
+            # before this poller wakes (ScheduledLink.presend); `_read` then
+            # asks for the same requests and gets its answer.
+            self._waiter.at_instant(boundary, lambda: self._presend(link))
         instant = self._waiter.instant(boundary)
         wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -577,6 +584,14 @@ class DevicePoller:
         if not instant.done():
             return None
         return instant.result()
+
+    def _presend(self, link: ScheduledLink) -> bool:
+        """At the boundary instant: send the boundary read's first request,
+        unless this poller was stopped meanwhile (a reload: its successor
+        reads with its own plan, and must not find the line taken)."""
+        if self._stop.is_set() or not self._located:
+            return False
+        return link.presend(self._plan.unit_id, self._plan.boundary.requests)
 
     async def _read(self, boundary: datetime | None, lateness_ms: float | None) -> Read:
         time_state = self._clock.time_state
@@ -606,9 +621,14 @@ class DevicePoller:
                 reference_s=read_at.timestamp(),
             )
         # On a shared bus the request may wait its turn: record when it went out.
+        # (A request sent at the boundary instant, before this poller woke,
+        # has a negative queued_s; it cannot have left before the boundary.)
         woke_at = read_at
         read_at += timedelta(seconds=result.queued_s)
         mono_s += result.queued_s
+        if result.queued_s < 0 and boundary is not None and read_at < boundary:
+            mono_s += (boundary - read_at).total_seconds()
+            read_at = boundary
         flags: frozenset[Flag] = result.flags
         outages: tuple[tuple[datetime, datetime], ...] = ()
         if boundary is not None:

@@ -248,6 +248,39 @@ class BusScheduler(Generic[T]):
         self._wakeup.set()
         return job
 
+    def direct(
+        self, unit_id: int, priority: Priority, payload: Any, timeout_s: float | None = None
+    ) -> Job[T] | None:
+        """A job for the caller to put on the wire itself, now, or None to
+        queue it (:meth:`submit`). The caller must know the line is idle.
+
+        Only a job `take` would hand out at once anyway: nothing is queued, and
+        it is a boundary read on a link with at most one unit (nothing to
+        order: a TCP meter on its own port), or a fast poll that no boundary
+        is due to hold back. Skipping the worker saves two task switches and
+        a loop iteration per read, and puts a boundary request on the wire in
+        the poller's own step (docs/performance.md, "Boundary reads")."""
+        if self._queue or (priority is Priority.BOUNDARY and len(self._units) > 1):
+            return None
+        info = self.unit(unit_id)
+        job: Job[T] = Job(
+            unit_id=unit_id,
+            priority=priority,
+            seq=next(self._seq),
+            submitted_s=self.now(),
+            payload=payload,
+            timeout_s=timeout_s if timeout_s is not None else info.timeout_s,
+            future=asyncio.get_running_loop().create_future(),
+        )
+        if priority is not Priority.BOUNDARY and self._fast_hold_s(job, job.submitted_s) > 0:
+            return None
+        return job
+
+    def putback(self, job: Job[T]) -> None:
+        """A job `take` handed out that could not start (the line was busy):
+        back in the queue, in its place (its sequence number is kept)."""
+        self._queue.append(job)
+
     @property
     def depth(self) -> int:
         return len(self._queue)

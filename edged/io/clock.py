@@ -8,13 +8,18 @@ globally (which hangs asyncio).
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
+import structlog
+
 from edged.core.model import TimeState
 from edged.io.bootid import kernel_boot_id
+
+log = structlog.get_logger("edged.io.clock")
 
 # asyncio timers are only about a millisecond precise and may fire early, so
 # waits end this far before the target and the rest is settled by polling the
@@ -93,6 +98,7 @@ class BoundaryWaiter:
         self._clock = clock
         self._waits: dict[datetime, asyncio.Future[float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # strong refs until done
+        self._hooks: dict[datetime, list[Callable[[], object]]] = {}
 
     async def wait(self, target: datetime) -> float:
         """Wait for `target`; returns the lateness (ms) at wake-up."""
@@ -111,9 +117,39 @@ class BoundaryWaiter:
             task.add_done_callback(self._tasks.discard)
         return future
 
+    def at_instant(self, target: datetime, hook: Callable[[], object]) -> None:
+        """Call `hook` the moment `target` arrives, before any waiter wakes:
+        in the same loop step as the end of the precise wait, one hook after
+        the other. For work that must happen *at* the boundary and is cheap
+        (a request frame written to a socket); a hook must not raise (it is
+        logged and skipped if it does). Hooks for an instant nobody waits for
+        (`instant`) are never called; they go with that instant's wait."""
+        self._hooks.setdefault(target, []).append(hook)
+
+    @staticmethod
+    def _call_hooks(hooks: list[Callable[[], object]]) -> None:
+        if not hooks:
+            return
+        # A thousand sends in a row allocate a few thousand small objects:
+        # the young-generation collections they would trigger (and a full one
+        # now and then, tens of ms with a large heap) land in the spread
+        # between the first and the last request. They run after the burst.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for hook in hooks:
+                try:
+                    hook()
+                except Exception as exc:  # one broken hook must not stop a boundary
+                    log.error("boundary hook failed", hook=repr(hook), error=repr(exc))
+        finally:
+            if collecting:
+                gc.enable()
+
     async def _run(self, target: datetime, future: asyncio.Future[float]) -> None:
         try:
             lateness_ms = await sleep_until_reference(self._clock, target)
+            self._call_hooks(self._hooks.pop(target, []))
             if not future.done():
                 future.set_result(lateness_ms)
         except asyncio.CancelledError:
@@ -126,3 +162,4 @@ class BoundaryWaiter:
             # Keep the table small: later waiters for a past instant start afresh.
             if self._waits.get(target) is future:
                 del self._waits[target]
+                self._hooks.pop(target, None)

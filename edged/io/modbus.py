@@ -21,10 +21,21 @@ on the wire are 3 (read holding registers) and 4 (read input registers),
 chosen from :class:`edged.core.registers.ReadRequest.function`, which admits
 nothing else. Configuration cannot ask for a write either.
 
+Modbus TCP goes through edged's own lean client (:mod:`edged.io.mbapclient`:
+requests encoded once, replies cut by their MBAP header; a pymodbus request
+costs 60-90 us of CPU, which at a 1000-meter boundary *is* the spread); RTU
+and RTU over TCP through pymodbus. Either way every reply is checked with
+:func:`edged.core.replies.reply_problem` before a register is believed. A read
+that finds its single-connection TCP link idle goes on the wire from the
+caller's task, without the worker (:meth:`BusScheduler.direct`), and a
+boundary read's first request is sent at the boundary instant itself
+(:meth:`ScheduledLink.presend`).
+
 Nothing here raises into the poller: every failed, garbled, truncated or
 stalled exchange becomes a :class:`edged.core.model.ReadError` value. pymodbus'
 own timeout bounds each request, and a bus-level guard timeout bounds it again
-in case a broken reply leaves pymodbus waiting, so no reply can hang a bus.
+in case a broken reply leaves pymodbus waiting, so no reply can hang a bus;
+the lean client's own timer bounds each TCP request.
 """
 
 from __future__ import annotations
@@ -32,8 +43,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
@@ -60,6 +72,7 @@ from edged.core.registers import (
 )
 from edged.core.replies import ReceivedFrame, reply_problem
 from edged.io.bus import BusScheduler, Job, Priority
+from edged.io.mbapclient import MbapClientProtocol, encode_read, open_connection
 from edged.io.serialdiag import SerialLine, probe_serial_port
 
 __all__ = [
@@ -110,8 +123,10 @@ class RawRead:
 
     ``queued_s`` is how long the read waited for the line before its first
     request went out (add it to the time the read was asked for to get the
-    time it was taken); ``duration_s`` is its time on the wire; ``notes`` lists
-    optional requests (status, clock) that failed without failing the read.
+    time it was taken; negative when the request was sent at the boundary
+    instant, before the read was asked for: ScheduledLink.presend);
+    ``duration_s`` is its time on the wire; ``notes`` lists optional
+    requests (status, clock) that failed without failing the read.
     """
 
     values: dict[str, int | float]
@@ -211,7 +226,7 @@ class _Connection:
     def __init__(
         self,
         name: str,
-        factory: ClientFactory,
+        factory: ClientFactory | None,
         gap_s: float,
         diagnose: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
@@ -250,6 +265,7 @@ class _Connection:
             )
         if client is not None:
             client.close()
+        assert self._factory is not None
         client = self._client = self._factory(self._trace)
         self._watch_frames(client)
         try:
@@ -304,26 +320,65 @@ class _Connection:
                 return frame
         return None
 
-    async def run(self, unit_id: int, payload: _Payload, timeout_s: float) -> RawRead:
-        """A device's requests in order; the first failure of a required one ends it."""
+    async def _open(self) -> ReadError | None:
+        """Connect if not connected; the error when that cannot be done now."""
         client = await self._connected()
-        if isinstance(client, ReadError):
-            return RawRead(values={}, registers=(), error=client)
+        return client if isinstance(client, ReadError) else None
+
+    async def run(
+        self,
+        unit_id: int,
+        payload: _Payload,
+        timeout_s: float,
+        *,
+        queued_s: float = 0.0,
+        presented: _Sent | None = None,
+    ) -> RawRead:
+        """A device's requests in order; the first failure of a required one ends it.
+
+        `queued_s` is passed through to the result; `duration_s` is measured
+        from this call (one RawRead per read, not one per step). `presented`:
+        the first request is already on the wire (ScheduledLink.presend)."""
+        started_s = asyncio.get_running_loop().time()
+
+        def done(
+            values: dict[str, int | float],
+            registers: list[tuple[int, tuple[int, ...]]],
+            error: ReadError | None,
+            notes: tuple[str, ...] = (),
+        ) -> RawRead:
+            return RawRead(
+                values=values,
+                registers=tuple(registers),
+                error=error,
+                queued_s=queued_s,
+                duration_s=asyncio.get_running_loop().time() - started_s,
+                notes=notes,
+            )
+
+        error = None if presented is not None else await self._open()
+        if error is not None:
+            return done({}, [], error)
         values: dict[str, int | float] = {}
         registers: list[tuple[int, tuple[int, ...]]] = []
         for request in payload.requests:
-            words = await self._exchange(client, unit_id, request, timeout_s)
+            if presented is not None:
+                words = await self._answer(unit_id, request, presented)
+                presented = None
+            else:
+                words = await self._exchange(unit_id, request, timeout_s)
             if isinstance(words, ReadError):
-                return RawRead(values=values, registers=tuple(registers), error=words)
+                return done(values, registers, words)
             try:
                 values.update(decode_response(request, words))
             except MalformedResponse as exc:
-                error = ReadError(ReadErrorKind.MALFORMED, str(exc))
-                return RawRead(values=values, registers=tuple(registers), error=error)
+                return done(values, registers, ReadError(ReadErrorKind.MALFORMED, str(exc)))
             registers.append((request.address, words))
+        if not payload.optional:
+            return done(values, registers, None)
         notes: list[str] = []
         for request in payload.optional:
-            words = await self._exchange(client, unit_id, request, timeout_s)
+            words = await self._exchange(unit_id, request, timeout_s)
             try:
                 if isinstance(words, ReadError):
                     raise MalformedResponse(f"{words.kind}: {words.detail}")
@@ -333,7 +388,13 @@ class _Connection:
                 notes.append(f"{request.function} {request.address}+{request.count}: {exc}")
                 if isinstance(words, ReadError) and words.kind is not ReadErrorKind.EXCEPTION:
                     break  # the unit went quiet or the line broke: stop here
-        return RawRead(values=values, registers=tuple(registers), error=None, notes=tuple(notes))
+        return done(values, registers, None, tuple(notes))
+
+    async def _answer(
+        self, unit_id: int, request: ReadRequest, sent: _Sent
+    ) -> tuple[int, ...] | ReadError:
+        """The checked answer to a request sent ahead (lean TCP client only)."""
+        raise NotImplementedError
 
     async def _quiet(self) -> None:
         """Keep the inter-frame silence (RTU) / configured gap before sending,
@@ -360,8 +421,11 @@ class _Connection:
             pass
 
     async def _exchange(
-        self, client: ModbusBaseClient, unit_id: int, request: ReadRequest, timeout_s: float
+        self, unit_id: int, request: ReadRequest, timeout_s: float
     ) -> tuple[int, ...] | ReadError:
+        client = self._client
+        if client is None:
+            return ReadError(ReadErrorKind.CONNECTION, f"{self.name}: connection closed")
         await self._quiet()
         loop = asyncio.get_running_loop()
         sent_s = loop.time()
@@ -445,6 +509,164 @@ class _Connection:
             self._client = None
 
 
+# Register words of a reply, big-endian, by register count (Struct per count).
+_WORDS: dict[int, struct.Struct] = {}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Sent:
+    """A request sent ahead (presend): its transaction id, the future of its
+    answer, when it went out (loop time) and the timeout it has."""
+
+    transaction_id: int
+    answer: asyncio.Future[ReceivedFrame | ReadError]
+    protocol: MbapClientProtocol
+    sent_s: float
+    timeout_s: float
+
+
+class _TcpConnection(_Connection):
+    """One Modbus TCP connection through the lean client (edged.io.mbapclient):
+    pre-encoded requests, replies cut by their MBAP header and checked with
+    `reply_problem` as pymodbus' are. Same failure handling as the pymodbus
+    connection: a timeout or a reply that does not answer the request closes
+    the connection (bytes of it may still be under way); an exception reply
+    keeps it; a failed connect is retried with backoff."""
+
+    def __init__(self, name: str, host: str, port: int, timeout_s: float, gap_s: float) -> None:
+        super().__init__(name, None, gap_s)
+        self._host = host
+        self._port = port
+        self._connect_timeout_s = timeout_s
+        self._protocol: MbapClientProtocol | None = None
+        # (unit, function, address, count) -> the request frame after its
+        # transaction id: encoded once, not per read.
+        self._requests: dict[tuple[int, str, int, int], bytes] = {}
+
+    async def _open(self) -> ReadError | None:
+        protocol = self._protocol
+        if protocol is not None and not protocol.closed:
+            return None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now < self._retry_at:
+            return ReadError(
+                ReadErrorKind.CONNECTION,
+                f"{self.name} unreachable; next attempt in {self._retry_at - now:.1f}s",
+            )
+        self.close()
+        opened = await open_connection(self._host, self._port, self._connect_timeout_s, self.name)
+        if isinstance(opened, str):
+            delay_s = self._backoff.failed()
+            self._retry_at = now + delay_s
+            log.warning("modbus connect failed", link=self.name, retry_in_s=delay_s,
+                        reason=opened)  # fmt: skip
+            return ReadError(ReadErrorKind.CONNECTION, f"cannot connect to {self.name}: {opened}")
+        if self._backoff.current_s:
+            log.info("modbus connected", link=self.name)
+        self._backoff.succeeded()
+        self._protocol = opened
+        self.connects += 1
+        return None
+
+    async def _exchange(
+        self, unit_id: int, request: ReadRequest, timeout_s: float
+    ) -> tuple[int, ...] | ReadError:
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            return ReadError(ReadErrorKind.CONNECTION, f"{self.name}: connection closed")
+        gap = self._gap_s
+        if gap:
+            await self._quiet()
+            sent_s = asyncio.get_running_loop().time()
+        reply = await protocol.exchange(self._tail(unit_id, request), timeout_s)
+        if gap:
+            # The configured gap counts from the reply's last byte.
+            answered = not isinstance(reply, ReadError) and protocol.last_rx_s >= sent_s
+            self._last_end = protocol.last_rx_s if answered else asyncio.get_running_loop().time()
+        return self._checked(unit_id, request, reply, protocol.transaction_id)
+
+    def _tail(self, unit_id: int, request: ReadRequest) -> bytes:
+        key = (unit_id, request.function, request.address, request.count)
+        tail = self._requests.get(key)
+        if tail is None:
+            tail = self._requests[key] = encode_read(*key)
+        return tail
+
+    def presend(
+        self, unit_id: int, request: ReadRequest, timeout_s: float, now_s: float
+    ) -> _Sent | None:
+        """Put `request` on the wire now, if connected (and no gap is
+        configured). Its timeout is armed when it is claimed (`_answer`),
+        counted from now: a timer per request would double the cost of the
+        send at the boundary instant."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed or self._gap_s:
+            return None
+        answer = protocol.send(self._tail(unit_id, request), None)
+        if isinstance(answer, ReadError):
+            return None
+        return _Sent(
+            transaction_id=protocol.transaction_id,
+            answer=answer,
+            protocol=protocol,
+            sent_s=now_s,
+            timeout_s=timeout_s,
+        )
+
+    async def _answer(
+        self, unit_id: int, request: ReadRequest, sent: _Sent
+    ) -> tuple[int, ...] | ReadError:
+        elapsed_s = asyncio.get_running_loop().time() - sent.sent_s
+        sent.protocol.arm(sent.answer, sent.timeout_s - elapsed_s, sent.timeout_s)
+        reply = await sent.answer
+        if isinstance(reply, ReadError):
+            self.close()
+            return reply
+        return self._checked(unit_id, request, reply, sent.transaction_id)
+
+    def _checked(
+        self,
+        unit_id: int,
+        request: ReadRequest,
+        reply: ReceivedFrame | ReadError,
+        transaction_id: int,
+    ) -> tuple[int, ...] | ReadError:
+        if isinstance(reply, ReadError):
+            # A timeout: bytes of the reply may still be under way and would
+            # land in the next transaction. A new connection starts clean.
+            self.close()
+            return reply
+        problem = reply_problem(
+            reply,
+            function=request.function,
+            count=request.count,
+            unit_id=unit_id,
+            transaction_id=transaction_id,
+        )
+        if problem is not None:
+            # The stream can no longer be trusted to be in step: start afresh.
+            self.close()
+            return ReadError(ReadErrorKind.MALFORMED, problem)
+        pdu = reply.pdu
+        if pdu[0] & 0x80:
+            code = pdu[1]
+            name = EXCEPTION_NAMES.get(code, "unknown exception")
+            return ReadError(
+                ReadErrorKind.EXCEPTION, f"modbus exception {code} ({name})", exception_code=code
+            )
+        words = _WORDS.get(request.count)
+        if words is None:
+            words = _WORDS[request.count] = struct.Struct(f">{request.count}H")
+        result: tuple[int, ...] = words.unpack_from(pdu, 2)
+        return result
+
+    def close(self) -> None:
+        if self._protocol is not None:
+            self._protocol.close()
+            self._protocol = None
+
+
 def _unresponsive(error: ReadError | None) -> bool:
     if error is None:
         return False
@@ -461,22 +683,35 @@ class ScheduledLink:
     def __init__(
         self,
         name: str,
-        factory: ClientFactory,
+        factory: ClientFactory | None,
         *,
         connections: int,
         gap_s: float,
         timeout_s: float,
         diagnose: Callable[[], Awaitable[str | None]] | None = None,
+        connection: Callable[[str], _Connection] | None = None,
     ) -> None:
+        """`connection` builds each connection from its name (the lean TCP
+        client); without it, each is a pymodbus client from `factory`."""
         self._name = name
         self._scheduler: BusScheduler[RawRead] = BusScheduler(name, default_timeout_s=timeout_s)
+        names = [name if connections == 1 else f"{name}#{i + 1}" for i in range(connections)]
         self._connections = [
-            _Connection(name if connections == 1 else f"{name}#{i + 1}", factory, gap_s, diagnose)
-            for i in range(connections)
+            connection(n) if connection is not None else _Connection(n, factory, gap_s, diagnose)
+            for n in names
         ]
         self._workers: list[asyncio.Task[None]] = []
         self._closed = False
         self.gap_s = gap_s
+        # One lean TCP connection: a read finding the line idle and nothing
+        # queued goes on the wire from the caller's task (BusScheduler.direct).
+        first = self._connections[0]
+        self._direct = first if isinstance(first, _TcpConnection) and connections == 1 else None
+        self._line_busy = False
+        self._line_free = asyncio.Event()
+        # A boundary read's first request sent at the boundary instant, before
+        # its poller asked for it (presend): the job, the request, what was sent.
+        self._presented: tuple[Job[RawRead], ReadRequest, _Sent] | None = None
 
     @property
     def name(self) -> str:
@@ -519,40 +754,160 @@ class ScheduledLink:
                 registers=(),
                 error=ReadError(ReadErrorKind.BACKOFF, f"unit {unit_id}: {reason}"),
             )
+        payload = _Payload(tuple(requests), tuple(optional))
+        if self._presented is not None:
+            self._expire_presented()  # one nobody claimed in time answers no read
+        presented = self._presented
+        if (
+            presented is not None
+            and presented[0].unit_id == unit_id
+            and priority is Priority.BOUNDARY
+            and requests
+            and requests[0] is presented[1]
+            and self._direct is not None
+        ):
+            self._presented = None
+            job, _, sent = presented
+            job.payload = payload
+            return await self._run_direct(self._direct, job, sent)
+        if self._direct is not None and not self._line_busy:
+            direct = self._scheduler.direct(unit_id, priority, payload, timeout_s)
+            if direct is not None:
+                return await self._run_direct(self._direct, direct)
         if not self._workers:
             self._workers = [
                 asyncio.get_running_loop().create_task(self._work(c), name=f"link {c.name}")
                 for c in self._connections
             ]
-        job = self._scheduler.submit(
-            unit_id, priority, _Payload(tuple(requests), tuple(optional)), timeout_s
-        )
+        job = self._scheduler.submit(unit_id, priority, payload, timeout_s)
         return await job.future
+
+    def presend(self, unit_id: int, requests: Sequence[ReadRequest]) -> bool:
+        """Put a boundary read's first request on the wire now: called at the
+        boundary instant itself (edged.io.clock.BoundaryWaiter.at_instant),
+        before the poller wakes and asks for the read with the same
+        `requests`; `read` then only waits for the answer. With a thousand
+        meters the requests leave in one tight loop, a send each, instead of
+        one poller step each (docs/performance.md, "Boundary reads").
+
+        Only where the read would go on the wire at once anyway
+        (BusScheduler.direct: one lean TCP connection, idle, one unit) and
+        the unit is in good standing; False otherwise (the read then takes
+        the ordinary way)."""
+        connection = self._direct
+        if (
+            connection is None
+            or self._line_busy
+            or self._closed
+            or self._presented is not None
+            or not requests
+            or self._scheduler.unit(unit_id).backoff.offline
+        ):
+            return False
+        job = self._scheduler.direct(unit_id, Priority.BOUNDARY, None)
+        if job is None:
+            return False
+        sent = connection.presend(unit_id, requests[0], job.timeout_s, job.submitted_s)
+        if sent is None:
+            return False
+        self._line_busy = True
+        self._scheduler.started(job)
+        self._presented = (job, requests[0], sent)
+        return True
+
+    def _expire_presented(self) -> None:
+        """Release the line from a presend nobody claimed within its timeout
+        (its poller stopped, or was re-planned): checked by every other read
+        and by a worker waiting for the line, so no timer is needed per send."""
+        presented = self._presented
+        if presented is None:
+            return
+        job, _, sent = presented
+        if self._scheduler.now() - sent.sent_s < sent.timeout_s + GUARD_S:
+            return
+        self._presented = None
+        sent.answer.cancel()
+        # Its answer (if any) is not a read anybody records; the connection
+        # starts afresh in case the reply is still under way.
+        if self._direct is not None:
+            self._direct.close()
+        self._scheduler.finished(job, ok=False, unresponsive=False, timeout=False)
+        self._line_busy = False
+        self._line_free.set()
+
+    async def _run_direct(
+        self, connection: _Connection, job: Job[RawRead], presented: _Sent | None = None
+    ) -> RawRead:
+        scheduler = self._scheduler
+        queued_s = 0.0
+        if presented is None:
+            self._line_busy = True
+            scheduler.started(job)
+        else:
+            # Sent before it was asked for: the read was taken this long ago.
+            queued_s = job.started_s - scheduler.now()
+        raw: RawRead | None = None
+        try:
+            raw = await connection.run(
+                job.unit_id, job.payload, job.timeout_s, queued_s=queued_s, presented=presented
+            )
+        finally:
+            self._line_busy = False
+            if raw is None:
+                # Cancelled mid-exchange: a late reply must not meet the next
+                # request on this connection. (A queued read's worker finishes
+                # its exchange instead.)
+                connection.close()
+                scheduler.finished(job, ok=False, unresponsive=False, timeout=False)
+            self._line_free.set()  # a worker holding a job waits for this
+        self._account(job, raw)
+        return raw
+
+    def _account(self, job: Job[RawRead], raw: RawRead) -> None:
+        error = raw.error
+        if error is None:
+            self._scheduler.finished(job, ok=True, unresponsive=False, timeout=False)
+            return
+        unresponsive = _unresponsive(error)
+        self._scheduler.finished(
+            job,
+            ok=False,
+            unresponsive=unresponsive,
+            timeout=error.kind is ReadErrorKind.TIMEOUT,
+        )
+        if unresponsive:
+            log.debug("unit unresponsive", link=self.name, unit=job.unit_id, error=error.detail)
 
     async def _work(self, connection: _Connection) -> None:
         scheduler = self._scheduler
         while True:
             job: Job[RawRead] = await scheduler.take()
-            scheduler.started(job)
-            raw = await connection.run(job.unit_id, job.payload, job.timeout_s)
-            error = raw.error
-            scheduler.finished(
-                job,
-                ok=error is None,
-                unresponsive=_unresponsive(error),
-                timeout=error is not None and error.kind is ReadErrorKind.TIMEOUT,
-            )
-            if error is not None and _unresponsive(error):
-                log.debug("unit unresponsive", link=self.name, unit=job.unit_id, error=error.detail)
-            if not job.future.done():
-                now = scheduler.now()
-                job.future.set_result(
-                    replace(
-                        raw,
-                        queued_s=job.started_s - job.submitted_s,
-                        duration_s=now - job.started_s,
+            if self._line_busy:
+                # A read went on the wire directly while this worker waited:
+                # put the job back and choose again once the line is free
+                # (something more urgent may have arrived meanwhile).
+                scheduler.putback(job)
+                self._line_free.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._line_free.wait(), self._scheduler.default_timeout_s + GUARD_S
                     )
+                self._expire_presented()
+                continue
+            self._line_busy = self._direct is not None
+            scheduler.started(job)
+            try:
+                raw = await connection.run(
+                    job.unit_id,
+                    job.payload,
+                    job.timeout_s,
+                    queued_s=job.started_s - job.submitted_s,
                 )
+            finally:
+                self._line_busy = False
+            self._account(job, raw)
+            if not job.future.done():
+                job.future.set_result(raw)
 
     def status(self) -> dict[str, Any]:
         """Figures for the gateway status payload."""
@@ -576,6 +931,9 @@ class ScheduledLink:
     def close(self) -> None:
         """Stop the workers and close the connections (reads in flight are cancelled)."""
         self._closed = True
+        if self._presented is not None:
+            self._presented[2].answer.cancel()
+            self._presented = None
         for task in self._workers:
             task.cancel()
         self._workers = []
@@ -607,13 +965,15 @@ class TcpEndpoint(ScheduledLink):
         self.host = host
         self.port = port
         self.timeout_s = timeout_s
+        gap_s = request_gap_ms / 1000.0
 
         super().__init__(
             f"tcp://{host}:{port}",
-            client_factory(FramerType.SOCKET, timeout_s, host=host, port=port),
+            None,
             connections=max_connections,
-            gap_s=request_gap_ms / 1000.0,
+            gap_s=gap_s,
             timeout_s=timeout_s,
+            connection=lambda name: _TcpConnection(name, host, port, timeout_s, gap_s),
         )
 
 
