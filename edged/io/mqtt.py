@@ -58,6 +58,10 @@ BACKLOG_BURST_S = 0.5
 # (the requester times out and asks again). While connected they go out a
 # window at a time, so a flood of requests is answered, `busy` included.
 MAX_PENDING_RESPONSES = 10_000
+# Fast-poll measurements as json.dumps(separators=(",", ":"), allow_nan=False)
+# encodes them, without building a new encoder for every message.
+_MEASUREMENT_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
 # A window of publishes not acknowledged within this ends the session.
 
 
@@ -344,7 +348,7 @@ class Publisher:
         client = self._client_now
         if client is None:
             return False
-        encoded = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        encoded = _MEASUREMENT_ENCODER.encode(payload).encode()
         # Straight to paho: aiomqtt's publish() waits for paho's on_publish,
         # which a fire-and-forget QoS 0 message needs no task for (a task per
         # measurement was the largest cost of fast polling, bench/fastpoll.py).
