@@ -110,10 +110,14 @@ def default_max_demand(channel: Channel, interval_s: int) -> float | None:
     half the counter modulus per interval
     (see the module docstring for how longer spans are judged), else None.
     """
-    limit = channel.plausible_demand
+    return _limit_or_default(channel.plausible_demand, channel.rollover_counts, channel, interval_s)
+
+
+def _limit_or_default(
+    limit: float | None, modulus: int | None, channel: Channel, interval_s: int
+) -> float | None:
     if limit is not None:
         return limit
-    modulus = channel.rollover_counts
     if modulus is None:
         return None
     return _half_modulus_demand(modulus, channel.multiplier, interval_s)
@@ -163,8 +167,10 @@ def check_delta(
             counts, wrapped = de - ds + modulus, True
         else:
             counts, reset = ds - de, "went_back"
+        # Read once: a pydantic private attribute behind it costs a lookup miss.
+        limit = channel.plausible_demand
         if reset is None:
-            if (limit := channel.plausible_demand) is not None:
+            if limit is not None:
                 hours = Decimal(repr(max(span_s, nominal_s))) / 3600
                 allowance = (
                     Decimal(repr(limit)) * hours / Decimal(repr(channel.multiplier)) + quantum
@@ -186,7 +192,7 @@ def check_delta(
         wrapped=wrapped,
         reset=reset,
         implied_demand=implied,
-        max_demand=default_max_demand(channel, int(nominal_s)),
+        max_demand=_limit_or_default(limit, modulus, channel, int(nominal_s)),
         quantum=quantum,
         coarse=coarse,
     )
