@@ -12,11 +12,24 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
           "error": logging.ERROR}  # fmt: skip
 
 
+# The configured level, for callers that would otherwise build a debug
+# line's fields (a call through structlog's proxy binds a logger even when
+# the level drops it): unconfigured structlog prints everything.
+_min_level = logging.NOTSET
+
+
+def enabled(level: int) -> bool:
+    """Whether a line at `level` would be written."""
+    return level >= _min_level
+
+
 def configure(
     level: str = "info",
     fmt: Literal["auto", "json", "console"] = "auto",
     stream: object = None,
 ) -> None:
+    global _min_level
+    _min_level = LEVELS.get(level, logging.INFO)
     out = stream if stream is not None else sys.stdout
     use_console = fmt == "console" or (fmt == "auto" and getattr(out, "isatty", lambda: False)())
     renderer: structlog.typing.Processor = (

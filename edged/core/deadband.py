@@ -64,18 +64,27 @@ def report(
     max_silence_s: float | None,
 ) -> tuple[dict[str, float], dict[str, Reported]]:
     """The values to report now (NaN included: a meter's "no value"), and the new
-    last-reported state."""
+    last-reported state (of the points with a band: the others are reported at
+    every poll, so there is nothing to remember about them)."""
     out: dict[str, float] = {}
     state = dict(last)
     for name, value in values.items():
+        band = bands.get(name, _NO_BAND)
+        # Without a band every poll is reported (what `moved` says first),
+        # without asking or remembering: this runs for every point of every
+        # fast poll, and the bookkeeping cost more than the decision.
+        if band.absolute is None and band.percent is None:
+            out[name] = value
+            continue
         previous = last.get(name)
-        band = bands.get(name, Deadband())
-        due = (
+        if (
             previous is None
             or moved(band, previous.value, value)
             or (max_silence_s is not None and now_s - previous.at_s >= max_silence_s)
-        )
-        if due:
+        ):
             out[name] = value
             state[name] = Reported(_number(value), now_s)
     return out, state
+
+
+_NO_BAND = Deadband()

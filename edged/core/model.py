@@ -6,6 +6,7 @@ datetimes are timezone-aware UTC.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,9 +18,20 @@ def iso_utc(t: datetime) -> str:
     """UTC ISO-8601 with a Z; milliseconds only when there are any."""
     if t.tzinfo is not UTC:
         t = t.astimezone(UTC)
+    elif not t.microsecond:
+        # Whole seconds in UTC are boundaries, which every record, row and
+        # payload of every meter states several times: remembered.
+        return _iso_whole_utc(t)
     # isoformat (C) rather than strftime: several per record, at every boundary.
     # In UTC it ends "+00:00", which becomes the "Z".
     return t.isoformat(timespec="milliseconds" if t.microsecond else "seconds")[:-6] + "Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def _iso_whole_utc(t: datetime) -> str:
+    # Only for tzinfo UTC: equal keys are then the same instant (two local
+    # times that differ only in `fold` compare equal, and are not).
+    return t.isoformat(timespec="seconds")[:-6] + "Z"
 
 
 def parse_iso_utc(text: str) -> datetime:

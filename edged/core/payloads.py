@@ -197,5 +197,10 @@ def measurement_payload(
     }
 
 
+# json.dumps with any option builds a new encoder per call; the same options,
+# built once, give the same bytes.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode(payload: Mapping[str, Any]) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODER.encode(payload).encode()

@@ -58,6 +58,10 @@ BACKLOG_BURST_S = 0.5
 # (the requester times out and asks again). While connected they go out a
 # window at a time, so a flood of requests is answered, `busy` included.
 MAX_PENDING_RESPONSES = 10_000
+# Fast-poll measurements as json.dumps(separators=(",", ":"), allow_nan=False)
+# encodes them, without building a new encoder for every message.
+_MEASUREMENT_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
 # A window of publishes not acknowledged within this ends the session.
 
 
@@ -261,6 +265,36 @@ class Refusals:
         }
 
 
+class _Deletes:
+    """Deletes of acknowledged outbox rows, one at a time, in the background:
+    seqs acknowledged while one runs go together into the next."""
+
+    def __init__(self, delete: Callable[[Sequence[int]], Awaitable[None]]) -> None:
+        self._delete = delete
+        self._queued: list[int] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, seqs: Sequence[int]) -> None:
+        self._queued += seqs
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            seqs, self._queued = self._queued, []
+            # Called even with none: it also retries rows whose delete failed.
+            await self._delete(seqs)
+            if not self._queued:
+                return
+
+    async def done(self) -> None:
+        """Until every delete added is done (not cancelled with the caller)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+        if self._task is not None:
+            self._task.result()
+
+
 class Publisher:
     def __init__(
         self,
@@ -344,7 +378,7 @@ class Publisher:
         client = self._client_now
         if client is None:
             return False
-        encoded = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        encoded = _MEASUREMENT_ENCODER.encode(payload).encode()
         # Straight to paho: aiomqtt's publish() waits for paho's on_publish,
         # which a fire-and-forget QoS 0 message needs no task for (a task per
         # measurement was the largest cost of fast polling, bench/fastpoll.py).
@@ -534,9 +568,12 @@ class Publisher:
         """Publish in windows; delete each row once acknowledged. Returns the
         seqs the broker refused (kept in the outbox).
 
-        A window's rows are deleted while the next window is on the wire: the
-        delete (an fsync) no longer stalls the publishing."""
-        deleting: asyncio.Future[None] | None = None
+        Acknowledged rows are deleted beside the publishing, never in its way:
+        a delete (an fsync, behind the recorder's commit when one holds the
+        store) used to hold the next window back at a busy boundary. Deletes
+        acknowledged meanwhile are merged into the next; all are done before
+        this returns."""
+        deleting = _Deletes(self._acked)
         refused_seqs: list[int] = []
         try:
             for start in range(0, len(rows), PUBLISH_WINDOW):
@@ -548,19 +585,15 @@ class Publisher:
                     ),
                     self._dropped,
                 )
-                if deleting is not None:
-                    await deleting
-                seqs = [row.seq for row, ok in zip(window, acked, strict=True) if ok]
-                deleting = asyncio.ensure_future(self._acked(seqs))
+                deleting.add([row.seq for row, ok in zip(window, acked, strict=True) if ok])
                 if refused:
                     refused_seqs += [window[i].seq for i in refused]
                     self._refused([(window[i].topic, code) for i, code in refused.items()])
                 if error is not None:
                     raise error
         finally:
-            if deleting is not None:
-                # Even when the session ends: acknowledged rows are not resent.
-                await asyncio.shield(deleting)
+            # Even when the session ends: acknowledged rows are not resent.
+            await deleting.done()
         return refused_seqs
 
     def _refused(self, refused: Sequence[tuple[str, int]]) -> None:

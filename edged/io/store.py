@@ -652,6 +652,8 @@ class Store:
             ) as cursor,
         ):
             rows = await cursor.fetchall()
+        # A commit stamps all its rows alike: each stamp is parsed once.
+        stamps: dict[str, datetime] = {}
         return [
             OutboxRow(
                 seq=int(r[0]),
@@ -659,7 +661,7 @@ class Store:
                 payload=bytes(r[2]),
                 qos=int(r[3]),
                 retain=bool(r[4]),
-                created_at=parse_iso_utc(r[5]),
+                created_at=stamps.get(r[5]) or stamps.setdefault(r[5], parse_iso_utc(r[5])),
             )
             for r in rows
         ]
@@ -826,7 +828,7 @@ def _read_row(read: Read) -> tuple[Any, ...]:
         str(error.kind) if error else None,
         error.detail if error else None,
         error.exception_code if error else None,
-        json.dumps(sorted(str(f) for f in read.flags)),
+        json.dumps(sorted(str(f) for f in read.flags)) if read.flags else "[]",
     )
 
 
@@ -844,7 +846,7 @@ def _interval_row(interval: Interval, payload: bytes, now: str) -> tuple[Any, ..
         interval.value,
         interval.unit,
         interval.demand,
-        json.dumps([str(f) for f in flags]),
+        json.dumps([str(f) for f in flags]) if flags else "[]",
         str(flag_table.quality(flags)),
         str(interval.time_state),
         payload.decode(),

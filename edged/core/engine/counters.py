@@ -5,6 +5,7 @@ energy (pure).
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -109,14 +110,27 @@ def default_max_demand(channel: Channel, interval_s: int) -> float | None:
     half the counter modulus per interval
     (see the module docstring for how longer spans are judged), else None.
     """
-    if channel.plausible_demand is not None:
-        return channel.plausible_demand
-    modulus = channel.rollover_counts
+    return _limit_or_default(channel.plausible_demand, channel.rollover_counts, channel, interval_s)
+
+
+def _limit_or_default(
+    limit: float | None, modulus: int | None, channel: Channel, interval_s: int
+) -> float | None:
+    if limit is not None:
+        return limit
     if modulus is None:
         return None
+    return _half_modulus_demand(modulus, channel.multiplier, interval_s)
+
+
+# Asked at every record, the same for every record of a channel: remembered.
+# typed: an int and a float key never share an entry (the multiplier, > 0 by
+# the config's validation, has no -0.0 to confuse with 0.0).
+@functools.lru_cache(maxsize=1024, typed=True)
+def _half_modulus_demand(modulus: int, multiplier: float, interval_s: int) -> float:
     with localcontext(_DECIMAL):
         half = Decimal(modulus) / 2
-        return float(_energy(half, channel.multiplier) / (Decimal(interval_s) / 3600))
+        return float(_energy(half, multiplier) / (Decimal(interval_s) / 3600))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,8 +167,10 @@ def check_delta(
             counts, wrapped = de - ds + modulus, True
         else:
             counts, reset = ds - de, "went_back"
+        # Read once: a pydantic private attribute behind it costs a lookup miss.
+        limit = channel.plausible_demand
         if reset is None:
-            if (limit := channel.plausible_demand) is not None:
+            if limit is not None:
                 hours = Decimal(repr(max(span_s, nominal_s))) / 3600
                 allowance = (
                     Decimal(repr(limit)) * hours / Decimal(repr(channel.multiplier)) + quantum
@@ -176,7 +192,7 @@ def check_delta(
         wrapped=wrapped,
         reset=reset,
         implied_demand=implied,
-        max_demand=default_max_demand(channel, int(nominal_s)),
+        max_demand=_limit_or_default(limit, modulus, channel, int(nominal_s)),
         quantum=quantum,
         coarse=coarse,
     )
