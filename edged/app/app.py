@@ -36,6 +36,7 @@ from edged.app.housekeeping import (
     budget_event,
     store_corrupt_event,
 )
+from edged.app.liveness import Liveness
 from edged.app.poller import DeviceHealth, HealthShown, MeasureCounts, Recorder, outbox_pending
 from edged.app.replay import ReplayCommands
 from edged.app.status import device_fields, disk_fields, outbox_fields, time_fields
@@ -90,9 +91,6 @@ log = structlog.get_logger("edged.app.app")
 RELOAD_LOAD_TIMEOUT_S = 30.0
 # How long a shutdown waits for the publisher to send the offline status.
 PUBLISHER_STOP_GRACE_S = 5.0
-# How often the liveness mark is persisted: an outage of the gateway is known
-# to within this (docs/time.md).
-LIVENESS_EVERY_S = 2.0
 # Comms changes within this are reported by one gateway status.
 GATEWAY_STATUS_DEBOUNCE_S = 0.5
 
@@ -510,8 +508,8 @@ class App:
         log.info("store open", path=str(settings.storage.path))
         if store.recovered_from is not None:
             self._record_event(store_corrupt_event(store.recovered_from))
-        mark = await store.get_mark("liveness")
-        last_mark = parse_iso_utc(mark) if mark else None
+        liveness = Liveness(store, lambda: self.clock.now())
+        last_mark = await liveness.last()
         if self._clock_override is None:
             self.reference = build_clock(
                 settings.time, last_mark, self._on_transition, self._system_now
@@ -614,7 +612,7 @@ class App:
                 housekeeping_task = group.create_task(
                     supervised(housekeeper.run, "housekeeping", self._stop), name="housekeeping"
                 )
-                liveness_task = group.create_task(self._liveness_loop(store), name="liveness")
+                liveness_task = group.create_task(liveness.run(), name="liveness")
                 clock_task = group.create_task(self.reference.run(), name="clock")
                 commands_task = (
                     group.create_task(commands.run(), name="commands") if commands else None
@@ -651,9 +649,10 @@ class App:
                 self._recorder = None
                 # Last liveness mark doubles as the clean-shutdown mark: a
                 # restart then knows this was no power failure.
-                final_mark = iso_utc(self.clock.now())
+                final_at = self.clock.now()
+                final_mark = iso_utc(final_at)
                 try:
-                    await store.set_mark("liveness", final_mark)
+                    await liveness.final(final_at)
                     await store.set_mark("clean_shutdown", final_mark)
                 except STORAGE_ERRORS as exc:
                     # A failing disk: the next start counts this as an outage
@@ -679,6 +678,7 @@ class App:
                 await self.facade.close()
             if self._devices is not None:
                 self._devices.close_links()
+            liveness.close()
             await store.close()
             log.info("edged stopped")
 
@@ -869,15 +869,6 @@ class App:
         if self._restart_required:
             line += f"; restart required for {', '.join(self._restart_required)}"
         return line
-
-    async def _liveness_loop(self, store: Store) -> None:
-        while True:
-            try:
-                await store.set_mark("liveness", iso_utc(self.clock.now()))
-            except STORAGE_ERRORS as exc:
-                # The recorder reports the failing store; the mark is retried.
-                log.debug("liveness mark not written", error=str(exc))
-            await asyncio.sleep(LIVENESS_EVERY_S)
 
     async def _status_loop(self, publisher: Publisher, store: Store) -> None:
         while True:
