@@ -173,6 +173,8 @@ class App:
         self.sparkplug: SparkplugPublisher | None = None
         self._commands: ReplayCommands | None = None
         self.housekeeper: Housekeeper | None = None
+        # The facade figures last written to the store (its "facade" mark).
+        self._facade_marked: str | None = None
         self.facade: FacadeServer | None = None
         # Fast-poll counts at the last rate computation, and the rates then.
         self._measure_mark: tuple[float, MeasureCounts] | None = None
@@ -704,6 +706,15 @@ class App:
         self.facade = facade
         await store.set_mark("facade", self._facade_summary())
 
+    async def _mark_facade_if_changed(self, store: Store) -> None:
+        """The facade mark only when its figures moved (its trailing time
+        aside): an unchanged mark was an SQLite commit every status_every."""
+        summary = self._facade_summary()
+        figures = summary.rpartition("; at ")[0]
+        if figures != self._facade_marked:
+            await store.set_mark("facade", summary)
+            self._facade_marked = figures
+
     def _facade_summary(self) -> str:
         """One line on the facade for `edged status` (kept as a store mark)."""
         assert self.facade is not None
@@ -877,7 +888,7 @@ class App:
                 self._outbox = await store.outbox_depth()
             publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
             if self.facade is not None:  # for `edged status`, which reads the store
-                await store.set_mark("facade", self._facade_summary())
+                await self._mark_facade_if_changed(store)
             if self.sparkplug is not None:
                 self.sparkplug.set_figures(self._node_figures())
             # Read counts and last good reads, which change with every read.
