@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import sqlite3
 import struct
 import zlib
 from datetime import UTC, datetime
@@ -10,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from edged.app.liveness import LIVENESS_EVERY_S, Liveness
+from edged.core.model import iso_utc, parse_iso_utc
 from edged.io.liveness import (
     BLOCK_BYTES,
     LivenessFile,
@@ -20,6 +24,10 @@ from edged.io.liveness import (
     read_mark,
 )
 from edged.io.store import Store
+from tests.support.config import daemon_config
+from tests.support.daemon import Daemon
+from tests.support.meters import meter
+from tests.support.mqtt import Broker, collect, events
 
 T0 = datetime(2026, 11, 21, 3, 14, 15, 250000, tzinfo=UTC)
 T1 = datetime(2026, 11, 21, 3, 14, 25, 250000, tzinfo=UTC)
@@ -162,3 +170,41 @@ def test_a_closed_file_refuses_writes(tmp_path: Path) -> None:
     file.close()
     with pytest.raises(ValueError, match="closed"):
         file.write(T0)
+
+
+@pytest.mark.integration
+async def test_a_killed_daemon_s_outage_starts_within_one_mark_period(
+    tmp_path: Path, broker: Broker, ntp_port: int
+) -> None:
+    """SIGKILL (no clean-shutdown mark): the file holds a mark at most one
+    period old, and the restart reports the outage from that mark
+    (gateway_outage event; the intervals spanning it get POWER_FAIL)."""
+    async with meter() as (_server, port), collect(broker, "edged/#") as got:
+        config = daemon_config(tmp_path, broker.port, port, ntp_port)
+        store = tmp_path / "state" / "edged.db"
+        async with Daemon(config, tmp_path, autostart=False) as d:
+            await d.start()
+            await asyncio.sleep(1.5)
+            killed_at = datetime.now(UTC)
+            await d.stop(signal.SIGKILL)
+            mark = read_mark(liveness_path(store))
+            assert mark is not None
+            # The reference clock agrees with the system clock (local NTP server).
+            age_s = (killed_at - mark).total_seconds()
+            assert -0.5 < age_s < LIVENESS_EVERY_S + 0.5
+            with sqlite3.connect(store) as conn:
+                clean = conn.execute("SELECT value FROM marks WHERE name='clean_shutdown'")
+                assert clean.fetchone() == ("",)  # cleared at start, not set: unclean
+            await d.start()
+            await got.wait_for(lambda c: bool(events(c, "gateway_outage")), 20, "the outage")
+            (outage,) = events(got, "gateway_outage")
+            assert parse_iso_utc(outage["details"]["from"]) == mark
+            assert parse_iso_utc(outage["details"]["to"]) >= killed_at
+            assert outage["details"]["end_assumed"] is False
+            assert await d.stop() == 0
+    # The clean stop leaves the same final mark in the file and the store.
+    with sqlite3.connect(store) as conn:
+        marks = dict(conn.execute("SELECT name, value FROM marks"))
+    file_mark = read_mark(liveness_path(store))
+    assert file_mark is not None
+    assert marks["liveness"] == marks["clean_shutdown"] == iso_utc(file_mark)
