@@ -96,13 +96,14 @@ def boundary_bytes(
 ) -> tuple[float, int] | None:
     """(bytes written by the boundaries above the idle rate, boundaries seen), or None."""
     extra = 0.0
-    seen = 0
+    seen: set[float] = set()
     for a, b in itertools.pairwise(samples):
         if not _near_boundary(a.at_s, b.at_s, wall_offset_s):
             continue
-        seen += 1
+        # Several sample pairs cover one boundary and its aftermath: count it once.
+        seen.add(harness.next_multiple(a.at_s + wall_offset_s - AFTER_BOUNDARY_S, INTERVAL_S))
         extra += (b.write_bytes - a.write_bytes) - idle_bytes_per_h * (b.at_s - a.at_s) / 3600
-    return (extra, seen) if seen else None
+    return (extra, len(seen)) if seen else None
 
 
 async def sample_io_every(pid: int, every_s: float, until_s: float) -> list[IoSample]:
