@@ -7,7 +7,7 @@ import signal
 import sqlite3
 import struct
 import zlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from edged.core.model import iso_utc, parse_iso_utc
 from edged.io.liveness import (
     BLOCK_BYTES,
     LivenessFile,
+    MarkWriter,
     decode_slot,
     encode_slot,
     later_mark,
@@ -208,3 +209,46 @@ async def test_a_killed_daemon_s_outage_starts_within_one_mark_period(
     file_mark = read_mark(liveness_path(store))
     assert file_mark is not None
     assert marks["liveness"] == marks["clean_shutdown"] == iso_utc(file_mark)
+
+
+def test_the_writer_thread_writes_what_it_is_handed(tmp_path: Path) -> None:
+    file = LivenessFile(tmp_path / "edged.db-liveness")
+    writer = MarkWriter(file)
+    writer.submit(T0)
+    writer.submit(T1)
+    writer.stop()  # writes what is queued first
+    assert writer.take_error() is None
+    assert read_mark(tmp_path / "edged.db-liveness") == T1
+    file.close()
+    broken = MarkWriter(file)  # closed underneath it: the error is kept, not raised
+    broken.submit(T2)
+    broken.stop()
+    assert broken.take_error() == "liveness file closed"
+    assert broken.take_error() is None
+
+
+@pytest.mark.looptime
+async def test_the_loop_marks_on_whole_multiples_of_the_period(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "edged.db")
+    loop = asyncio.get_running_loop()
+    ticks: list[float] = []
+
+    def now() -> datetime:
+        ticks.append(loop.time())
+        return T0 + timedelta(seconds=len(ticks))
+
+    try:
+        await asyncio.sleep(3.0 - loop.time() % 10.0)  # start off the grid
+        liveness = Liveness(store, now)
+        task = asyncio.create_task(liveness.run())
+        await asyncio.sleep(25.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # At start, then on the 10 s grid of the loop's clock.
+        assert [round(t % 10.0, 6) for t in ticks[1:]] == [0.0, 0.0]
+        assert len(ticks) == 3
+        assert read_mark(liveness_path(store.path)) == T0 + timedelta(seconds=3)
+        liveness.close()
+    finally:
+        await store.close()

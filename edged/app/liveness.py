@@ -21,7 +21,7 @@ import structlog
 
 from edged.app.holding import STORAGE_ERRORS
 from edged.core.model import iso_utc, parse_iso_utc
-from edged.io.liveness import LivenessFile, later_mark, liveness_path
+from edged.io.liveness import LivenessFile, MarkWriter, later_mark, liveness_path
 from edged.io.store import Store
 
 log = structlog.get_logger("edged.app.liveness")
@@ -44,6 +44,7 @@ class Liveness:
         self._now = now
         self.every_s = every_s
         self._file: LivenessFile | None = None
+        self._writer: MarkWriter | None = None
         self._file_error: str | None = None
         try:
             self._file = LivenessFile(liveness_path(store.path))
@@ -80,13 +81,40 @@ class Liveness:
         await self._store.set_mark(LIVENESS_MARK, iso_utc(mark))
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.write(self._now())
-            except STORAGE_ERRORS as exc:
-                # The recorder reports the failing store; the mark is retried.
-                log.debug("liveness mark not written", error=str(exc))
-            await asyncio.sleep(self.every_s)
+        """A mark every `every_s`, on whole multiples of it on the loop's clock:
+        the clock's safety poll (edged.io.ntp) ticks on the same instants, so
+        the two share one wake-up."""
+        loop = asyncio.get_running_loop()
+        if self._file is not None and self._writer is None:
+            self._writer = MarkWriter(self._file)
+        try:
+            while True:
+                try:
+                    await self._tick()
+                except STORAGE_ERRORS as exc:
+                    # The recorder reports the failing store; the mark is retried.
+                    log.debug("liveness mark not written", error=str(exc))
+                await asyncio.sleep(self.every_s - loop.time() % self.every_s)
+        finally:
+            if self._writer is not None:
+                self._writer.stop()
+                self._writer = None
+
+    async def _tick(self) -> None:
+        writer = self._writer
+        if writer is None:
+            await self._store.set_mark(LIVENESS_MARK, iso_utc(self._now()))
+            return
+        if (error := writer.take_error()) is not None:
+            # The last write failed: this mark goes to the store, the next
+            # one tries the file again.
+            if self._file_error != error:
+                log.warning("liveness mark not written to its file; using the store",
+                            error=error)  # fmt: skip
+            self._file_error = error
+            await self._store.set_mark(LIVENESS_MARK, iso_utc(self._now()))
+            return
+        writer.submit(self._now())
 
     async def final(self, mark: datetime) -> None:
         """At a clean stop: the mark in the file and in the store (the store's

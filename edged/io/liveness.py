@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import struct
 import threading
 import zlib
@@ -139,6 +140,42 @@ class LivenessFile:
                 with contextlib.suppress(OSError):
                     os.close(self._fd)
                 self._fd = None
+
+
+class MarkWriter:
+    """A thread of its own that writes the marks handed to it.
+
+    `submit` returns at once and nothing comes back to the event loop: a
+    mark handed to `asyncio.to_thread` cost the loop a second wake-up for the
+    result and woke the executor's other idle thread too (four or five context
+    switches a mark, half of an idle daemon's). A failed write is kept in
+    `error` for the next submit to see."""
+
+    def __init__(self, file: LivenessFile) -> None:
+        self._file = file
+        self._queue: queue.SimpleQueue[datetime | None] = queue.SimpleQueue()
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="edged-liveness", daemon=True)
+        self._thread.start()
+
+    def submit(self, mark: datetime) -> None:
+        self._queue.put(mark)
+
+    def take_error(self) -> str | None:
+        error, self.error = self.error, None
+        return error
+
+    def _run(self) -> None:
+        while (mark := self._queue.get()) is not None:
+            try:
+                self._file.write(mark)
+            except (OSError, ValueError) as exc:
+                self.error = str(exc)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued, then end the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
 
 
 def later_mark(*marks: datetime | None) -> datetime | None:

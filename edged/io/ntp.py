@@ -270,11 +270,14 @@ class _ReferenceClockBase:
             if watch is None
             else max(self._observe_interval_s, SAFETY_OBSERVE_S)
         )
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 if poll or watch is None:
                     self.now()
-                    await asyncio.sleep(interval_s)
+                    # On whole multiples of the interval (loop clock): the
+                    # liveness mark ticks on the same instants, one wake-up for both.
+                    await asyncio.sleep(interval_s - loop.time() % interval_s)
                 else:
                     await asyncio.Future()  # until cancelled; the watch does the work
         finally:
@@ -449,9 +452,12 @@ class SystemReferenceClock(_ReferenceClockBase):
             tg.create_task(self._kernel_loop(), name="kernel sync status")
 
     async def _kernel_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             self.check_kernel()
-            await asyncio.sleep(self.kernel_check_interval_s())
+            interval_s = self.kernel_check_interval_s()
+            # Aligned like the watch and the liveness mark: shared wake-ups.
+            await asyncio.sleep(interval_s - loop.time() % interval_s)
 
     def kernel_check_interval_s(self) -> float:
         """Every observe_interval_s until synced (sync ends assumed time, and
