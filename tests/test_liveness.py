@@ -6,6 +6,7 @@ import asyncio
 import signal
 import sqlite3
 import struct
+import threading
 import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -211,24 +212,56 @@ async def test_a_killed_daemon_s_outage_starts_within_one_mark_period(
     assert marks["liveness"] == marks["clean_shutdown"] == iso_utc(file_mark)
 
 
-def test_the_writer_thread_writes_what_it_is_handed(tmp_path: Path) -> None:
-    file = LivenessFile(tmp_path / "edged.db-liveness")
-    writer = MarkWriter(file)
-    writer.submit(T0)
-    writer.submit(T1)
-    writer.stop()  # writes what is queued first
+def test_the_writer_thread_marks_on_its_own_timer_and_skips_none(tmp_path: Path) -> None:
+    path = tmp_path / "edged.db-liveness"
+    file = LivenessFile(path)
+    marks = iter([T0, None, T1])
+    written = threading.Event()
+
+    def mark() -> datetime | None:
+        value = next(marks, None)
+        if value == T1:
+            written.set()
+        return value
+
+    writer = MarkWriter(file, mark, every_s=0.02)
+    assert written.wait(5.0)
+    writer.stop()
+    assert writer.written in (1, 2)  # T0 at once; None skipped; T1 (unless stopped first)
     assert writer.take_error() is None
-    assert read_mark(tmp_path / "edged.db-liveness") == T1
+    assert read_mark(path) in (T0, T1)
     file.close()
-    broken = MarkWriter(file)  # closed underneath it: the error is kept, not raised
-    broken.submit(T2)
+    broken = MarkWriter(file, lambda: T2, every_s=60.0)  # closed underneath it
     broken.stop()
     assert broken.take_error() == "liveness file closed"
     assert broken.take_error() is None
 
 
+def test_the_mark_comes_from_the_loop_s_snapshot_and_stops_when_it_is_stale(
+    tmp_path: Path,
+) -> None:
+    class FakeStore:
+        path = tmp_path / "edged.db"
+
+    mono = [1000.0]
+    liveness = Liveness(
+        FakeStore(),  # type: ignore[arg-type]
+        lambda: T0,
+        monotonic=lambda: mono[0],
+    )
+    assert liveness.mark_now() is None  # the loop has not ticked yet
+    liveness._refresh()  # the loop's tick at monotonic 1000 s: reference T0
+    mono[0] = 1005.0
+    assert liveness.mark_now() == T0 + timedelta(seconds=5)
+    mono[0] = 1020.0  # two periods: still
+    assert liveness.mark_now() == T0 + timedelta(seconds=20)
+    mono[0] = 1020.5  # the loop missed two ticks: stuck, no mark
+    assert liveness.mark_now() is None
+    liveness.close()
+
+
 @pytest.mark.looptime
-async def test_the_loop_marks_on_whole_multiples_of_the_period(tmp_path: Path) -> None:
+async def test_the_loop_refreshes_on_whole_multiples_of_the_period(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "edged.db")
     loop = asyncio.get_running_loop()
     ticks: list[float] = []
@@ -239,7 +272,7 @@ async def test_the_loop_marks_on_whole_multiples_of_the_period(tmp_path: Path) -
 
     try:
         await asyncio.sleep(3.0 - loop.time() % 10.0)  # start off the grid
-        liveness = Liveness(store, now)
+        liveness = Liveness(store, now, monotonic=loop.time)
         task = asyncio.create_task(liveness.run())
         await asyncio.sleep(25.0)
         task.cancel()
@@ -248,7 +281,8 @@ async def test_the_loop_marks_on_whole_multiples_of_the_period(tmp_path: Path) -
         # At start, then on the 10 s grid of the loop's clock.
         assert [round(t % 10.0, 6) for t in ticks[1:]] == [0.0, 0.0]
         assert len(ticks) == 3
-        assert read_mark(liveness_path(store.path)) == T0 + timedelta(seconds=3)
+        # The writer's first mark, at start: the reference then.
+        assert read_mark(liveness_path(store.path)) == T0 + timedelta(seconds=1)
         liveness.close()
     finally:
         await store.close()

@@ -510,7 +510,9 @@ class App:
         log.info("store open", path=str(settings.storage.path))
         if store.recovered_from is not None:
             self._record_event(store_corrupt_event(store.recovered_from))
-        liveness = Liveness(store, lambda: self.clock.now())
+        liveness = Liveness(
+            store, lambda: self.clock.now(), monotonic=lambda: self.clock.monotonic()
+        )
         last_mark = await liveness.last()
         if self._clock_override is None:
             self.reference = build_clock(

@@ -14,8 +14,9 @@ written the mark goes to the store as before: durability first.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 
 import structlog
 
@@ -38,11 +39,19 @@ class Liveness:
     """The mark file (or, failing it, the store) and the loop that keeps it."""
 
     def __init__(
-        self, store: Store, now: Callable[[], datetime], every_s: float = LIVENESS_EVERY_S
+        self,
+        store: Store,
+        now: Callable[[], datetime],
+        every_s: float = LIVENESS_EVERY_S,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._now = now
+        self._monotonic = monotonic
         self.every_s = every_s
+        # (reference - monotonic, monotonic when taken), refreshed by the loop
+        # on each tick; the writer thread turns it into the mark.
+        self._snapshot: tuple[float, float] | None = None
         self._file: LivenessFile | None = None
         self._writer: MarkWriter | None = None
         self._file_error: str | None = None
@@ -81,12 +90,18 @@ class Liveness:
         await self._store.set_mark(LIVENESS_MARK, iso_utc(mark))
 
     async def run(self) -> None:
-        """A mark every `every_s`, on whole multiples of it on the loop's clock:
-        the clock's safety poll (edged.io.ntp) ticks on the same instants, so
-        the two share one wake-up."""
+        """The loop's side: every `every_s`, on whole multiples of it on the
+        loop's clock (the clock's safety poll, edged.io.ntp, ticks on the same
+        instants: one wake-up for both), the reference clock's offset from the
+        monotonic clock for the writer thread, which writes the mark half a
+        period later on its own timer."""
         loop = asyncio.get_running_loop()
+        self._refresh()
         if self._file is not None and self._writer is None:
-            self._writer = MarkWriter(self._file)
+            self._writer = MarkWriter(
+                self._file, self.mark_now, every_s=self.every_s,
+                phase_s=self.every_s / 2, monotonic=self._monotonic,
+            )  # fmt: skip
         try:
             while True:
                 try:
@@ -95,10 +110,30 @@ class Liveness:
                     # The recorder reports the failing store; the mark is retried.
                     log.debug("liveness mark not written", error=str(exc))
                 await asyncio.sleep(self.every_s - loop.time() % self.every_s)
+                self._refresh()
         finally:
             if self._writer is not None:
                 self._writer.stop()
                 self._writer = None
+
+    def _refresh(self) -> None:
+        now = self._now()
+        mono_s = self._monotonic()
+        self._snapshot = (now.timestamp() - mono_s, mono_s)
+
+    def mark_now(self) -> datetime | None:
+        """The mark, from any thread: the reference time from the loop's last
+        snapshot, or None if the loop has not refreshed it for two periods
+        (a stuck loop is not a live daemon: the marks stop, as they did when
+        the loop wrote them)."""
+        snapshot = self._snapshot  # one read of one attribute: atomic
+        if snapshot is None:
+            return None
+        offset_s, taken_s = snapshot
+        mono_s = self._monotonic()
+        if mono_s - taken_s > 2 * self.every_s:
+            return None
+        return datetime.fromtimestamp(mono_s + offset_s, UTC)
 
     async def _tick(self) -> None:
         writer = self._writer
@@ -106,15 +141,13 @@ class Liveness:
             await self._store.set_mark(LIVENESS_MARK, iso_utc(self._now()))
             return
         if (error := writer.take_error()) is not None:
-            # The last write failed: this mark goes to the store, the next
-            # one tries the file again.
+            # A write failed: this mark goes to the store; the thread keeps
+            # trying the file.
             if self._file_error != error:
                 log.warning("liveness mark not written to its file; using the store",
                             error=error)  # fmt: skip
             self._file_error = error
             await self._store.set_mark(LIVENESS_MARK, iso_utc(self._now()))
-            return
-        writer.submit(self._now())
 
     async def final(self, mark: datetime) -> None:
         """At a clean stop: the mark in the file and in the store (the store's

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import struct
 import threading
+import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -143,38 +144,58 @@ class LivenessFile:
 
 
 class MarkWriter:
-    """A thread of its own that writes the marks handed to it.
+    """A thread of its own that writes a mark every `every_s`, on its own timer.
 
-    `submit` returns at once and nothing comes back to the event loop: a
-    mark handed to `asyncio.to_thread` cost the loop a second wake-up for the
-    result and woke the executor's other idle thread too (four or five context
-    switches a mark, half of an idle daemon's). A failed write is kept in
-    `error` for the next submit to see."""
+    Nothing passes between it and the event loop but a value it reads: a mark
+    handed to `asyncio.to_thread` cost the loop a second wake-up for the
+    result, and a thread woken by the loop while the loop still held the GIL
+    switched again to wait for it (four or five context switches a mark, half
+    of an idle daemon's). `mark()` says what to write, or None to skip (the
+    app's says None when its loop has stopped ticking: a hung daemon is not
+    alive). The timer runs `phase_s` after whole multiples of `every_s` on
+    `monotonic`, off the loop's own ticks. A failed write is kept in `error`.
+    """
 
-    def __init__(self, file: LivenessFile) -> None:
+    def __init__(
+        self,
+        file: LivenessFile,
+        mark: Callable[[], datetime | None],
+        *,
+        every_s: float,
+        phase_s: float = 0.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._file = file
-        self._queue: queue.SimpleQueue[datetime | None] = queue.SimpleQueue()
+        self._mark = mark
+        self._every_s = every_s
+        self._phase_s = phase_s
+        self._monotonic = monotonic
+        self._stop = threading.Event()
         self.error: str | None = None
+        self.written = 0
         self._thread = threading.Thread(target=self._run, name="edged-liveness", daemon=True)
         self._thread.start()
-
-    def submit(self, mark: datetime) -> None:
-        self._queue.put(mark)
 
     def take_error(self) -> str | None:
         error, self.error = self.error, None
         return error
 
     def _run(self) -> None:
-        while (mark := self._queue.get()) is not None:
-            try:
-                self._file.write(mark)
-            except (OSError, ValueError) as exc:
-                self.error = str(exc)
+        while True:
+            mark = self._mark()
+            if mark is not None:
+                try:
+                    self._file.write(mark)
+                    self.written += 1
+                except (OSError, ValueError) as exc:
+                    self.error = str(exc)
+            now_s = self._monotonic()
+            wait_s = self._every_s - (now_s - self._phase_s) % self._every_s
+            if self._stop.wait(wait_s):
+                return
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Write what is queued, then end the thread."""
-        self._queue.put(None)
+        self._stop.set()
         self._thread.join(timeout_s)
 
 
