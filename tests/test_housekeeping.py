@@ -524,6 +524,55 @@ async def test_housekeeper_checks_every_check_every_on_virtual_time(tmp_path: Pa
     assert keeper.status().alarm is DiskAlarm.FREE_SPACE
 
 
+@pytest.mark.looptime
+async def test_idle_housekeeping_runs_full_rounds_only_after_commits(tmp_path: Path) -> None:
+    """With nothing committed, `run()` measures free space every check_every
+    but runs the store's round (a dozen statements) only every 900 s; a commit
+    (the recorder calls check_free_space before each) brings the next one."""
+    db = tmp_path / "edged.db"
+    store = await Store.open(db)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    full: list[float] = []
+    free_checks: list[float] = []
+    committed: list[float] = []
+    three_rounds = asyncio.Event()
+
+    def free_bytes() -> int:
+        at = round(loop.time() - t0, 6)
+        free_checks.append(at)
+        if at == 90.0 and not committed:  # a commit right after the check at 90 s
+            committed.append(at)
+            loop.call_soon(keeper.check_free_space)
+        return 10**12
+
+    try:
+        storage = Storage(path=db, min_free=1000, check_every=30.0)
+        keeper = Housekeeper(
+            store, storage, FixedClock(T0), lambda _shed: None, lambda _d, _u: None,
+            free_bytes=free_bytes,
+        )  # fmt: skip
+        full_round = keeper.check
+
+        async def counted() -> None:
+            full.append(round(loop.time() - t0, 6))
+            if len(full) == 3:
+                three_rounds.set()
+            await full_round()
+
+        keeper.check = counted  # type: ignore[method-assign]
+        task = asyncio.create_task(keeper.run())
+        await three_rounds.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        await store.close()
+    assert full == [0.0, 120.0, 1020.0]
+    # Free space is still watched every 30 s in between (and before each commit).
+    assert {30.0, 60.0, 90.0, 150.0, 990.0} <= set(free_checks)
+
+
 async def test_housekeeper_keeps_everything_on_assumed_time(tmp_path: Path) -> None:
     db = tmp_path / "edged.db"
     store = await Store.open(db)

@@ -278,7 +278,7 @@ class World:
                 self.time_flags.add(outage.start, outage.end, frozenset({Flag.POWER_FAIL}))
 
     def _mark(self) -> None:
-        """The liveness mark (App._liveness_loop): the reference time, persisted."""
+        """The liveness mark (edged.app.liveness.Liveness): the reference time, persisted."""
         self._emit(self.timebase.observe_clock(self.system_s, self.mono_s))
         self.last_mark = self.reference()
 

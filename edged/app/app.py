@@ -36,6 +36,7 @@ from edged.app.housekeeping import (
     budget_event,
     store_corrupt_event,
 )
+from edged.app.liveness import Liveness
 from edged.app.poller import DeviceHealth, HealthShown, MeasureCounts, Recorder, outbox_pending
 from edged.app.replay import ReplayCommands
 from edged.app.status import device_fields, disk_fields, outbox_fields, time_fields
@@ -90,9 +91,6 @@ log = structlog.get_logger("edged.app.app")
 RELOAD_LOAD_TIMEOUT_S = 30.0
 # How long a shutdown waits for the publisher to send the offline status.
 PUBLISHER_STOP_GRACE_S = 5.0
-# How often the liveness mark is persisted: an outage of the gateway is known
-# to within this (docs/time.md).
-LIVENESS_EVERY_S = 2.0
 # Comms changes within this are reported by one gateway status.
 GATEWAY_STATUS_DEBOUNCE_S = 0.5
 
@@ -175,6 +173,8 @@ class App:
         self.sparkplug: SparkplugPublisher | None = None
         self._commands: ReplayCommands | None = None
         self.housekeeper: Housekeeper | None = None
+        # The facade figures last written to the store (its "facade" mark).
+        self._facade_marked: str | None = None
         self.facade: FacadeServer | None = None
         # Fast-poll counts at the last rate computation, and the rates then.
         self._measure_mark: tuple[float, MeasureCounts] | None = None
@@ -510,8 +510,10 @@ class App:
         log.info("store open", path=str(settings.storage.path))
         if store.recovered_from is not None:
             self._record_event(store_corrupt_event(store.recovered_from))
-        mark = await store.get_mark("liveness")
-        last_mark = parse_iso_utc(mark) if mark else None
+        liveness = Liveness(
+            store, lambda: self.clock.now(), monotonic=lambda: self.clock.monotonic()
+        )
+        last_mark = await liveness.last()
         if self._clock_override is None:
             self.reference = build_clock(
                 settings.time, last_mark, self._on_transition, self._system_now
@@ -614,7 +616,7 @@ class App:
                 housekeeping_task = group.create_task(
                     supervised(housekeeper.run, "housekeeping", self._stop), name="housekeeping"
                 )
-                liveness_task = group.create_task(self._liveness_loop(store), name="liveness")
+                liveness_task = group.create_task(liveness.run(), name="liveness")
                 clock_task = group.create_task(self.reference.run(), name="clock")
                 commands_task = (
                     group.create_task(commands.run(), name="commands") if commands else None
@@ -651,9 +653,10 @@ class App:
                 self._recorder = None
                 # Last liveness mark doubles as the clean-shutdown mark: a
                 # restart then knows this was no power failure.
-                final_mark = iso_utc(self.clock.now())
+                final_at = self.clock.now()
+                final_mark = iso_utc(final_at)
                 try:
-                    await store.set_mark("liveness", final_mark)
+                    await liveness.final(final_at)
                     await store.set_mark("clean_shutdown", final_mark)
                 except STORAGE_ERRORS as exc:
                     # A failing disk: the next start counts this as an outage
@@ -679,6 +682,7 @@ class App:
                 await self.facade.close()
             if self._devices is not None:
                 self._devices.close_links()
+            liveness.close()
             await store.close()
             log.info("edged stopped")
 
@@ -703,6 +707,15 @@ class App:
             return
         self.facade = facade
         await store.set_mark("facade", self._facade_summary())
+
+    async def _mark_facade_if_changed(self, store: Store) -> None:
+        """The facade mark only when its figures moved (its trailing time
+        aside): an unchanged mark was an SQLite commit every status_every."""
+        summary = self._facade_summary()
+        figures = summary.rpartition("; at ")[0]
+        if figures != self._facade_marked:
+            await store.set_mark("facade", summary)
+            self._facade_marked = figures
 
     def _facade_summary(self) -> str:
         """One line on the facade for `edged status` (kept as a store mark)."""
@@ -870,15 +883,6 @@ class App:
             line += f"; restart required for {', '.join(self._restart_required)}"
         return line
 
-    async def _liveness_loop(self, store: Store) -> None:
-        while True:
-            try:
-                await store.set_mark("liveness", iso_utc(self.clock.now()))
-            except STORAGE_ERRORS as exc:
-                # The recorder reports the failing store; the mark is retried.
-                log.debug("liveness mark not written", error=str(exc))
-            await asyncio.sleep(LIVENESS_EVERY_S)
-
     async def _status_loop(self, publisher: Publisher, store: Store) -> None:
         while True:
             await asyncio.sleep(self.settings.status_every)
@@ -886,7 +890,7 @@ class App:
                 self._outbox = await store.outbox_depth()
             publisher.set_retained(self.topics.gateway_status, self.gateway_status("online"))
             if self.facade is not None:  # for `edged status`, which reads the store
-                await store.set_mark("facade", self._facade_summary())
+                await self._mark_facade_if_changed(store)
             if self.sparkplug is not None:
                 self.sparkplug.set_figures(self._node_figures())
             # Read counts and last good reads, which change with every read.

@@ -44,6 +44,13 @@ DELETE_BATCH_ROWS = 2000
 # Rows of a shed kind deleted per round of the budget loop; each round ends
 # with a checkpoint (Store.reclaim) so that it measures what it freed.
 PURGE_BATCH_ROWS = 10_000
+# A full round (retention, the store's size) costs a dozen statements, each a
+# round trip to aiosqlite's thread: at check_every (60 s) that was most of an
+# idle daemon's wake-ups. `run` does one only when the recorder committed
+# something since the last, in the disk alarm, or at least this often; in
+# between it only measures free space (one statvfs), which other processes
+# can change. Rows that expire with no commit are deleted within this.
+IDLE_ROUND_EVERY_S = 900.0
 
 
 class DiskAlarm(StrEnum):
@@ -217,6 +224,9 @@ class Housekeeper:
         self.limits = BudgetLimits(settings.disk_budget, settings.min_free, settings.budget_policy)
         self.state = BudgetState()
         self.usage: DiskUsage | None = None
+        # A commit since the last full round (check_free_space runs before each).
+        self._written = True
+        self._last_round_s: float | None = None
 
     def status(self) -> DiskStatus:
         usage = self.usage
@@ -230,11 +240,40 @@ class Housekeeper:
 
     async def run(self) -> None:
         while True:
-            await self.check()
+            if self._round_due():
+                await self.check()
+            else:
+                await self._check_free_space_only()
             await asyncio.sleep(self._settings.check_every)
+
+    def _round_due(self) -> bool:
+        if self._written or self.usage is None or self.state.alarm is not None:
+            return True
+        every_s = max(IDLE_ROUND_EVERY_S, self._settings.check_every)
+        last = self._last_round_s
+        return last is None or asyncio.get_running_loop().time() - last >= every_s
+
+    async def _check_free_space_only(self) -> None:
+        """Nothing written since the last round: the store's figures stand, and
+        only the file system's free space may have moved. A full round if that
+        changes the budget state."""
+        last = self.usage
+        assert last is not None
+        try:
+            usage = DiskUsage(last.used_bytes, self._free_bytes(), last.stored)
+        except OSError as exc:
+            log.debug("free space not measured", error=str(exc))
+            return
+        decision = decide_budget(usage, self.limits, self.state)
+        if decision.change is not None or decision.purge:
+            await self.check()
+            return
+        self.usage = usage
 
     async def check(self) -> None:
         """One round: retention, then the budget (deleting shed rows as decided)."""
+        self._written = False
+        self._last_round_s = asyncio.get_running_loop().time()
         deleted = await self._expire()
         while True:
             usage = await self._measure()
@@ -256,6 +295,7 @@ class Housekeeper:
         the file system falls under `min_free`, not at the next periodic
         check, which may come after the disk is full. (Only raising: the
         periodic check clears the alarm, with its hysteresis.)"""
+        self._written = True
         if self.state.alarm is not None:
             return
         try:

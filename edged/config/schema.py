@@ -822,7 +822,12 @@ class Storage(_Strict):
         "is back under 90% of the budget; the next kind only when that freed too little",
     )
     check_every: DurationS = Field(
-        60.0, ge=0.1, le=3600, description="how often retention and the disk budget run"
+        60.0,
+        ge=0.1,
+        le=3600,
+        description="how often free space is measured against the disk budget; retention and "
+        "the store's size are checked then too if something was stored since the last check "
+        "(and at least every 15 minutes)",
     )
 
 

@@ -41,7 +41,12 @@ from edged.core.backoff import Backoff
 from edged.core.errors import EdgedError
 from edged.core.payloads import encode
 from edged.io.brokerdiag import explain_connect_error
-from edged.io.paho_window import PUBLISH_TIMEOUT_S, publish_qos0, send_window
+from edged.io.paho_window import (
+    PUBLISH_TIMEOUT_S,
+    drive_keepalive_by_deadline,
+    publish_qos0,
+    send_window,
+)
 from edged.io.store import OutboxRow, Store
 
 log = structlog.get_logger("edged.io.mqtt")
@@ -151,6 +156,8 @@ def mqtt_client(
     # aiomqtt warns ("There are N pending publish calls") past 10 calls awaiting
     # their acknowledgement; a full publish window is normal here, not a leak.
     client.pending_calls_threshold = 2 * PUBLISH_WINDOW
+    # paho's keepalive at its deadlines, not a wake-up every second.
+    drive_keepalive_by_deadline(client)
     return client
 
 

@@ -37,6 +37,7 @@ from edged.core.time.transitions import (
     TimeTransition,
 )
 from edged.io.bootid import kernel_boot_id
+from edged.io.clockwatch import ClockSetWatch, open_clock_set_watch
 
 log = structlog.get_logger("edged.io.ntp")
 
@@ -48,6 +49,18 @@ NTP_VERSION = 4
 READ_BRACKET_S = 0.001
 READ_ATTEMPTS = 3
 TRANSITION_QUEUE_SIZE = 256
+# With the kernel telling us when the clock is set (edged.io.clockwatch), the
+# clocks are still observed this often: holdover is timed on observations
+# (every reading a poller takes observes too, so no record misses it; this
+# bounds how late a holdover transition is published between boundaries).
+SAFETY_OBSERVE_S = 10.0
+# source system: the kernel's sync status is asked this often while it says
+# synced (a loss of sync is reported within this), and every
+# observe_interval_s otherwise, so that sync, ending assumed time, is seen at once.
+KERNEL_CHECK_SYNCED_S = 10.0
+
+# Opens the clock-set watch: on_set -> a started watch, or None (poll instead).
+OpenClockWatch = Callable[[Callable[[], None]], ClockSetWatch | None]
 
 
 # -- kernel sync status -------------------------------------------------------------
@@ -153,6 +166,7 @@ class _ReferenceClockBase:
         monotonic: Callable[[], float],
         on_transition: Callable[[TimeTransition], None] | None,
         observe_interval_s: float,
+        clock_watch: OpenClockWatch | None,
     ) -> None:
         self._timebase = timebase
         self._system_now = system_now
@@ -161,6 +175,10 @@ class _ReferenceClockBase:
         self.boot_id = kernel_boot_id() if monotonic is time.monotonic else None
         self._on_transition = on_transition
         self._observe_interval_s = observe_interval_s
+        # The kernel can only tell us about the real system clock: an injected
+        # one is polled, unless the watch is injected with it (tests).
+        real = system_now is time.time or clock_watch is not open_clock_set_watch
+        self._open_watch = clock_watch if real else None
         self._transitions: asyncio.Queue[TimeTransition] = asyncio.Queue(TRANSITION_QUEUE_SIZE)
 
     # -- Clock protocol -----------------------------------------------------------------
@@ -228,11 +246,48 @@ class _ReferenceClockBase:
                     # not take reference time down with it.
                     log.exception("time transition callback failed", kind=str(transition.kind))
 
-    async def _watch(self) -> None:
-        """Observe the clocks at least once a second (step detection, holdover)."""
-        while True:
-            self.now()
-            await asyncio.sleep(self._observe_interval_s)
+    def _start_watch(self) -> ClockSetWatch | None:
+        """The kernel's clock-set notification, observing at once on a step."""
+        if self._open_watch is None:
+            return None
+        return self._open_watch(self._clock_was_set)
+
+    def _clock_was_set(self) -> None:
+        # The step detector compares with the previous reading: observing right
+        # after the step files it at the monotonic time it happened.
+        self.now()
+
+    async def _watch(self, *, poll: bool = True) -> None:
+        """Step detection and holdover: on the kernel's word when the clock is
+        set, with a slow safety poll; where timerfd is missing, a poll every
+        observe_interval_s (half a second). `poll=False`: someone else
+        observes periodically (the kernel-status loop)."""
+        watch = self._start_watch()
+        if watch is not None:
+            log.debug("clock steps: kernel notification", safety_poll_s=SAFETY_OBSERVE_S)
+        interval_s = (
+            self._observe_interval_s
+            if watch is None
+            else max(self._observe_interval_s, SAFETY_OBSERVE_S)
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if poll or watch is None:
+                    self.now()
+                    # On whole multiples of the interval (loop clock): the
+                    # liveness mark ticks on the same instants, one wake-up for both.
+                    await asyncio.sleep(interval_s - loop.time() % interval_s)
+                else:
+                    await asyncio.Future()  # until cancelled; the watch does the work
+        finally:
+            if watch is not None:
+                watch.close()
+
+    @property
+    def watched_by_kernel(self) -> bool:
+        """Whether steps come from the kernel (timerfd) rather than a poll."""
+        return self._open_watch is not None
 
 
 class NtpReferenceClock(_ReferenceClockBase):
@@ -254,6 +309,7 @@ class NtpReferenceClock(_ReferenceClockBase):
         on_transition: Callable[[TimeTransition], None] | None = None,
         observe_interval_s: float = 0.5,
         query: NtpQuery | None = None,
+        clock_watch: OpenClockWatch | None = open_clock_set_watch,
     ) -> None:
         config = config or TimebaseConfig()
         if config.source is not TimeSource.NTP:
@@ -268,6 +324,7 @@ class NtpReferenceClock(_ReferenceClockBase):
             monotonic=monotonic,
             on_transition=on_transition,
             observe_interval_s=observe_interval_s,
+            clock_watch=clock_watch,
         )
         self._servers = tuple(servers)
         self._timeout_s = timeout_s
@@ -367,6 +424,7 @@ class SystemReferenceClock(_ReferenceClockBase):
         kernel_status: Callable[[], KernelSync] = kernel_sync_status,
         on_transition: Callable[[TimeTransition], None] | None = None,
         observe_interval_s: float = 0.5,
+        clock_watch: OpenClockWatch | None = open_clock_set_watch,
     ) -> None:
         config = config or TimebaseConfig(source=TimeSource.SYSTEM)
         if config.source is not TimeSource.SYSTEM:
@@ -377,6 +435,7 @@ class SystemReferenceClock(_ReferenceClockBase):
             monotonic=monotonic,
             on_transition=on_transition,
             observe_interval_s=observe_interval_s,
+            clock_watch=clock_watch,
         )
         self._kernel_status = kernel_status
         status = kernel_status()
@@ -387,9 +446,25 @@ class SystemReferenceClock(_ReferenceClockBase):
 
     async def run(self) -> None:
         """Watch the clocks and the kernel status, until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            # The kernel-status loop observes the clocks each time it asks.
+            tg.create_task(self._watch(poll=False), name="system clock watch")
+            tg.create_task(self._kernel_loop(), name="kernel sync status")
+
+    async def _kernel_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             self.check_kernel()
-            await asyncio.sleep(self._observe_interval_s)
+            interval_s = self.kernel_check_interval_s()
+            # Aligned like the watch and the liveness mark: shared wake-ups.
+            await asyncio.sleep(interval_s - loop.time() % interval_s)
+
+    def kernel_check_interval_s(self) -> float:
+        """Every observe_interval_s until synced (sync ends assumed time, and
+        is waited for); once synced, slower where the kernel reports steps."""
+        if self.watched_by_kernel and self._timebase.state is TimeState.SYNCED:
+            return max(self._observe_interval_s, KERNEL_CHECK_SYNCED_S)
+        return self._observe_interval_s
 
     def check_kernel(self) -> list[TimeTransition]:
         # adjtimex with modes = 0 is a cheap, non-blocking syscall: fine on the loop.

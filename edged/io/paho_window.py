@@ -8,6 +8,16 @@ aiomqtt loop (bench/drain.py) and was the largest cost of fast polling
 client) and `client._pending_publishes` (mid -> object whose set() aiomqtt's
 on_publish calls), nothing else; tests/test_aiomqtt_internals.py fails
 loudly if an upgrade changes either.
+
+The keepalive: aiomqtt runs paho's `loop_misc()` once a second for the whole
+connection (`Client._misc_loop`), a wake-up a second that an idle gateway does
+not need. `drive_keepalive_by_deadline` replaces that loop on the client
+(aiomqtt creates it from `self._misc_loop` when the socket opens) with one that
+sleeps until paho has something to do: a PINGREQ due `keepalive` after the
+last packet sent or received, or a PINGRESP overdue. paho's own rules decide,
+as before; only the idle calls are gone. This reads paho's `_keepalive`,
+`_last_msg_out`, `_last_bytes_received` and `_ping_t` (paho 2.1 and 2.2), also checked
+by the canary test.
 """
 
 from __future__ import annotations
@@ -21,6 +31,14 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 
 PUBLISH_TIMEOUT_S = 10.0
+# Bounds of the keepalive loop's sleep: a deadline just missed by the timer
+# (paho compares with >=) is retried this soon; and nothing sleeps longer than
+# this whatever the keepalive, so a clock oddity cannot silence the keepalive.
+MISC_MIN_S = 0.05
+MISC_MAX_S = 30.0
+# Woken this much after the deadline, so that paho's `now - last >= keepalive`
+# holds at the first call.
+MISC_LATE_S = 0.01
 
 
 def publish_qos0(client: aiomqtt.Client, topic: str, payload: bytes) -> bool:
@@ -153,3 +171,27 @@ async def send_window(
             entry = pending.get(mid)
             if isinstance(entry, _Ack) and entry.window is window:
                 del pending[mid]
+
+
+def keepalive_due_s(paho: mqtt.Client, now_s: float) -> float:
+    """Seconds from `now_s` (paho's clock, `mqtt.time_func`) until paho's
+    loop_misc has work: a PINGREQ to send or a PINGRESP overdue."""
+    keepalive = float(paho._keepalive)
+    if keepalive <= 0:
+        return MISC_MAX_S
+    due = min(float(paho._last_msg_out), float(paho._last_bytes_received)) + keepalive
+    if paho._ping_t > 0:
+        due = min(due, float(paho._ping_t) + keepalive)
+    return due - now_s
+
+
+def drive_keepalive_by_deadline(client: aiomqtt.Client) -> None:
+    """Run paho's loop_misc at its deadlines instead of every second (module doc)."""
+    paho: mqtt.Client = client._client
+
+    async def misc_loop() -> None:
+        while paho.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
+            wait_s = keepalive_due_s(paho, mqtt.time_func()) + MISC_LATE_S
+            await asyncio.sleep(min(max(wait_s, MISC_MIN_S), MISC_MAX_S))
+
+    client._misc_loop = misc_loop  # type: ignore[method-assign]

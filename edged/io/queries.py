@@ -30,12 +30,13 @@ from edged.core.model import (
     iso_utc,
     parse_iso_utc,
 )
+from edged.io.liveness import later_mark, liveness_path, read_mark
 
 # The store schema version (PRAGMA user_version) these queries were written for.
 KNOWN_SCHEMA_VERSION = 1
 LIVENESS_MARK = "liveness"
-# The daemon persists the liveness mark every few seconds; older than this, it
-# is not running (or is stuck).
+# The daemon persists the liveness mark every few seconds (10 s, in a file
+# beside the store); older than this, it is not running (or is stuck).
 LIVENESS_STALE_S = 30.0
 # A device whose last read is older than this many intervals (plus slack) is stale.
 STALE_INTERVALS = 2
@@ -322,6 +323,20 @@ def read_marks(conn: sqlite3.Connection) -> dict[str, str]:
     return {str(k): str(v) for k, v in conn.execute("SELECT name, value FROM marks ORDER BY name")}
 
 
+def with_file_liveness(marks: dict[str, str], store: Path) -> dict[str, str]:
+    """The daemon keeps its liveness mark in a file beside the store
+    (edged.io.liveness) and in the store only at a clean stop: the later wins."""
+    stored = marks.get(LIVENESS_MARK)
+    try:
+        stored_at = parse_iso_utc(stored) if stored else None
+    except ValueError:
+        stored_at = None
+    latest = later_mark(read_mark(liveness_path(store)), stored_at)
+    if latest is not None and latest != stored_at:
+        marks = {**marks, LIVENESS_MARK: iso_utc(latest)}
+    return marks
+
+
 def store_status(
     conn: sqlite3.Connection, settings: Settings, store: Path, now: datetime
 ) -> StoreStatus:
@@ -337,7 +352,7 @@ def store_status(
         schema_version=version,
         devices=devices,
         outbox=outbox_summary(conn),
-        marks=read_marks(conn),
+        marks=with_file_liveness(read_marks(conn), store),
     )
     outbox_stale_s = max(OUTBOX_STALE_MIN_S, 2 * settings.status_every)
     return replace(status, alarms=tuple(evaluate_alarms(status, outbox_stale_s)))
