@@ -14,8 +14,8 @@ The baseline, measured first in the same run: bench.bare reading the same
 counters at the same boundaries with bare pymodbus (all at once, gather) and
 publishing a minimal interval message per meter at QoS 1 with bare aiomqtt.
 
-Targets (1000 meters on a 2-core machine): p99 spread <= 50 ms (issue 17;
-100 ms before) and every interval published within 2 s of its boundary.
+Targets (1000 meters on a 2-core machine): p99 spread <= 50 ms (100 ms
+before) and every interval published within 2 s of its boundary.
 """
 
 from __future__ import annotations

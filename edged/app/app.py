@@ -153,7 +153,7 @@ class App:
         self._recorder: Recorder | None = None
         self._early_events: list[Event] = []
         self._demand_units: dict[tuple[str, str], str | None] = {}
-        # Peak demand of virtual meters' channels (issue 13: they had none).
+        # Peak demand of virtual meters' channels (they had none).
         self._virtual_peaks: dict[str, dict[str, PeakState]] = {}
         self._virtual: VirtualMeters | None = None
         self._devices: DeviceSet | None = None

@@ -1,7 +1,7 @@
 """What the recorder holds in memory while the store refuses writes.
 
 A full disk, a file system remounted read-only or an I/O error must not take
-the daemon down (issue 20): the boundary that failed to commit is kept here,
+the daemon down: the boundary that failed to commit is kept here,
 whole, later boundaries join it, and the lot is retried with backoff until
 the store accepts writes again, then written in one transaction. Nothing is
 published from memory: the outbox is still the one road to the broker, so a

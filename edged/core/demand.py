@@ -224,7 +224,7 @@ class PeakState:
 
 def _iso(t: datetime | None) -> str | None:
     # Full precision (isoformat), unlike payload timestamps rounded to ms; a
-    # "Z" like every other payload time (issue 13), not "+00:00".
+    # "Z" like every other payload time, not "+00:00".
     return None if t is None else t.astimezone(UTC).isoformat()[:-6] + "Z"
 
 

@@ -621,7 +621,7 @@ def meter_clock_s(
     """Epoch seconds of the meter clock; ValueError if the registers are no date.
 
     A local time the zone repeats (the hour at the end of DST) has two
-    readings; the one nearer `reference_s` is the meter's (issue 13: the
+    readings; the one nearer `reference_s` is the meter's (the
     first reading made a right clock look 3600 s off through that hour).
     """
     words = [decoded[p] for p in clock.points]

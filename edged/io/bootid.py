@@ -1,4 +1,4 @@
-"""Which boot of the machine the monotonic clock belongs to (issue 13).
+"""Which boot of the machine the monotonic clock belongs to.
 
 CLOCK_MONOTONIC runs across restarts of edged but starts again at each boot
 of the machine, so a monotonic time persisted with a record's counter is

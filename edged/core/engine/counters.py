@@ -204,7 +204,7 @@ def _default_spans(span_s: float, nominal_s: float) -> Decimal:
     Up to two intervals the reading is unambiguous even at M/2 per interval
     (the next candidate, counts + M, exceeds 2 x M/2), so a span of k <= 2
     intervals allows k x M/2: one missed read on a 16-bit counter no longer
-    throws away two intervals of ordinary energy (issue 13); the price is
+    throws away two intervals of ordinary energy; the price is
     that a meter exchange within one missed read passes as energy. Beyond two
     intervals it stays M/2 (k x M/2 >= M would accept any reading and hide a
     meter exchange during an outage).

@@ -34,8 +34,8 @@ Counter arithmetic
       is the largest window in which "forward by d" and "backward by M - d"
       can be told apart). For a one-interval span that is max_demand = M/2
       counts per interval, as config.py documents. Over a span of up to two
-      intervals (one missed read) it is k x M/2, still unambiguous (issue 13:
-      a 16-bit counter lost 40 kWh after one missed read); beyond that it is
+      intervals (one missed read) it is k x M/2, still unambiguous (a 16-bit counter
+      lost 40 kWh after one missed read without it); beyond that it is
       deliberately *not* scaled by the span: k x M/2 >= M would accept any
       reading and hide a meter exchange during an outage. Configure
       ``max_demand`` (the site's real maximum) for 16-bit counters, where M/2
@@ -60,7 +60,7 @@ Float registers and their resolution limit
     because the per-interval split can no longer be billing grade; use an
     integer or float64 register for such meters. Such a record (and a zero
     delta on a float register that resolves a whole unit or worse) carries
-    ESTNEEDED: not actual, kept out of peaks (issue 13).
+    ESTNEEDED: not actual, kept out of peaks.
 
 Gaps (``gaps:`` per device)
     Every boundary gets a record. A boundary without a good read is MISSING
@@ -88,7 +88,7 @@ Flags (docs/flags.md)
     the interval ending at the spring-forward instant is still standard time);
     PARTIAL/LONG from true vs nominal duration (`IRREGULAR_TOLERANCE_S`,
     or 1 % of intervals shorter than 100 s);
-    real elapsed time (issue 13, docs/time.md): the reads carry their
+    real elapsed time (docs/time.md): the reads carry their
     monotonic time (`Read.mono_s`), so the engine knows how long a record
     really lasted; when that differs from the reference span by more than
     max(device ``elapsed_tolerance``, ``elapsed_tolerance_fraction`` x

@@ -9,7 +9,7 @@ at which it happened and `events_between(since_mono, until_mono)` answers for
 the record a poller is about to close (its previous read, its read now).
 Looking it up by reference time would be wrong exactly when it matters: a
 step moves the reference, so a backward step accepted just after a boundary
-would fall before the record it happened in (issue 13).
+would fall before the record it happened in.
 
 A gateway outage is known only in reference time (from the last liveness
 mark to the restart; the monotonic clock restarts with the machine):

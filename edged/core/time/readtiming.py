@@ -1,4 +1,4 @@
-"""What a poller decides about the time of a boundary read (pure; issue 13).
+"""What a poller decides about the time of a boundary read (pure).
 
 Between two boundary reads of a device the poller remembers when the previous
 one was taken, in reference time (for gateway outages, which are known only

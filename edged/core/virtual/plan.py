@@ -223,7 +223,7 @@ def combine(
         if duration_s != nominal_s and demand is not None and value is not None and duration_s > 0:
             # Over the time the record really covers, as for any irregular
             # record: value / duration, not a sum of averages over different
-            # lengths (issue 13).
+            # lengths.
             demand = float(_decimal(value) / (_decimal(duration_s) / 3600))
     else:
         flags.add(Flag.MISSING)
