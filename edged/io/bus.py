@@ -231,19 +231,23 @@ class BusScheduler(Generic[T]):
         if at_s not in self._boundaries:
             heapq.heappush(self._boundaries, at_s)
 
-    def submit(
-        self, unit_id: int, priority: Priority, payload: Any, timeout_s: float | None = None
+    def _job(
+        self, unit_id: int, priority: Priority, payload: Any, timeout_s: float | None
     ) -> Job[T]:
-        info = self.unit(unit_id)
-        job: Job[T] = Job(
+        return Job(
             unit_id=unit_id,
             priority=priority,
             seq=next(self._seq),
             submitted_s=self.now(),
             payload=payload,
-            timeout_s=timeout_s if timeout_s is not None else info.timeout_s,
+            timeout_s=timeout_s if timeout_s is not None else self.unit(unit_id).timeout_s,
             future=asyncio.get_running_loop().create_future(),
         )
+
+    def submit(
+        self, unit_id: int, priority: Priority, payload: Any, timeout_s: float | None = None
+    ) -> Job[T]:
+        job = self._job(unit_id, priority, payload, timeout_s)
         self._queue.append(job)
         self._wakeup.set()
         return job
@@ -262,16 +266,7 @@ class BusScheduler(Generic[T]):
         the poller's own step (docs/performance.md, "Boundary reads")."""
         if self._queue or (priority is Priority.BOUNDARY and len(self._units) > 1):
             return None
-        info = self.unit(unit_id)
-        job: Job[T] = Job(
-            unit_id=unit_id,
-            priority=priority,
-            seq=next(self._seq),
-            submitted_s=self.now(),
-            payload=payload,
-            timeout_s=timeout_s if timeout_s is not None else info.timeout_s,
-            future=asyncio.get_running_loop().create_future(),
-        )
+        job = self._job(unit_id, priority, payload, timeout_s)
         if priority is not Priority.BOUNDARY and self._fast_hold_s(job, job.submitted_s) > 0:
             return None
         return job
