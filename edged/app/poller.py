@@ -285,8 +285,7 @@ class Recorder:
                     if self.on_fatal is not None:
                         self.on_fatal(exc)
                     for future in flushed:
-                        if not future.done():
-                            future.set_result(None)
+                        _resolve(future)
                     if done:
                         self.holding.abandon()
                         return
@@ -306,8 +305,7 @@ class Recorder:
                     # written, in full, once the store accepts writes again.
                     self.holding.failed(batch, measurements, exc)
                     for future in flushed:
-                        if not future.done():
-                            future.set_result(None)
+                        _resolve(future)
                     if done:
                         self.holding.abandon()
                         return
@@ -319,8 +317,7 @@ class Recorder:
             for callback in batch.after_commit:
                 callback()
             for future in flushed:
-                if not future.done():
-                    future.set_result(None)
+                _resolve(future)
             if done:
                 return
 
