@@ -17,8 +17,10 @@ from zoneinfo import ZoneInfo
 from edged.config.schema import (
     Device,
     MeasurementPoint,
+    MeterClock,
     RtuOverTcpTransport,
     RtuTransport,
+    StatusWord,
     TcpTransport,
     _RegisterMap,
 )
@@ -96,6 +98,55 @@ def register_point(name: str, spec: _RegisterMap, base: int = 0) -> Point:
     )
 
 
+def status_point(word: StatusWord) -> tuple[Point, StatusSpec]:
+    """The point a status word is read into, and how its bits are named."""
+    name = f"_status.{word.function}.{word.address}"
+    point = Point(
+        name=name,
+        function=word.function,
+        address=word.address,
+        data_type=word.type,
+        word_order=word.word_order,
+        byte_order=word.byte_order,
+    )
+    return point, StatusSpec(name, dict(word.bits))
+
+
+def meter_clock_points(clock: MeterClock, tolerance_s: float) -> tuple[list[Point], ClockSpec]:
+    """The points a meter's clock is read into (one epoch value, or one uint16
+    per date/time field), and how they are decoded."""
+    if clock.format == "epoch":
+        points = [
+            Point(
+                name="_clock.epoch",
+                function=clock.function,
+                address=clock.address,
+                data_type=clock.type,
+                word_order=clock.word_order,
+                byte_order=clock.byte_order,
+            )
+        ]
+    else:
+        fields = 6 if clock.format == "ymdhms" else 4
+        points = [
+            Point(
+                name=f"_clock.{i}",
+                function=clock.function,
+                address=clock.address + i,
+                data_type="uint16",
+            )
+            for i in range(fields)
+        ]
+    zone = UTC if clock.timezone == "UTC" else ZoneInfo(clock.timezone)
+    spec = ClockSpec(
+        format=clock.format,
+        points=tuple(p.name for p in points),
+        zone=zone,
+        tolerance_s=tolerance_s,
+    )
+    return points, spec
+
+
 def _sf_name(function: str, address: int) -> str:
     return f"_sf.{function}.{address}"
 
@@ -149,48 +200,13 @@ def plan_device(device: Device, *, base_address: int = 0) -> DevicePlan:
     optional: list[Point] = []
     status: list[StatusSpec] = []
     for word in device.status:
-        name = f"_status.{word.function}.{word.address}"
-        optional.append(
-            Point(
-                name=name,
-                function=word.function,
-                address=word.address,
-                data_type=word.type,
-                word_order=word.word_order,
-                byte_order=word.byte_order,
-            )
-        )
-        status.append(StatusSpec(name, dict(word.bits)))
+        point, spec = status_point(word)
+        optional.append(point)
+        status.append(spec)
     clock_spec = None
-    if (clock := device.clock) is not None:
-        if clock.format == "epoch":
-            names = ["_clock.epoch"]
-            optional.append(
-                Point(
-                    name=names[0],
-                    function=clock.function,
-                    address=clock.address,
-                    data_type=clock.type,
-                    word_order=clock.word_order,
-                    byte_order=clock.byte_order,
-                )
-            )
-        else:
-            fields = 6 if clock.format == "ymdhms" else 4
-            names = [f"_clock.{i}" for i in range(fields)]
-            for i, name in enumerate(names):
-                optional.append(
-                    Point(
-                        name=name,
-                        function=clock.function,
-                        address=clock.address + i,
-                        data_type="uint16",
-                    )
-                )
-        zone = UTC if clock.timezone == "UTC" else ZoneInfo(clock.timezone)
-        clock_spec = ClockSpec(
-            format=clock.format, points=tuple(names), zone=zone, tolerance_s=device.clock_tolerance
-        )
+    if device.clock is not None:
+        clock_points, clock_spec = meter_clock_points(device.clock, device.clock_tolerance)
+        optional.extend(clock_points)
     boundary = build_plan(
         points,
         values,

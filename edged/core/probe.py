@@ -14,15 +14,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Literal
-from zoneinfo import ZoneInfo
 
 from edged.config.schema import Channel, Device, MeasurementPoint
-from edged.core.plan import register_point
+from edged.core.plan import meter_clock_points, register_point, status_point
 from edged.core.registers import (
-    ClockSpec,
     Point,
     ReadPlan,
-    StatusSpec,
     ValueSpec,
     apply_plan,
     build_plan,
@@ -106,36 +103,9 @@ def device_probes(device: Device, *, base_address: int = 0) -> list[Probe]:
         probes += [_value_probe("measurement", p, base_address)
                    for p in device.measurements.points]  # fmt: skip
     if (clock := device.clock) is not None:
-        if clock.format == "epoch":
-            points = [
-                Point(
-                    name="_clock.epoch",
-                    function=clock.function,
-                    address=clock.address,
-                    data_type=clock.type,
-                    word_order=clock.word_order,
-                    byte_order=clock.byte_order,
-                )
-            ]
-            data_type: str = clock.type
-        else:
-            count = 6 if clock.format == "ymdhms" else 4
-            points = [
-                Point(
-                    name=f"_clock.{i}",
-                    function=clock.function,
-                    address=clock.address + i,
-                    data_type="uint16",
-                )
-                for i in range(count)
-            ]
-            data_type = f"{clock.format} ({count} x uint16)"
-        zone = UTC if clock.timezone == "UTC" else ZoneInfo(clock.timezone)
-        spec = ClockSpec(
-            format=clock.format,
-            points=tuple(p.name for p in points),
-            zone=zone,
-            tolerance_s=device.clock_tolerance,
+        points, spec = meter_clock_points(clock, device.clock_tolerance)
+        data_type = (
+            clock.type if clock.format == "epoch" else f"{clock.format} ({len(points)} x uint16)"
         )
         probes.append(
             Probe(
@@ -150,15 +120,7 @@ def device_probes(device: Device, *, base_address: int = 0) -> list[Probe]:
             )
         )
     for i, word in enumerate(device.status):
-        name = f"_status.{word.function}.{word.address}"
-        point = Point(
-            name=name,
-            function=word.function,
-            address=word.address,
-            data_type=word.type,
-            word_order=word.word_order,
-            byte_order=word.byte_order,
-        )
+        point, status = status_point(word)
         probes.append(
             Probe(
                 kind="status",
@@ -167,7 +129,7 @@ def device_probes(device: Device, *, base_address: int = 0) -> list[Probe]:
                 address=word.address,
                 data_type=word.type,
                 unit="flags",
-                plan=build_plan([point], [], status=[StatusSpec(name, dict(word.bits))], max_gap=0),
+                plan=build_plan([point], [], status=[status], max_gap=0),
                 count=point.count,
             )
         )
