@@ -513,19 +513,18 @@ def _line_of(doc: _Located, path: KeyPath) -> int | None:
     return None
 
 
-def _locate(path: KeyPath, doc: _Located, origins: Mapping[KeyPath, _Origin]) -> Problem:
-    """Map a key path of the merged document back to its file and line."""
+def _located(
+    path: KeyPath, doc: _Located, origins: Mapping[KeyPath, _Origin], message: str
+) -> Problem:
+    """A problem at a key path of the merged document, placed at the file and
+    line it came from (the site config or a profile)."""
+    key_path = format_key_path(path)
     for end in range(len(path), 0, -1):
         origin = origins.get(path[:end])
         if origin is not None:
-            source_path = origin.path + path[end:]
-            return Problem(
-                file=origin.doc.file,
-                line=_line_of(origin.doc, source_path),
-                key_path="",
-                message="",
-            )
-    return Problem(file=doc.file, line=_line_of(doc, path), key_path="", message="")
+            line = _line_of(origin.doc, origin.path + path[end:])
+            return Problem(file=origin.doc.file, line=line, key_path=key_path, message=message)
+    return Problem(file=doc.file, line=_line_of(doc, path), key_path=key_path, message=message)
 
 
 def _pydantic_problems(
@@ -541,11 +540,7 @@ def _pydantic_problems(
         path: KeyPath = tuple(
             part for part in error["loc"] if isinstance(part, int) or not _is_tag(part, error)
         )
-        message = _message(error)
-        where = _locate(path, doc, origins)
-        yield Problem(
-            file=where.file, line=where.line, key_path=format_key_path(path), message=message
-        )
+        yield _located(path, doc, origins, _message(error))
 
 
 def _is_consequential(error: Any, unloaded_profiles: set[int]) -> bool:
@@ -644,28 +639,13 @@ def _load_settings(config_path: Path) -> tuple[Settings, tuple[Problem, ...]]:
             channels = device.get("channels") if isinstance(device, dict) else None
             for j, name in _duplicates(channels, "name"):
                 key: KeyPath = ("devices", i, "channels", j, "name")
-                where = _locate(key, doc, origins)
-                problems.append(
-                    Problem(
-                        file=where.file,
-                        line=where.line,
-                        key_path=format_key_path(key),
-                        message=f"duplicate channel name {name!r}",
-                    )
-                )
+                problems.append(_located(key, doc, origins, f"duplicate channel name {name!r}"))
             measurements = device.get("measurements") if isinstance(device, dict) else None
             points = measurements.get("points") if isinstance(measurements, dict) else None
             for j, name in _duplicates(points, "name"):
                 key = ("devices", i, "measurements", "points", j, "name")
-                where = _locate(key, doc, origins)
-                problems.append(
-                    Problem(
-                        file=where.file,
-                        line=where.line,
-                        key_path=format_key_path(key),
-                        message=f"duplicate measurement point name {name!r}",
-                    )
-                )
+                message = f"duplicate measurement point name {name!r}"
+                problems.append(_located(key, doc, origins, message))
         problems.extend(_virtual_meter_ids(doc, data.get("virtual_meters"), merged_devices))
     try:
         settings = Settings.model_validate(data)
@@ -676,13 +656,9 @@ def _load_settings(config_path: Path) -> tuple[Settings, tuple[Problem, ...]]:
         problems.extend(_cross_checks(settings, doc))
     if problems or settings is None:
         raise ConfigError(sorted(set(problems), key=_problem_sort_key))
-    for key_path, hint in _address_hints(data):
-        where = _locate(key_path, doc, origins)
-        warnings.append(
-            Problem(
-                file=where.file, line=where.line, key_path=format_key_path(key_path), message=hint
-            )
-        )
+    warnings.extend(
+        _located(key_path, doc, origins, hint) for key_path, hint in _address_hints(data)
+    )
     warnings.extend(_warnings(settings, doc))
     return settings, tuple(sorted(set(warnings), key=lambda w: (*_problem_sort_key(w), w.message)))
 
