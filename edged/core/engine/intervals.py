@@ -247,11 +247,26 @@ def baseline(state: ChannelState | None, read: Read, channel: Channel) -> Channe
     value = _normalise(read.values.get(channel.name), channel) if read.ok else None
     if value is None or state.counter is not None:
         return state
+    return _counter_taken(state, value, read.read_at, read)
+
+
+def _counter_taken(
+    state: ChannelState,
+    value: int | float,
+    at: datetime,
+    read: Read,
+    *,
+    coarse: bool | None = None,
+) -> ChannelState:
+    """`state` with its counter taken from `read` at `at` (a boundary, or the
+    read's own time for a start-up baseline): the energy before it is in the
+    records already, so no gap is carried on."""
     return replace(
         state,
         counter=value,
-        counter_at=read.read_at,
+        counter_at=at,
         gap=(),
+        coarse=state.coarse if coarse is None else coarse,
         counter_mono=read.mono_s,
         counter_boot=read.boot_id,
     )
@@ -532,14 +547,7 @@ def step_channel(
             gap = _extend_gap(state.gap, raw) if state.counter is not None else ()
             new = replace(state, gap=gap)
         else:  # the first good counter: a baseline taken on a boundary
-            new = replace(
-                state,
-                counter=value,
-                counter_at=end,
-                gap=(),
-                counter_mono=read.mono_s,
-                counter_boot=read.boot_id,
-            )
+            new = _counter_taken(state, value, end, read)
         return _finish(new, end, _time_adjusted(raw, state, read), events, channel, ctx)
 
     counter_at = state.counter_at
@@ -553,14 +561,7 @@ def step_channel(
         reset = build.bare(start, end, nominal_s, None, flags, read.time_state, read)
         raw.append(replace(reset, counter_start=state.counter, counter_end=value))
         events.append(_reset_event(ctx, channel, end, counter_at, state.counter, value, check))
-        new = replace(
-            state,
-            counter=value,
-            counter_at=end,
-            gap=(),
-            counter_mono=read.mono_s,
-            counter_boot=read.boot_id,
-        )
+        new = _counter_taken(state, value, end, read)
         return _finish(new, end, _time_adjusted(raw, state, read), events, channel, ctx)
 
     # Boundaries after the counter was taken had no good read: their energy is
@@ -611,15 +612,7 @@ def step_channel(
     if check.coarse and not coarse:
         coarse = True
         events.append(_resolution_event(ctx, channel, end, value, check))
-    new = replace(
-        state,
-        counter=value,
-        counter_at=end,
-        gap=(),
-        coarse=coarse,
-        counter_mono=read.mono_s,
-        counter_boot=read.boot_id,
-    )
+    new = _counter_taken(state, value, end, read, coarse=coarse)
     return _finish(new, end, _time_adjusted(raw, state, read), events, channel, ctx)
 
 
